@@ -1,0 +1,151 @@
+//! `bert-tokenizer`: text in, `input_ids` and `attention_mask` out.
+//!
+//! Generic over any Hugging Face `tokenizer.json` (WordPiece, BPE, Unigram):
+//! the file comes read-only from the stage's model package, so the same
+//! component serves every BERT-family model.
+//!
+//! Input: `text/plain` (one text) or `application/json` with
+//! `{"inputs": "…"}` or `{"inputs": ["…", …]}`. Output: int64 tensors of
+//! shape batch × sequence, padded to the longest input and truncated to
+//! `max_length`.
+//!
+//! Config: `tokenizer` (path, default `/model/tokenizer.json`),
+//! `max_length` (default 128), `max_batch` (default 64),
+//! `token_type_ids` (also emit `token_type_ids`, default false).
+
+use cascade::inference::types::{Error, Message, Tensor, TensorType};
+use cascade_guest::{Failure, le};
+use std::sync::OnceLock;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
+cascade_guest::component_glue!();
+
+const KEYS: &[&str] = &["tokenizer", "max_length", "max_batch", "token_type_ids"];
+
+/// What one instance keeps between calls: loading tokenizer.json is the
+/// expensive part, so it happens once per instance.
+struct Prepared {
+    tokenizer: Tokenizer,
+    max_batch: usize,
+    token_type_ids: bool,
+}
+
+static PREPARED: OnceLock<Result<Prepared, Failure>> = OnceLock::new();
+
+fn prepare() -> Result<Prepared, Failure> {
+    let config = load_config(KEYS)?;
+    let path = config.string("tokenizer", "/model/tokenizer.json");
+    let max_length: usize = config.parse("max_length", 128)?;
+    if max_length < 2 {
+        return Err(Failure::internal("config `max_length` must be at least 2"));
+    }
+    let mut tokenizer = Tokenizer::from_file(&path)
+        .map_err(|e| Failure::internal(format!("loading tokenizer {path}: {e}")))?;
+    let pad = tokenizer.get_padding().cloned().unwrap_or_default();
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::BatchLongest,
+        ..pad
+    }));
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length,
+            ..TruncationParams::default()
+        }))
+        .map_err(|e| Failure::internal(format!("truncation settings: {e}")))?;
+    Ok(Prepared {
+        tokenizer,
+        max_batch: config.parse("max_batch", 64)?,
+        token_type_ids: config.flag("token_type_ids", false)?,
+    })
+}
+
+/// The texts of a request, by content type.
+fn texts(input: &Message) -> Result<Vec<String>, Failure> {
+    if input.body.is_empty() {
+        return Err(Failure::input(
+            "empty body: send text, or JSON {\"inputs\": [...]}",
+        ));
+    }
+    let body = std::str::from_utf8(&input.body)
+        .map_err(|e| Failure::input(format!("body is not valid UTF-8: {e}")))?;
+    let media_type = input.content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/json") {
+        return Ok(vec![body.to_string()]);
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Inputs {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Request {
+        inputs: Inputs,
+    }
+    let request: Request = serde_json::from_str(body).map_err(|e| {
+        Failure::input(format!(
+            "invalid JSON ({e}): expected {{\"inputs\": \"text\"}} or {{\"inputs\": [\"text\", ...]}}"
+        ))
+    })?;
+    let texts = match request.inputs {
+        Inputs::One(text) => vec![text],
+        Inputs::Many(texts) => texts,
+    };
+    if texts.is_empty() {
+        return Err(Failure::input("`inputs` is an empty list"));
+    }
+    Ok(texts)
+}
+
+fn tokenize(input: Message) -> Result<Vec<Tensor>, Failure> {
+    let prepared = PREPARED
+        .get_or_init(prepare)
+        .as_ref()
+        .map_err(Clone::clone)?;
+    let texts = texts(&input)?;
+    if texts.len() > prepared.max_batch {
+        return Err(Failure::input(format!(
+            "{} inputs exceed the batch limit of {}",
+            texts.len(),
+            prepared.max_batch
+        )));
+    }
+    let encodings = prepared
+        .tokenizer
+        .encode_batch(texts, true)
+        .map_err(|e| Failure::internal(format!("tokenizing: {e}")))?;
+    let batch = encodings.len();
+    let seq = encodings.first().map_or(0, |e| e.len());
+    let column = |pick: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
+        encodings
+            .iter()
+            .flat_map(|e| pick(e).iter().map(|&v| i64::from(v)))
+            .collect()
+    };
+    let tensor = |name: &str, values: Vec<i64>| Tensor {
+        name: name.to_string(),
+        dimensions: vec![batch as u32, seq as u32],
+        ty: TensorType::I64,
+        data: le::from_i64s(&values),
+    };
+    let mut out = vec![
+        tensor("input_ids", column(|e| e.get_ids())),
+        tensor("attention_mask", column(|e| e.get_attention_mask())),
+    ];
+    if prepared.token_type_ids {
+        out.push(tensor("token_type_ids", column(|e| e.get_type_ids())));
+    }
+    Ok(out)
+}
+
+struct BertTokenizer;
+
+impl exports::cascade::inference::preprocess::Guest for BertTokenizer {
+    fn preprocess(input: Message) -> Result<Vec<Tensor>, Error> {
+        tokenize(input).map_err(Error::from)
+    }
+}
+
+export!(BertTokenizer);

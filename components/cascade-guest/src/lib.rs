@@ -1,0 +1,66 @@
+//! What every Cascade guest component shares, kept free of generated bindings
+//! so each component keeps its own `wit_bindgen::generate!` and this crate
+//! stays plain Rust:
+//!
+//! - [`Failure`]: the two ways a stage fails, mirroring the WIT `error` variant;
+//! - [`Config`]: the stage's `wasi:config/store` values, parsed with messages
+//!   that name the key;
+//! - [`le`]: little-endian tensor payload encoding and decoding.
+
+pub mod config;
+pub mod le;
+
+pub use config::Config;
+
+/// Why a stage failed; each component maps it onto its generated WIT `error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The caller's input is unacceptable (HTTP 400).
+    InvalidInput(String),
+    /// The stage or its configuration is broken (HTTP 500).
+    Internal(String),
+}
+
+impl Failure {
+    /// Shorthand for [`Failure::InvalidInput`].
+    pub fn input(message: impl Into<String>) -> Self {
+        Failure::InvalidInput(message.into())
+    }
+
+    /// Shorthand for [`Failure::Internal`].
+    pub fn internal(message: impl Into<String>) -> Self {
+        Failure::Internal(message.into())
+    }
+}
+
+/// Number of elements a tensor of `dimensions` holds, or `None` on overflow.
+pub fn element_count(dimensions: &[u32]) -> Option<usize> {
+    dimensions
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+}
+
+/// Glue every component needs around its own generated bindings: maps
+/// [`Failure`] onto the WIT `error` and reads the stage's [`Config`].
+///
+/// Call it once at the crate root, after `wit_bindgen::generate!`.
+#[macro_export]
+macro_rules! component_glue {
+    () => {
+        impl From<$crate::Failure> for cascade::inference::types::Error {
+            fn from(failure: $crate::Failure) -> Self {
+                match failure {
+                    $crate::Failure::InvalidInput(m) => Self::InvalidInput(m),
+                    $crate::Failure::Internal(m) => Self::Internal(m),
+                }
+            }
+        }
+
+        /// This stage's configuration from `wasi:config/store`, checked against `known`.
+        fn load_config(known: &[&str]) -> Result<$crate::Config, $crate::Failure> {
+            let pairs = wasi::config::store::get_all()
+                .map_err(|e| $crate::Failure::internal(format!("reading wasi:config: {e:?}")))?;
+            $crate::Config::new(pairs, known)
+        }
+    };
+}

@@ -1,0 +1,102 @@
+//! The one wasmtime `Engine` of a host, configured for serving: component
+//! model, pooling allocator, epoch interruption. Every engine setting lives
+//! here, so compiled artifacts stay compatible across the host.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use wasmtime::Result;
+use wasmtime::error::Context;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances: the granularity of call deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Capacity of the engine, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Component instances alive at once across all functions.
+    pub max_instances: u32,
+    /// Largest linear memory any instance may grow to, in MiB; functions set
+    /// lower limits of their own.
+    pub max_memory_mb: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_instances: 256,
+            max_memory_mb: 1024,
+        }
+    }
+}
+
+/// A wasmtime engine plus the thread that advances its epoch.
+pub struct ServingEngine {
+    engine: Engine,
+    ticker: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ServingEngine {
+    /// Builds the engine and starts its epoch ticker.
+    pub fn new(settings: &EngineSettings) -> Result<Self> {
+        let engine = Engine::new(&config(settings)?).context("creating the wasmtime engine")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("cascade-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .context("starting the epoch thread")?
+        };
+        Ok(ServingEngine {
+            engine,
+            ticker: Some(ticker),
+            stop,
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Epoch ticks that cover `timeout` (at least one).
+    pub fn ticks_for(timeout: Duration) -> u64 {
+        (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+    }
+}
+
+impl Drop for ServingEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+    }
+}
+
+fn config(settings: &EngineSettings) -> Result<Config> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let max_memory =
+        usize::try_from(settings.max_memory_mb << 20).context("max_memory_mb is too large")?;
+    let mut pool = PoolingAllocationConfig::default();
+    // A Rust wasip2 component holds a few core instances (its module plus
+    // adapters), each with at most one memory and a few tables.
+    pool.total_component_instances(settings.max_instances)
+        .total_core_instances(settings.max_instances * 4)
+        .total_memories(settings.max_instances * 2)
+        .total_tables(settings.max_instances * 4)
+        .max_memory_size(max_memory);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(config)
+}

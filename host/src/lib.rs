@@ -1,0 +1,24 @@
+//! The Cascade host: runs the stages of ML inference functions in wasmtime
+//! sandboxes.
+//!
+//! Where things live, following the path of a request:
+//! - [`engine`]: the one wasmtime `Engine` and its serving settings;
+//! - [`bindings`]: generated bindings for the `cascade:inference` worlds;
+//! - [`sandbox`]: what a guest may see (config, read-only model files, limits);
+//! - [`stage`]: a compiled component stage and its live instances.
+//!
+//! ```no_run
+//! use cascade_host::{engine, stage::{ComponentStage, Grant}};
+//! # fn main() -> anyhow::Result<()> {
+//! let engine = engine::ServingEngine::new(&engine::EngineSettings::default())?;
+//! let stage = ComponentStage::from_file(&engine, "mean_pool.wasm")?;
+//! let mut instance = stage.instantiate(&Grant::default())?;
+//! let message = instance.postprocess(vec![])?; // an invalid-input error: no tensors
+//! # let _ = message; Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod bindings;
+pub mod engine;
+pub mod sandbox;
+pub mod stage;

@@ -1,0 +1,231 @@
+//! A component stage: a compiled, pre-linked component of one Cascade world,
+//! and the live instances made from it.
+//!
+//! Compiling and linking happen once per component ([`ComponentStage`]);
+//! each [`StageInstance`] is a store plus an instantiated component, cheap
+//! to create from the `InstancePre` and reusable across calls until a trap.
+
+use crate::bindings::{
+    GuestError, Message, Postprocessor, PostprocessorPre, Preprocessor, PreprocessorPre, Tensor,
+    export_names,
+};
+use crate::engine::ServingEngine;
+pub use crate::sandbox::Grant;
+use crate::sandbox::{StageState, linker};
+use std::path::Path;
+use std::time::Duration;
+use wasmtime::component::Component;
+use wasmtime::error::Context;
+use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Result, format_err};
+
+/// The Cascade world a component implements, told by its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// Exports `preprocess`: message → tensors.
+    Preprocessor,
+    /// Exports `postprocess`: tensors → message.
+    Postprocessor,
+    /// Exports `infer`: tensors → tensors.
+    Inferencer,
+}
+
+impl World {
+    /// The world `component` exports, or a message saying what it exports instead.
+    pub fn of(component: &Component, engine: &Engine) -> Result<World, String> {
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let has = |name: &str| exports.iter().any(|e| e == name);
+        match (
+            has(export_names::PREPROCESS),
+            has(export_names::POSTPROCESS),
+            has(export_names::INFER),
+        ) {
+            (true, false, false) => Ok(World::Preprocessor),
+            (false, true, false) => Ok(World::Postprocessor),
+            (false, false, true) => Ok(World::Inferencer),
+            _ => Err(format!(
+                "a Cascade component exports exactly one of {}, {} or {}; this one exports [{}]",
+                export_names::PREPROCESS,
+                export_names::POSTPROCESS,
+                export_names::INFER,
+                exports.join(", ")
+            )),
+        }
+    }
+
+    /// The world's name as the WIT spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Preprocessor => "preprocessor",
+            World::Postprocessor => "postprocessor",
+            World::Inferencer => "inferencer",
+        }
+    }
+}
+
+/// Why a call into a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The guest rejected its input (a client error).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The guest reported an internal failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The guest ran past its deadline and was interrupted.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The guest trapped (panic, out of memory, bad instruction); the
+    /// instance must be discarded.
+    #[error("guest trapped: {0}")]
+    Trap(String),
+}
+
+impl StageError {
+    /// Whether the instance that produced this error may serve again.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(self, StageError::DeadlineExceeded | StageError::Trap(_))
+    }
+
+    fn from_guest(error: GuestError) -> Self {
+        match error {
+            GuestError::InvalidInput(m) => StageError::InvalidInput(m),
+            GuestError::Internal(m) => StageError::Internal(m),
+        }
+    }
+
+    fn from_trap(error: wasmtime::Error) -> Self {
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => StageError::DeadlineExceeded,
+            Some(trap) => StageError::Trap(trap.to_string()),
+            None => StageError::Trap(format!("{error:#}")),
+        }
+    }
+}
+
+enum Prepared {
+    Pre(PreprocessorPre<StageState>),
+    Post(PostprocessorPre<StageState>),
+}
+
+/// A compiled component, linked against the sandbox's imports.
+pub struct ComponentStage {
+    engine: Engine,
+    world: World,
+    prepared: Prepared,
+}
+
+impl ComponentStage {
+    /// Compiles the component in `path` and links it.
+    pub fn from_file(engine: &ServingEngine, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let component = Component::from_file(engine.engine(), path)
+            .with_context(|| format!("compiling component {}", path.display()))?;
+        Self::new(engine, component)
+    }
+
+    /// Links an already compiled component.
+    pub fn new(engine: &ServingEngine, component: Component) -> Result<Self> {
+        let engine = engine.engine().clone();
+        let world = World::of(&component, &engine).map_err(|e| format_err!(e))?;
+        let pre = linker(&engine)?
+            .instantiate_pre(&component)
+            .context("linking component")?;
+        let prepared = match world {
+            World::Preprocessor => Prepared::Pre(PreprocessorPre::new(pre)?),
+            World::Postprocessor => Prepared::Post(PostprocessorPre::new(pre)?),
+            World::Inferencer => wasmtime::bail!("inferencer components are not runnable yet"),
+        };
+        Ok(ComponentStage {
+            engine,
+            world,
+            prepared,
+        })
+    }
+
+    /// The world this stage implements.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// A fresh instance in its own store, sandboxed by `grant`.
+    pub fn instantiate(&self, grant: &Grant) -> Result<StageInstance> {
+        let mut store = Store::new(&self.engine, StageState::new(grant)?);
+        store.limiter(|state| state.limits());
+        // No deadline while instantiating; each call sets its own.
+        store.set_epoch_deadline(u64::MAX / 2);
+        store.epoch_deadline_trap();
+        let bound = match &self.prepared {
+            Prepared::Pre(pre) => Bound::Pre(pre.instantiate(&mut store).context("instantiating")?),
+            Prepared::Post(pre) => {
+                Bound::Post(pre.instantiate(&mut store).context("instantiating")?)
+            }
+        };
+        Ok(StageInstance {
+            store,
+            bound,
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+enum Bound {
+    Pre(Preprocessor),
+    Post(Postprocessor),
+}
+
+/// One live, sandboxed instance of a stage.
+pub struct StageInstance {
+    store: Store<StageState>,
+    bound: Bound,
+    timeout: Duration,
+}
+
+impl StageInstance {
+    /// Sets the deadline applied to each call.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Runs `preprocess`.
+    pub fn preprocess(&mut self, input: Message) -> Result<Vec<Tensor>, StageError> {
+        self.arm_deadline();
+        let Bound::Pre(bound) = &self.bound else {
+            return Err(StageError::Internal("stage is not a preprocessor".into()));
+        };
+        let result = bound
+            .cascade_inference_preprocess()
+            .call_preprocess(&mut self.store, &input);
+        result
+            .map_err(StageError::from_trap)?
+            .map_err(StageError::from_guest)
+    }
+
+    /// Runs `postprocess`.
+    pub fn postprocess(&mut self, tensors: Vec<Tensor>) -> Result<Message, StageError> {
+        self.arm_deadline();
+        let Bound::Post(bound) = &self.bound else {
+            return Err(StageError::Internal("stage is not a postprocessor".into()));
+        };
+        let result = bound
+            .cascade_inference_postprocess()
+            .call_postprocess(&mut self.store, &tensors);
+        result
+            .map_err(StageError::from_trap)?
+            .map_err(StageError::from_guest)
+    }
+
+    /// What the guest has written to stdout and stderr so far (bounded).
+    pub fn output(&self) -> (String, String) {
+        self.store.data().output()
+    }
+
+    fn arm_deadline(&mut self) {
+        self.store
+            .set_epoch_deadline(ServingEngine::ticks_for(self.timeout));
+    }
+}

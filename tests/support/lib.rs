@@ -1,0 +1,82 @@
+//! Shared helpers for the end-to-end tests: where the built components and
+//! the real models are, and a shared serving engine to run components in.
+
+use cascade_host::engine::{EngineSettings, ServingEngine};
+use cascade_host::stage::{ComponentStage, Grant, StageInstance};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+#[allow(dead_code)]
+#[path = "../../xtask/src/catalog.rs"]
+mod catalog;
+
+/// Path of a built guest component, by crate name (`bert-tokenizer`).
+pub fn component_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CASCADE_COMPONENTS_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+/// The models cache; fails loudly when the models were never fetched.
+pub fn models_dir() -> PathBuf {
+    let dir = catalog::models_dir();
+    for wheel in catalog::WHEELS {
+        for file in wheel.files {
+            assert!(
+                dir.join(file.file_name()).is_file(),
+                "model file {} is missing from {}: run `cargo xtask models` (or `cargo xtask test`)",
+                file.file_name(),
+                dir.display()
+            );
+        }
+    }
+    dir
+}
+
+/// Path of one file of the models cache, e.g. `tokenizer.json`.
+pub fn model_file(name: &str) -> PathBuf {
+    models_dir().join(name)
+}
+
+/// Path of a committed fixture under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// One engine for the whole test binary, as a host has one.
+pub fn engine() -> &'static ServingEngine {
+    static ENGINE: OnceLock<ServingEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| ServingEngine::new(&EngineSettings::default()).expect("engine builds"))
+}
+
+/// Compiles a built component (cached per test binary).
+pub fn stage(name: &str) -> &'static ComponentStage {
+    static STAGES: OnceLock<std::sync::Mutex<BTreeMap<String, &'static ComponentStage>>> =
+        OnceLock::new();
+    let mut stages = STAGES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    stages.entry(name.to_string()).or_insert_with(|| {
+        let stage = ComponentStage::from_file(engine(), component_path(name))
+            .unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+        Box::leak(Box::new(stage))
+    })
+}
+
+/// A fresh instance of `name` configured with `config`, seeing the models
+/// cache as its `/model` directory.
+pub fn instance(name: &str, config: &[(&str, &str)]) -> StageInstance {
+    let grant = Grant {
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        model_dir: Some(models_dir()),
+        ..Grant::default()
+    };
+    stage(name)
+        .instantiate(&grant)
+        .unwrap_or_else(|e| panic!("instantiating {name}: {e:#}"))
+}
