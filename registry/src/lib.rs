@@ -1,4 +1,32 @@
-//! The Cascade registry: it answers "what is function X, component Y, model Z"
-//! and nothing else. Storage, validation and the manifest types arrive with
-//! the Registry issue; this crate holds the place in the workspace layout.
+//! The Cascade registry: it answers "what is function X, component Y, model
+//! Z" and nothing else.
+//!
+//! - [`names`]: artifact names, versions and `name@version` references;
+//! - [`manifest`]: the function manifest (TOML) and its static validation;
+//! - [`records`]: what the registry stores about each artifact;
+//! - [`blobs`]: content-addressed files, staged then renamed into place;
+//! - [`store`]: the [`Registry`] itself on redb, where atomicity lives;
+//! - [`tables`]: the redb table definitions, named in one place.
+//!
+//! ```no_run
+//! use cascade_registry::{Registry, names::Reference};
+//! # fn main() -> Result<(), cascade_registry::RegistryError> {
+//! let registry = Registry::open("./cascade-data")?;
+//! for component in registry.components()? {
+//!     println!("{}@{} {}", component.name, component.version, component.world);
+//! }
+//! let tokenizer = registry.component(&"bert-tokenizer@0.1.0".parse::<Reference>()?)?;
+//! # let _ = tokenizer; Ok(()) }
+//! ```
 #![warn(missing_docs)]
+
+pub mod blobs;
+mod error;
+pub mod manifest;
+pub mod names;
+pub mod records;
+pub mod store;
+mod tables;
+
+pub use error::RegistryError;
+pub use store::{Published, Registry};

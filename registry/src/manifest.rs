@@ -1,0 +1,326 @@
+//! The function manifest: a TOML file that chains stages, parsed into typed
+//! structs once and checked with messages that name the field.
+//!
+//! ```toml
+//! name = "embed"
+//! [[stages]]
+//! component = "bert-tokenizer@0.1.0"
+//! files = "minilm-l3@1.0.0"          # this model package's files appear under /model
+//! config = { max_length = "128" }
+//! [[stages]]
+//! model = "minilm-l3@1.0.0"          # run natively by the host
+//! outputs = ["onnx::Shape_422"]
+//! [[stages]]
+//! component = "mean-pool@0.1.0"
+//! config = { normalize = "true" }
+//! [scaling]
+//! min_instances = 0
+//! max_instances = 4
+//! idle_timeout_ms = 30000
+//! max_queue = 64
+//! [limits]
+//! timeout_ms = 5000
+//! memory_mb = 128
+//! max_body_kb = 10240
+//! [triggers]
+//! http = true
+//! nats = { subject = "embed.requests", result_subject = "embed.results" }
+//! ```
+
+use crate::RegistryError;
+use crate::names::{Name, Reference};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The manifest as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The function's name.
+    pub name: Name,
+    /// The stages, first to last.
+    pub stages: Vec<StageSpec>,
+    /// How many instances serve the function.
+    #[serde(default)]
+    pub scaling: Scaling,
+    /// What one invocation may use.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How the function is invoked.
+    #[serde(default)]
+    pub triggers: Triggers,
+}
+
+/// One stage as written: exactly one of `component` or `model`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// A component `name@version`.
+    pub component: Option<Reference>,
+    /// A model `name@version`, run by the host.
+    pub model: Option<Reference>,
+    /// For a component: the model package whose files it sees under `/model`.
+    pub files: Option<Reference>,
+    /// For a component: `wasi:config/store` values.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// For a model: which outputs to compute (default: all).
+    pub outputs: Option<Vec<String>>,
+}
+
+/// Scaling of a function's instance pools.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scaling {
+    /// Warm instances kept per stage even when idle (0 = scale to zero).
+    pub min_instances: u32,
+    /// Instances per stage at most; also the function's concurrency.
+    pub max_instances: u32,
+    /// An instance idle this long is dropped, down to `min_instances`.
+    pub idle_timeout_ms: u64,
+    /// Requests that may wait for an instance; more get 503 at once.
+    pub max_queue: u32,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            min_instances: 0,
+            max_instances: 4,
+            idle_timeout_ms: 30_000,
+            max_queue: 64,
+        }
+    }
+}
+
+/// Limits of one invocation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Deadline of a whole invocation, queueing included.
+    pub timeout_ms: u64,
+    /// Linear memory of each component instance.
+    pub memory_mb: u64,
+    /// Largest request body.
+    pub max_body_kb: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout_ms: 5_000,
+            memory_mb: 128,
+            max_body_kb: 10 * 1024,
+        }
+    }
+}
+
+/// How a function is invoked.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Triggers {
+    /// Invocable at `POST /v1/functions/{name}/invoke`.
+    pub http: bool,
+    /// Invocable by NATS messages.
+    pub nats: Option<NatsTrigger>,
+}
+
+impl Default for Triggers {
+    fn default() -> Self {
+        Triggers {
+            http: true,
+            nats: None,
+        }
+    }
+}
+
+/// The NATS side of a function.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTrigger {
+    /// Subject the function listens on (queue group `cascade.<function>`).
+    pub subject: String,
+    /// Where results of messages without a reply subject go.
+    pub result_subject: Option<String>,
+}
+
+/// A stage after static validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    /// A WebAssembly component.
+    Component {
+        /// Which component.
+        component: Reference,
+        /// Model package shown under `/model`.
+        files: Option<Reference>,
+        /// Configuration values.
+        config: BTreeMap<String, String>,
+    },
+    /// A model run natively.
+    Model {
+        /// Which model.
+        model: Reference,
+        /// Outputs to compute; empty means all.
+        outputs: Vec<String>,
+    },
+}
+
+/// A manifest whose fields are individually valid; the registry then checks
+/// that what it names exists and fits together.
+#[derive(Debug, Clone)]
+pub struct ValidatedManifest {
+    /// The manifest as written (normalised by serde).
+    pub manifest: Manifest,
+    /// Its stages, typed.
+    pub stages: Vec<Stage>,
+}
+
+/// Upper bounds that keep one function from starving a host.
+pub const MAX_STAGES: usize = 8;
+/// Longest deadline a manifest may ask for.
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Most memory a manifest may ask for per instance.
+pub const MAX_MEMORY_MB: u64 = 1024;
+/// Most instances per stage.
+pub const MAX_INSTANCES: u32 = 64;
+
+/// Parses and statically validates a manifest.
+pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
+    let manifest: Manifest = toml::from_str(text)
+        .map_err(|e| RegistryError::Invalid(format!("invalid manifest: {e}")))?;
+    let invalid = |m: String| Err(RegistryError::Invalid(format!("invalid manifest: {m}")));
+    if manifest.stages.is_empty() || manifest.stages.len() > MAX_STAGES {
+        return invalid(format!("`stages` must hold 1 to {MAX_STAGES} stages"));
+    }
+    let s = &manifest.scaling;
+    if s.max_instances == 0 || s.max_instances > MAX_INSTANCES {
+        return invalid(format!(
+            "`scaling.max_instances` must be 1 to {MAX_INSTANCES}"
+        ));
+    }
+    if s.min_instances > s.max_instances {
+        return invalid("`scaling.min_instances` exceeds `scaling.max_instances`".into());
+    }
+    let l = &manifest.limits;
+    if l.timeout_ms == 0 || l.timeout_ms > MAX_TIMEOUT_MS {
+        return invalid(format!("`limits.timeout_ms` must be 1 to {MAX_TIMEOUT_MS}"));
+    }
+    if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
+        return invalid(format!("`limits.memory_mb` must be 1 to {MAX_MEMORY_MB}"));
+    }
+    if l.max_body_kb == 0 {
+        return invalid("`limits.max_body_kb` must be at least 1".into());
+    }
+    if let Some(nats) = &manifest.triggers.nats
+        && (nats.subject.is_empty() || nats.subject.contains([' ', '\t', '>', '*']))
+    {
+        return invalid(format!(
+            "`triggers.nats.subject` {:?} is not a plain NATS subject",
+            nats.subject
+        ));
+    }
+    let stages = manifest
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| stage(i, spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ValidatedManifest { manifest, stages })
+}
+
+fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
+    let invalid = |m: &str| {
+        Err(RegistryError::Invalid(format!(
+            "invalid manifest: `stages[{index}]` {m}"
+        )))
+    };
+    match (&spec.component, &spec.model) {
+        (Some(component), None) => {
+            if spec.outputs.is_some() {
+                return invalid("sets `outputs`, which only model stages take");
+            }
+            Ok(Stage::Component {
+                component: component.clone(),
+                files: spec.files.clone(),
+                config: spec.config.clone(),
+            })
+        }
+        (None, Some(model)) => {
+            if spec.files.is_some() || !spec.config.is_empty() {
+                return invalid("sets `files` or `config`, which only component stages take");
+            }
+            Ok(Stage::Model {
+                model: model.clone(),
+                outputs: spec.outputs.clone().unwrap_or_default(),
+            })
+        }
+        (Some(_), Some(_)) => {
+            invalid("names both `component` and `model`; a stage is one or the other")
+        }
+        (None, None) => invalid("names neither `component` nor `model`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMBED: &str = r#"
+name = "embed"
+[[stages]]
+component = "bert-tokenizer@0.1.0"
+files = "minilm-l3@1.0.0"
+config = { max_length = "128" }
+[[stages]]
+model = "minilm-l3@1.0.0"
+outputs = ["onnx::Shape_422"]
+[[stages]]
+component = "mean-pool@0.1.0"
+[scaling]
+max_instances = 2
+[triggers]
+nats = { subject = "embed.requests" }
+"#;
+
+    #[test]
+    fn a_full_manifest_parses_with_defaults() {
+        let v = parse(EMBED).expect("valid");
+        assert_eq!(v.stages.len(), 3);
+        assert_eq!(v.manifest.scaling.max_instances, 2);
+        assert_eq!(v.manifest.scaling.idle_timeout_ms, 30_000);
+        assert_eq!(v.manifest.limits, Limits::default());
+        assert!(v.manifest.triggers.http);
+        assert!(
+            matches!(&v.stages[1], Stage::Model { outputs, .. } if outputs == &["onnx::Shape_422"])
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn mistakes_name_the_field() {
+        assert!(error_of("name = \"e\"\nstages = []").contains("`stages` must hold 1 to 8"));
+        assert!(
+            error_of("name = \"E\"\n[[stages]]\nmodel = \"m@1.0.0\"")
+                .contains("invalid name \"E\"")
+        );
+        assert!(
+            error_of("name = \"e\"\nnmae = 1\n[[stages]]\nmodel = \"m@1.0.0\"")
+                .contains("unknown field `nmae`")
+        );
+        let both = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\ncomponent = \"c@1.0.0\"";
+        assert!(error_of(both).contains("`stages[0]` names both"));
+        let config_int = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\nconfig = { k = 1 }";
+        assert!(
+            error_of(config_int).contains("invalid type: integer"),
+            "{}",
+            error_of(config_int)
+        );
+        let scaling = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\n[scaling]\nmin_instances = 5\nmax_instances = 2";
+        assert!(error_of(scaling).contains("`scaling.min_instances` exceeds"));
+        let version = "name = \"e\"\n[[stages]]\nmodel = \"m@one\"";
+        assert!(error_of(version).contains("invalid version \"one\""));
+    }
+}

@@ -1,0 +1,755 @@
+//! The registry on redb: records in `registry.redb`, bytes in [`BlobStore`].
+//!
+//! Every publish and delete is one redb write transaction; blobs are renamed
+//! into place inside it, before the commit, so after a crash the database
+//! lists only artifacts whose bytes are whole.
+
+use crate::RegistryError;
+use crate::blobs::{BlobStore, StagedBlob};
+use crate::manifest::{self, Stage};
+use crate::names::{Name, Reference};
+use crate::records::{ComponentRecord, FileRecord, FunctionRecord, ModelRecord, ModelSignature};
+use crate::tables::{COMPONENTS, FUNCTION_HEADS, FUNCTION_REVISIONS, MODELS};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The outcome of a publish: the stored record and whether it is new (201)
+/// or an identical re-publish (200).
+#[derive(Debug, Clone)]
+pub struct Published<R> {
+    /// The stored record.
+    pub record: R,
+    /// False when an identical artifact was already stored.
+    pub created: bool,
+}
+
+/// The registry of one data directory.
+pub struct Registry {
+    db: Database,
+    blobs: BlobStore,
+    packages: PathBuf,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn decode<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, RegistryError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+fn get<R: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<R>, RegistryError> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    table.get(key)?.map(|v| decode(v.value())).transpose()
+}
+
+fn all<R: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<R>, RegistryError> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    table
+        .iter()?
+        .map(|entry| decode(entry?.1.value()))
+        .collect()
+}
+
+/// Versions of `name` in `records`, newest first.
+fn versions_of<R>(records: Vec<R>, name: &str, parts: impl Fn(&R) -> (&str, &str)) -> Vec<R> {
+    let mut found: Vec<(semver::Version, R)> = records
+        .into_iter()
+        .filter(|r| parts(r).0 == name)
+        .filter_map(|r| semver::Version::parse(parts(&r).1).ok().map(|v| (v, r)))
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.into_iter().map(|(_, r)| r).collect()
+}
+
+impl Registry {
+    /// Opens (creating) the registry in `dir`, clearing abandoned uploads and
+    /// unreferenced blobs.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, RegistryError> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir)?;
+        let db = Database::create(dir.join("registry.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(COMPONENTS)?;
+        txn.open_table(MODELS)?;
+        txn.open_table(FUNCTION_REVISIONS)?;
+        txn.open_table(FUNCTION_HEADS)?;
+        txn.commit()?;
+        let registry = Registry {
+            db,
+            blobs: BlobStore::open(dir)?,
+            packages: dir.join("packages"),
+        };
+        registry.collect_garbage()?;
+        Ok(registry)
+    }
+
+    /// Starts staging an upload of at most `limit` bytes.
+    pub fn stage(&self, limit: u64) -> Result<crate::blobs::BlobWriter, RegistryError> {
+        self.blobs.stage(limit)
+    }
+
+    /// Where the bytes of `digest` are.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.blobs.path(digest)
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let txn = self.db.begin_write()?;
+        let out = f(&txn)?;
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Publishes a component whose world the caller has established.
+    pub fn publish_component(
+        &self,
+        reference: &Reference,
+        blob: StagedBlob,
+        world: &str,
+    ) -> Result<Published<ComponentRecord>, RegistryError> {
+        let key = reference.to_string();
+        self.write(|txn| {
+            let mut table = txn.open_table(COMPONENTS)?;
+            if let Some(existing) = table.get(key.as_str())? {
+                let existing: ComponentRecord = decode(existing.value())?;
+                return same_or_conflict(
+                    existing.clone(),
+                    &existing.digest,
+                    &blob.digest,
+                    "component",
+                    &key,
+                );
+            }
+            let record = ComponentRecord {
+                name: reference.name.to_string(),
+                version: reference.version.to_string(),
+                digest: blob.digest.clone(),
+                size: blob.size,
+                world: world.to_string(),
+                published_at: now(),
+            };
+            self.blobs.commit(blob)?;
+            table.insert(key.as_str(), serde_json::to_vec(&record)?.as_slice())?;
+            Ok(Published {
+                record,
+                created: true,
+            })
+        })
+    }
+
+    /// Publishes a model package: the ONNX file plus named extra files.
+    pub fn publish_model(
+        &self,
+        reference: &Reference,
+        model: StagedBlob,
+        files: Vec<(String, StagedBlob)>,
+        signature: ModelSignature,
+    ) -> Result<Published<ModelRecord>, RegistryError> {
+        let mut names = BTreeSet::new();
+        for (name, _) in &files {
+            check_file_name(name)?;
+            if !names.insert(name.clone()) {
+                return Err(RegistryError::Invalid(format!(
+                    "file {name:?} appears twice in the package"
+                )));
+            }
+        }
+        let file_records: Vec<FileRecord> = files
+            .iter()
+            .map(|(name, blob)| FileRecord {
+                name: name.clone(),
+                digest: blob.digest.clone(),
+                size: blob.size,
+            })
+            .collect();
+        let package_digest = package_digest(&model.digest, &file_records);
+        let key = reference.to_string();
+        self.write(|txn| {
+            let mut table = txn.open_table(MODELS)?;
+            if let Some(existing) = table.get(key.as_str())? {
+                let existing: ModelRecord = decode(existing.value())?;
+                return same_or_conflict(
+                    existing.clone(),
+                    &existing.package_digest,
+                    &package_digest,
+                    "model",
+                    &key,
+                );
+            }
+            let record = ModelRecord {
+                name: reference.name.to_string(),
+                version: reference.version.to_string(),
+                digest: model.digest.clone(),
+                size: model.size,
+                package_digest: package_digest.clone(),
+                files: file_records,
+                signature,
+                published_at: now(),
+            };
+            self.blobs.commit(model)?;
+            for (_, blob) in files {
+                self.blobs.commit(blob)?;
+            }
+            table.insert(key.as_str(), serde_json::to_vec(&record)?.as_slice())?;
+            Ok(Published {
+                record,
+                created: true,
+            })
+        })
+    }
+
+    /// Publishes a function manifest as its next revision, after checking
+    /// that every stage exists and fits its position. An identical manifest
+    /// to the current revision is not stored again.
+    pub fn publish_function(&self, text: &str) -> Result<Published<FunctionRecord>, RegistryError> {
+        let validated = manifest::parse(text)?;
+        let name = validated.manifest.name.to_string();
+        let digest = hex::encode(Sha256::digest(text.as_bytes()));
+        self.write(|txn| {
+            let uses = self.check_stages(txn, &validated.stages)?;
+            let mut heads = txn.open_table(FUNCTION_HEADS)?;
+            let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            let head = heads.get(name.as_str())?.map(|v| v.value());
+            if let Some(head) = head {
+                let current: FunctionRecord = decode(
+                    revisions
+                        .get((name.as_str(), head))?
+                        .ok_or_else(|| corrupt(&name))?
+                        .value(),
+                )?;
+                if current.digest == digest {
+                    return Ok(Published {
+                        record: current,
+                        created: false,
+                    });
+                }
+            }
+            let last = revisions
+                .range((name.as_str(), 0)..=(name.as_str(), u64::MAX))?
+                .next_back()
+                .transpose()?
+                .map_or(0, |(k, _)| k.value().1);
+            let record = FunctionRecord {
+                name: name.clone(),
+                revision: last + 1,
+                digest,
+                manifest: text.to_string(),
+                uses,
+                published_at: now(),
+            };
+            revisions.insert(
+                (name.as_str(), record.revision),
+                serde_json::to_vec(&record)?.as_slice(),
+            )?;
+            heads.insert(name.as_str(), record.revision)?;
+            Ok(Published {
+                record,
+                created: true,
+            })
+        })
+    }
+
+    /// Checks references and positions; returns what the function uses.
+    fn check_stages(
+        &self,
+        txn: &WriteTransaction,
+        stages: &[Stage],
+    ) -> Result<Vec<String>, RegistryError> {
+        let components = txn.open_table(COMPONENTS)?;
+        let models = txn.open_table(MODELS)?;
+        let model = |r: &Reference, at: usize| -> Result<ModelRecord, RegistryError> {
+            let found = models.get(r.to_string().as_str())?;
+            let found = found.ok_or_else(|| {
+                RegistryError::Invalid(format!("`stages[{at}]`: model {r} is not published"))
+            })?;
+            decode(found.value())
+        };
+        let last = stages.len() - 1;
+        let mut uses = Vec::new();
+        let mut previous_outputs: Option<Vec<String>> = None;
+        for (at, stage) in stages.iter().enumerate() {
+            match stage {
+                Stage::Component {
+                    component, files, ..
+                } => {
+                    let found =
+                        components
+                            .get(component.to_string().as_str())?
+                            .ok_or_else(|| {
+                                RegistryError::Invalid(format!(
+                                    "`stages[{at}]`: component {component} is not published"
+                                ))
+                            })?;
+                    let record: ComponentRecord = decode(found.value())?;
+                    let misplaced = match record.world.as_str() {
+                        "preprocessor" if at != 0 => Some("the first"),
+                        "postprocessor" if at != last => Some("the last"),
+                        _ => None,
+                    };
+                    if let Some(place) = misplaced {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}]`: {component} is a {}, which can only be {place} stage",
+                            record.world
+                        )));
+                    }
+                    if let Some(files) = files {
+                        model(files, at)?;
+                        uses.push(format!("model:{files}"));
+                    }
+                    uses.push(format!("component:{component}"));
+                    previous_outputs = None;
+                }
+                Stage::Model {
+                    model: reference,
+                    outputs,
+                } => {
+                    let record = model(reference, at)?;
+                    let known: Vec<&str> = record
+                        .signature
+                        .outputs
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect();
+                    if let Some(unknown) = outputs.iter().find(|o| !known.contains(&o.as_str())) {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}].outputs`: {reference} has no output {unknown:?} (outputs: {})",
+                            known.join(", ")
+                        )));
+                    }
+                    if let Some(available) = &previous_outputs
+                        && let Some(missing) = record
+                            .signature
+                            .inputs
+                            .iter()
+                            .find(|i| !available.contains(&i.name))
+                    {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}]`: {reference} needs input {:?}, which the stage before does not produce",
+                            missing.name
+                        )));
+                    }
+                    previous_outputs = Some(if outputs.is_empty() {
+                        known.iter().map(|s| s.to_string()).collect()
+                    } else {
+                        outputs.clone()
+                    });
+                    uses.push(format!("model:{reference}"));
+                }
+            }
+        }
+        Ok(uses)
+    }
+
+    /// One component.
+    pub fn component(&self, reference: &Reference) -> Result<ComponentRecord, RegistryError> {
+        get(&self.db, COMPONENTS, &reference.to_string())?.ok_or_else(|| {
+            RegistryError::NotFound(format!("component {reference} is not published"))
+        })
+    }
+
+    /// Every component version.
+    pub fn components(&self) -> Result<Vec<ComponentRecord>, RegistryError> {
+        all(&self.db, COMPONENTS)
+    }
+
+    /// Versions of one component, newest first (404 when none).
+    pub fn component_versions(&self, name: &Name) -> Result<Vec<ComponentRecord>, RegistryError> {
+        let found = versions_of(self.components()?, name.as_str(), |r| (&r.name, &r.version));
+        non_empty(found, "component", name)
+    }
+
+    /// One model.
+    pub fn model(&self, reference: &Reference) -> Result<ModelRecord, RegistryError> {
+        get(&self.db, MODELS, &reference.to_string())?
+            .ok_or_else(|| RegistryError::NotFound(format!("model {reference} is not published")))
+    }
+
+    /// Every model version.
+    pub fn models(&self) -> Result<Vec<ModelRecord>, RegistryError> {
+        all(&self.db, MODELS)
+    }
+
+    /// Versions of one model, newest first (404 when none).
+    pub fn model_versions(&self, name: &Name) -> Result<Vec<ModelRecord>, RegistryError> {
+        let found = versions_of(self.models()?, name.as_str(), |r| (&r.name, &r.version));
+        non_empty(found, "model", name)
+    }
+
+    /// The current revision of every function.
+    pub fn functions(&self) -> Result<Vec<FunctionRecord>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(FUNCTION_HEADS)?;
+        let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+        let mut out = Vec::new();
+        for entry in heads.iter()? {
+            let (name, revision) = entry?;
+            let record = revisions
+                .get((name.value(), revision.value()))?
+                .ok_or_else(|| corrupt(name.value()))?;
+            out.push(decode(record.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The current revision of a function.
+    pub fn function(&self, name: &str) -> Result<FunctionRecord, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let head = txn
+            .open_table(FUNCTION_HEADS)?
+            .get(name)?
+            .map(|v| v.value());
+        let head = head
+            .ok_or_else(|| RegistryError::NotFound(format!("function {name} is not published")))?;
+        let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+        let record = revisions.get((name, head))?.ok_or_else(|| corrupt(name))?;
+        decode(record.value())
+    }
+
+    /// Every revision of a function, oldest first.
+    pub fn function_revisions(&self, name: &str) -> Result<Vec<FunctionRecord>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+        let found: Vec<FunctionRecord> = revisions
+            .range((name, 0)..=(name, u64::MAX))?
+            .map(|e| {
+                e.map_err(RegistryError::from)
+                    .and_then(|(_, v)| decode(v.value()))
+            })
+            .collect::<Result<_, _>>()?;
+        if found.is_empty() {
+            return Err(RegistryError::NotFound(format!(
+                "function {name} is not published"
+            )));
+        }
+        Ok(found)
+    }
+
+    /// One revision of a function.
+    pub fn function_revision(
+        &self,
+        name: &str,
+        revision: u64,
+    ) -> Result<FunctionRecord, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+        let record = revisions.get((name, revision))?.ok_or_else(|| {
+            RegistryError::NotFound(format!("function {name} has no revision {revision}"))
+        })?;
+        decode(record.value())
+    }
+
+    /// Serves an earlier revision again.
+    pub fn rollback(&self, name: &str, revision: u64) -> Result<FunctionRecord, RegistryError> {
+        self.write(|txn| {
+            let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            let record: FunctionRecord = decode(
+                revisions
+                    .get((name, revision))?
+                    .ok_or_else(|| {
+                        RegistryError::NotFound(format!(
+                            "function {name} has no revision {revision}"
+                        ))
+                    })?
+                    .value(),
+            )?;
+            txn.open_table(FUNCTION_HEADS)?.insert(name, revision)?;
+            Ok(record)
+        })
+    }
+
+    /// Deletes a component version no function revision uses.
+    pub fn delete_component(
+        &self,
+        reference: &Reference,
+    ) -> Result<ComponentRecord, RegistryError> {
+        let record: ComponentRecord = self.delete_artifact(COMPONENTS, "component", reference)?;
+        self.collect_garbage()?;
+        Ok(record)
+    }
+
+    /// Deletes a model version no function revision uses.
+    pub fn delete_model(&self, reference: &Reference) -> Result<ModelRecord, RegistryError> {
+        let record: ModelRecord = self.delete_artifact(MODELS, "model", reference)?;
+        self.collect_garbage()?;
+        Ok(record)
+    }
+
+    fn delete_artifact<R: DeserializeOwned + Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        kind: &str,
+        reference: &Reference,
+    ) -> Result<R, RegistryError> {
+        let key = reference.to_string();
+        let used_as = format!("{kind}:{key}");
+        self.write(|txn| {
+            let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            for entry in revisions.iter()? {
+                let (_, value) = entry?;
+                let function: FunctionRecord = decode(value.value())?;
+                if function.uses.contains(&used_as) {
+                    return Err(RegistryError::Conflict(format!(
+                        "{kind} {key} is used by function {} revision {}; delete or republish that function first",
+                        function.name, function.revision
+                    )));
+                }
+            }
+            let mut table = txn.open_table(table)?;
+            let removed = table
+                .remove(key.as_str())?
+                .ok_or_else(|| RegistryError::NotFound(format!("{kind} {key} is not published")))?;
+            decode(removed.value())
+        })
+    }
+
+    /// Deletes a function and all its revisions.
+    pub fn delete_function(&self, name: &str) -> Result<Vec<FunctionRecord>, RegistryError> {
+        let removed = self.function_revisions(name)?;
+        self.write(|txn| {
+            let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            for record in &removed {
+                revisions.remove((name, record.revision))?;
+            }
+            txn.open_table(FUNCTION_HEADS)?.remove(name)?;
+            Ok(())
+        })?;
+        Ok(removed)
+    }
+
+    /// A directory holding the model package's extra files by name, made of
+    /// hard links to the blobs (created on first use, atomically).
+    pub fn model_dir(&self, model: &ModelRecord) -> Result<PathBuf, RegistryError> {
+        let dir = self.packages.join(&model.package_digest);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        fs::create_dir_all(&self.packages)?;
+        let staging = tempfile::Builder::new()
+            .prefix(".pkg")
+            .tempdir_in(&self.packages)?;
+        for file in &model.files {
+            let target = staging.path().join(&file.name);
+            if fs::hard_link(self.blob_path(&file.digest), &target).is_err() {
+                fs::copy(self.blob_path(&file.digest), &target)?;
+            }
+        }
+        let staged = staging.keep();
+        if let Err(e) = fs::rename(&staged, &dir) {
+            let _ = fs::remove_dir_all(&staged);
+            if !dir.is_dir() {
+                return Err(e.into());
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Removes blobs no record refers to (left by crashes or deletes).
+    fn collect_garbage(&self) -> Result<(), RegistryError> {
+        let mut live = BTreeSet::new();
+        for c in self.components()? {
+            live.insert(c.digest);
+        }
+        for m in self.models()? {
+            live.insert(m.digest);
+            live.extend(m.files.into_iter().map(|f| f.digest));
+        }
+        for digest in self.blobs.digests()? {
+            if !live.contains(&digest) {
+                self.blobs.remove(&digest)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn same_or_conflict<R>(
+    existing: R,
+    stored: &str,
+    offered: &str,
+    kind: &str,
+    key: &str,
+) -> Result<Published<R>, RegistryError> {
+    if stored == offered {
+        Ok(Published {
+            record: existing,
+            created: false,
+        })
+    } else {
+        Err(RegistryError::Conflict(format!(
+            "{kind} {key} is already published with digest {stored}; versions are immutable, publish a new version"
+        )))
+    }
+}
+
+fn non_empty<R>(found: Vec<R>, kind: &str, name: &Name) -> Result<Vec<R>, RegistryError> {
+    if found.is_empty() {
+        Err(RegistryError::NotFound(format!(
+            "{kind} {name} is not published"
+        )))
+    } else {
+        Ok(found)
+    }
+}
+
+fn corrupt(name: &str) -> RegistryError {
+    RegistryError::Storage(format!("function {name} points at a missing revision"))
+}
+
+fn check_file_name(name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "invalid file name {name:?}: use letters, digits, '.', '_' and '-' only"
+        )))
+    }
+}
+
+fn package_digest(model: &str, files: &[FileRecord]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(format!("model {model}\n"));
+    let mut sorted: Vec<&FileRecord> = files.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for f in sorted {
+        hasher.update(format!("file {} {}\n", f.name, f.digest));
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(registry: &Registry, bytes: &[u8]) -> StagedBlob {
+        let mut writer = registry.stage(1 << 20).expect("stage");
+        writer.write_chunk(bytes).expect("write");
+        writer.finish().expect("finish")
+    }
+
+    fn reference(s: &str) -> Reference {
+        s.parse().expect("valid reference")
+    }
+
+    #[test]
+    fn versions_are_immutable_and_republish_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("open");
+        let r = reference("pre@1.0.0");
+        let first = registry
+            .publish_component(&r, staged(&registry, b"one"), "preprocessor")
+            .expect("publish");
+        assert!(first.created);
+        assert_eq!(first.record.digest, hex::encode(Sha256::digest(b"one")));
+        let again = registry
+            .publish_component(&r, staged(&registry, b"one"), "preprocessor")
+            .expect("same");
+        assert!(!again.created);
+        let err = registry
+            .publish_component(&r, staged(&registry, b"two"), "preprocessor")
+            .expect_err("conflict");
+        assert_eq!(err.status(), 409);
+        assert_eq!(
+            std::fs::read(registry.blob_path(&first.record.digest)).expect("blob"),
+            b"one"
+        );
+    }
+
+    #[test]
+    fn functions_check_stages_and_protect_what_they_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("open");
+        registry
+            .publish_component(
+                &reference("pre@1.0.0"),
+                staged(&registry, b"p"),
+                "preprocessor",
+            )
+            .expect("pre");
+        registry
+            .publish_component(
+                &reference("post@1.0.0"),
+                staged(&registry, b"q"),
+                "postprocessor",
+            )
+            .expect("post");
+        let missing = "name = \"f\"\n[[stages]]\ncomponent = \"nope@1.0.0\"";
+        let err = registry.publish_function(missing).expect_err("missing");
+        assert!(
+            err.to_string()
+                .contains("component nope@1.0.0 is not published"),
+            "{err}"
+        );
+        let swapped = "name = \"f\"\n[[stages]]\ncomponent = \"post@1.0.0\"\n[[stages]]\ncomponent = \"pre@1.0.0\"";
+        let err = registry.publish_function(swapped).expect_err("misplaced");
+        assert!(
+            err.to_string()
+                .contains("post@1.0.0 is a postprocessor, which can only be the last stage"),
+            "{err}"
+        );
+        let good = "name = \"f\"\n[[stages]]\ncomponent = \"pre@1.0.0\"\n[[stages]]\ncomponent = \"post@1.0.0\"";
+        assert_eq!(
+            registry
+                .publish_function(good)
+                .expect("good")
+                .record
+                .revision,
+            1
+        );
+        assert!(!registry.publish_function(good).expect("same").created);
+        let second = format!("{good}\n[limits]\ntimeout_ms = 100");
+        assert_eq!(
+            registry
+                .publish_function(&second)
+                .expect("second")
+                .record
+                .revision,
+            2
+        );
+        assert_eq!(registry.rollback("f", 1).expect("rollback").revision, 1);
+        assert_eq!(registry.function("f").expect("head").revision, 1);
+        let err = registry
+            .delete_component(&reference("pre@1.0.0"))
+            .expect_err("in use");
+        assert_eq!(err.status(), 409);
+        registry.delete_function("f").expect("delete function");
+        registry
+            .delete_component(&reference("pre@1.0.0"))
+            .expect("now free");
+        assert_eq!(registry.components().expect("list").len(), 1);
+    }
+}
