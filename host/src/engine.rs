@@ -2,11 +2,15 @@
 //! model, pooling allocator, epoch interruption. Every engine setting lives
 //! here, so compiled artifacts stay compatible across the host.
 
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use wasmtime::Result;
+use wasmtime::component::Component;
 use wasmtime::error::Context;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -99,4 +103,49 @@ fn config(settings: &EngineSettings) -> Result<Config> {
         .max_memory_size(max_memory);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Ok(config)
+}
+
+impl ServingEngine {
+    /// The component with `digest`, from the compiled-artifact cache in
+    /// `cache_dir` when this engine configuration compiled it before, else
+    /// compiled from `wasm` and cached. Returns whether the cache served it.
+    pub fn load_component(
+        &self,
+        wasm: &Path,
+        digest: &str,
+        cache_dir: &Path,
+    ) -> Result<(Component, bool)> {
+        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
+        if cached.is_file() {
+            // SAFETY: the file was written by `Component::serialize` of an
+            // engine with this exact compatibility hash, into a directory
+            // only the host writes.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => tracing::warn!(
+                    "ignoring unusable compiled artifact {}: {e}",
+                    cached.display()
+                ),
+            }
+        }
+        let component = Component::from_file(&self.engine, wasm)
+            .with_context(|| format!("compiling component {}", wasm.display()))?;
+        std::fs::create_dir_all(cache_dir)
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        let bytes = component.serialize()?;
+        let mut staged = tempfile::NamedTempFile::new_in(cache_dir)?;
+        staged.write_all(&bytes)?;
+        staged.persist(&cached).map_err(|e| e.error)?;
+        Ok((component, false))
+    }
+
+    /// Identifies the engine configuration, so artifacts of another
+    /// configuration or wasmtime version are never loaded.
+    fn fingerprint(&self) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
 }

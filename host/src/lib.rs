@@ -18,7 +18,17 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod bindings;
+pub mod client;
+pub mod config;
 pub mod engine;
+pub mod inference;
+pub mod metrics;
+pub mod pipeline;
+pub mod pool;
+pub mod runtime;
 pub mod sandbox;
+pub mod serve;
 pub mod stage;
+pub mod trigger;

@@ -1,8 +1,11 @@
 //! `cascade`: the command line of the Cascade host. Thin: parses arguments
 //! and calls into the library.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use cascade_host::client::{RegistryClient, pack_model};
+use cascade_host::config::ServeConfig;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -11,30 +14,281 @@ use clap::{Parser, Subcommand};
     about = "Serverless WebAssembly platform for ML inference functions"
 )]
 struct Cli {
+    /// Registry to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_REGISTRY",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    registry: String,
+    /// Bearer token for the registry.
+    #[arg(long, global = true, env = "CASCADE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tells which Cascade world a component file implements.
+    /// Runs a host: the registry API and every published function.
+    Serve(ServeConfig),
+    /// Publishes a component, a model or a function.
+    #[command(subcommand)]
+    Publish(Publish),
+    /// Lists what is published.
+    List {
+        /// Which kind (default: all).
+        kind: Option<Kind>,
+    },
+    /// Shows one artifact: `NAME` (every version) or `NAME@VERSION`.
+    Show {
+        /// Which kind.
+        kind: Kind,
+        /// `NAME` or `NAME@VERSION` (functions: `NAME` or `NAME@REVISION`).
+        name: String,
+    },
+    /// Deletes `NAME@VERSION` (functions: `NAME`, with all revisions).
+    Delete {
+        /// Which kind.
+        kind: Kind,
+        /// What to delete.
+        name: String,
+    },
+    /// Serves an earlier revision of a function again.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// Revision to restore.
+        #[arg(long)]
+        revision: u64,
+    },
+    /// Invokes a function and prints its reply.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Message body (text); reads standard input when neither this nor --file is given.
+        #[arg(long)]
+        data: Option<String>,
+        /// Message body from a file.
+        #[arg(long, conflicts_with = "data")]
+        file: Option<PathBuf>,
+        /// Content type of the message.
+        #[arg(long, default_value = "text/plain")]
+        content_type: String,
+    },
+    /// Tells which Cascade world a local component file implements.
     Inspect {
         /// Path to a `.wasm` component.
-        component: std::path::PathBuf,
+        component: PathBuf,
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Inspect { component } => {
-            let engine = cascade_host::engine::ServingEngine::new(&Default::default())?;
-            let stage = cascade_host::stage::ComponentStage::from_file(&engine, &component)?;
-            println!("{}: {}", component.display(), stage.world().name());
+#[derive(Subcommand)]
+enum Publish {
+    /// A `.wasm` component.
+    Component {
+        /// The component file.
+        file: PathBuf,
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Its version (semver).
+        #[arg(long)]
+        version: String,
+    },
+    /// An ONNX model with optional extra files (tokenizer.json, labels.txt).
+    Model {
+        /// The ONNX file.
+        file: PathBuf,
+        /// An extra file of the package (repeatable).
+        #[arg(long = "file")]
+        files: Vec<PathBuf>,
+        /// Fixes an input's shape, `NAME=D1,D2,…` (numbers fixed, names dynamic; repeatable).
+        #[arg(long = "input-shape")]
+        input_shapes: Vec<String>,
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Its version (semver).
+        #[arg(long)]
+        version: String,
+    },
+    /// A function manifest (TOML).
+    Function {
+        /// The manifest file.
+        manifest: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Components,
+    Models,
+    Functions,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Components => "components",
+            Kind::Models => "models",
+            Kind::Functions => "functions",
         }
     }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Command::Serve(config) = cli.command {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(cascade_host::serve::run(config));
+    }
+    if let Command::Inspect { component } = &cli.command {
+        let engine = cascade_host::engine::ServingEngine::new(&Default::default())
+            .map_err(anyhow::Error::from)?;
+        let stage = cascade_host::stage::ComponentStage::from_file(&engine, component)
+            .map_err(anyhow::Error::from)?;
+        println!("{}: {}", component.display(), stage.world().name());
+        return Ok(());
+    }
+    let client = RegistryClient::new(&cli.registry, cli.token.clone())?;
+    match cli.command {
+        Command::Publish(Publish::Component {
+            file,
+            name,
+            version,
+        }) => print(&client.put_file(
+            &format!("/v1/components/{name}/{version}"),
+            "application/wasm",
+            &file,
+        )?),
+        Command::Publish(Publish::Model {
+            file,
+            files,
+            input_shapes,
+            name,
+            version,
+        }) => {
+            let query: Vec<String> = input_shapes
+                .iter()
+                .map(|s| {
+                    let (input, dims) = s
+                        .split_once('=')
+                        .context("--input-shape takes NAME=D1,D2,...")?;
+                    Ok(format!("input_shape={input}:{dims}"))
+                })
+                .collect::<Result<_>>()?;
+            let path = format!("/v1/models/{name}/{version}?{}", query.join("&"));
+            if files.is_empty() {
+                print(&client.put_file(&path, "application/octet-stream", &file)?)
+            } else {
+                let package = pack_model(&file, &files)?;
+                print(&client.put_file(&path, "application/x-tar", package.path())?)
+            }
+        }
+        Command::Publish(Publish::Function { manifest }) => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            let parsed = cascade_registry::manifest::parse(&text)?;
+            let name = parsed.manifest.name.to_string();
+            print(&client.put_bytes(
+                &format!("/v1/functions/{name}"),
+                "application/toml",
+                text.into_bytes(),
+            )?)
+        }
+        Command::List { kind } => {
+            let kinds = match kind {
+                Some(kind) => vec![kind],
+                None => vec![Kind::Components, Kind::Models, Kind::Functions],
+            };
+            for kind in kinds {
+                let listed = client.get_json(&format!("/v1/{}", kind.path()))?;
+                println!("{}:", kind.path());
+                for item in listed.as_array().into_iter().flatten() {
+                    let version = item
+                        .get("version")
+                        .or_else(|| item.get("revision"))
+                        .cloned()
+                        .unwrap_or_default();
+                    let version = version
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| version.to_string());
+                    let digest = item["digest"].as_str().unwrap_or("");
+                    println!(
+                        "  {}@{version}  {}",
+                        item["name"].as_str().unwrap_or("?"),
+                        &digest[..digest.len().min(12)]
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Show { kind, name } => {
+            let path = match name.split_once('@') {
+                Some((name, version)) => format!("/v1/{}/{name}/{version}", kind.path()),
+                None => format!("/v1/{}/{name}", kind.path()),
+            };
+            print(&client.get_json(&path)?)
+        }
+        Command::Delete { kind, name } => {
+            let path = match (kind, name.split_once('@')) {
+                (Kind::Functions, None) => format!("/v1/functions/{name}"),
+                (Kind::Functions, Some(_)) => {
+                    bail!("delete a function by NAME (it removes every revision)")
+                }
+                (_, Some((name, version))) => format!("/v1/{}/{name}/{version}", kind.path()),
+                (_, None) => bail!("delete takes NAME@VERSION"),
+            };
+            print(&client.delete(&path)?)
+        }
+        Command::Rollback { name, revision } => print(&client.post_json(
+            &format!("/v1/functions/{name}/rollback"),
+            &serde_json::json!({ "revision": revision }),
+        )?),
+        Command::Invoke {
+            name,
+            data,
+            file,
+            content_type,
+        } => {
+            let body = match (data, file) {
+                (Some(data), _) => data.into_bytes(),
+                (None, Some(file)) => {
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
+                }
+                (None, None) => {
+                    let mut buffer = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)?;
+                    buffer
+                }
+            };
+            let reply = client.invoke(&name, &content_type, body)?;
+            println!("{}", String::from_utf8_lossy(&reply));
+            Ok(())
+        }
+        Command::Serve(_) | Command::Inspect { .. } => Ok(()),
+    }
 }

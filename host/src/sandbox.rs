@@ -1,22 +1,26 @@
 //! What a guest may see: its configuration through `wasi:config/store`, its
-//! model package's files read-only under `/model`, captured stdout/stderr,
-//! and a memory limit. No other file system, no network, no environment.
+//! model package's files read-only under `/model`, and a memory limit. Its
+//! stdout and stderr go to the host's log, tagged with function and stage.
+//! No other file system, no network, no environment.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use tokio::io::AsyncWrite;
 use wasmtime::Result;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::error::Context;
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
 /// Where a guest finds its model package's files.
 pub const MODEL_DIR: &str = "/model";
 
-/// Bytes of stdout and of stderr kept per call; the rest is dropped.
-pub const OUTPUT_CAPTURE_BYTES: usize = 64 * 1024;
+/// Longest piece of one guest write that reaches the log.
+pub const LOG_WRITE_BYTES: usize = 4096;
 
 /// What the function manifest grants one stage.
 #[derive(Debug, Clone)]
@@ -27,6 +31,8 @@ pub struct Grant {
     pub model_dir: Option<PathBuf>,
     /// Linear-memory limit of the instance in bytes.
     pub memory_bytes: usize,
+    /// How the guest's output is tagged in the log (function and stage).
+    pub log_tag: String,
 }
 
 impl Default for Grant {
@@ -35,6 +41,7 @@ impl Default for Grant {
             config: BTreeMap::new(),
             model_dir: None,
             memory_bytes: 128 << 20,
+            log_tag: String::new(),
         }
     }
 }
@@ -45,17 +52,20 @@ pub struct StageState {
     table: ResourceTable,
     config: WasiConfigVariables,
     limits: StoreLimits,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
 }
 
 impl StageState {
     /// A fresh sandbox carrying exactly what `grant` allows.
     pub fn new(grant: &Grant) -> Result<Self> {
-        let stdout = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
-        let stderr = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
         let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        wasi.stdout(GuestLog {
+            tag: grant.log_tag.clone(),
+            stream: "stdout",
+        })
+        .stderr(GuestLog {
+            tag: grant.log_tag.clone(),
+            stream: "stderr",
+        });
         // Sockets exist in the API but every address is refused and names never resolve.
         wasi.allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
@@ -71,20 +81,12 @@ impl StageState {
                 .memory_size(grant.memory_bytes)
                 .trap_on_grow_failure(true)
                 .build(),
-            stdout,
-            stderr,
         })
     }
 
     /// The store limiter (registered with `Store::limiter`).
     pub fn limits(&mut self) -> &mut StoreLimits {
         &mut self.limits
-    }
-
-    /// What the guest wrote to stdout and stderr (bounded), for the logs.
-    pub fn output(&self) -> (String, String) {
-        let text = |pipe: &MemoryOutputPipe| String::from_utf8_lossy(&pipe.contents()).into_owned();
-        (text(&self.stdout), text(&self.stderr))
     }
 }
 
@@ -106,4 +108,47 @@ pub fn linker(engine: &Engine) -> Result<Linker<StageState>> {
     })
     .context("adding wasi:config to the linker")?;
     Ok(linker)
+}
+
+/// A guest's stdout or stderr: every write becomes a log event, so output
+/// never fills a buffer and never blocks or fails the guest.
+#[derive(Clone)]
+struct GuestLog {
+    tag: String,
+    stream: &'static str,
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for GuestLog {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let text = String::from_utf8_lossy(&buf[..buf.len().min(LOG_WRITE_BYTES)]);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            tracing::info!(target: "cascade::guest", stage = %self.tag, stream = self.stream, "{text}");
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }

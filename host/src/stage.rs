@@ -219,11 +219,6 @@ impl StageInstance {
             .map_err(StageError::from_guest)
     }
 
-    /// What the guest has written to stdout and stderr so far (bounded).
-    pub fn output(&self) -> (String, String) {
-        self.store.data().output()
-    }
-
     fn arm_deadline(&mut self) {
         self.store
             .set_epoch_deadline(ServingEngine::ticks_for(self.timeout));

@@ -67,6 +67,9 @@ pub struct ModelRecord {
     pub package_digest: String,
     /// Extra files (tokenizer.json, labels.txt, …).
     pub files: Vec<FileRecord>,
+    /// Input shapes fixed at publish time (numbers fixed, names dynamic).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub input_shapes: std::collections::BTreeMap<String, Vec<String>>,
     /// Inputs and outputs.
     #[serde(flatten)]
     pub signature: ModelSignature,

@@ -171,6 +171,7 @@ impl Registry {
         reference: &Reference,
         model: StagedBlob,
         files: Vec<(String, StagedBlob)>,
+        input_shapes: std::collections::BTreeMap<String, Vec<String>>,
         signature: ModelSignature,
     ) -> Result<Published<ModelRecord>, RegistryError> {
         let mut names = BTreeSet::new();
@@ -190,7 +191,7 @@ impl Registry {
                 size: blob.size,
             })
             .collect();
-        let package_digest = package_digest(&model.digest, &file_records);
+        let package_digest = package_digest(&model.digest, &file_records, &input_shapes);
         let key = reference.to_string();
         self.write(|txn| {
             let mut table = txn.open_table(MODELS)?;
@@ -211,6 +212,7 @@ impl Registry {
                 size: model.size,
                 package_digest: package_digest.clone(),
                 files: file_records,
+                input_shapes,
                 signature,
                 published_at: now(),
             };
@@ -365,6 +367,9 @@ impl Registry {
                 }
             }
         }
+        uses.dedup();
+        let mut seen = BTreeSet::new();
+        uses.retain(|u| seen.insert(u.clone()));
         Ok(uses)
     }
 
@@ -640,9 +645,16 @@ fn check_file_name(name: &str) -> Result<(), RegistryError> {
     }
 }
 
-fn package_digest(model: &str, files: &[FileRecord]) -> String {
+fn package_digest(
+    model: &str,
+    files: &[FileRecord],
+    input_shapes: &std::collections::BTreeMap<String, Vec<String>>,
+) -> String {
     let mut hasher = Sha256::new();
     hasher.update(format!("model {model}\n"));
+    for (input, dims) in input_shapes {
+        hasher.update(format!("shape {input} {}\n", dims.join(",")));
+    }
     let mut sorted: Vec<&FileRecord> = files.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for f in sorted {

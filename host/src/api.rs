@@ -1,0 +1,355 @@
+//! The registry's HTTP API: publish, read, delete and roll back components,
+//! models and functions. Uploads stream to disk; components and models are
+//! validated (compiled, optimised) before they are published.
+
+use crate::inference;
+use crate::stage::World;
+use crate::trigger::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
+use cascade_registry::blobs::StagedBlob;
+use cascade_registry::names::{Name, Reference};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response, StatusCode};
+use std::sync::Arc;
+
+/// Largest manifest accepted.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Routes `/v1/{kind}/{rest…}`.
+pub async fn route(
+    state: &Arc<HttpState>,
+    method: &Method,
+    kind: &str,
+    rest: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let registry = &state.runtime.registry;
+    match (kind, method, rest) {
+        ("components", &Method::GET, []) => ok(&registry.components()?),
+        ("components", &Method::GET, [name]) => ok(&registry.component_versions(&name.parse()?)?),
+        ("components", &Method::GET, [name, version]) => {
+            ok(&registry.component(&reference(name, version)?)?)
+        }
+        ("components", &Method::GET, [name, version, "content"]) => {
+            let record = registry.component(&reference(name, version)?)?;
+            file(&registry.blob_path(&record.digest), "application/wasm").await
+        }
+        ("components", &Method::PUT, [name, version]) => {
+            publish_component(state, reference(name, version)?, request).await
+        }
+        ("components", &Method::DELETE, [name, version]) => {
+            let r = reference(name, version)?;
+            let registry = registry.clone();
+            ok(&blocking(move || registry.delete_component(&r)).await??)
+        }
+        ("models", &Method::GET, []) => ok(&registry.models()?),
+        ("models", &Method::GET, [name]) => ok(&registry.model_versions(&name.parse()?)?),
+        ("models", &Method::GET, [name, version]) => {
+            ok(&registry.model(&reference(name, version)?)?)
+        }
+        ("models", &Method::GET, [name, version, "content"]) => {
+            let record = registry.model(&reference(name, version)?)?;
+            file(
+                &registry.blob_path(&record.digest),
+                "application/octet-stream",
+            )
+            .await
+        }
+        ("models", &Method::GET, [name, version, "files", file_name]) => {
+            let record = registry.model(&reference(name, version)?)?;
+            let found = record
+                .files
+                .iter()
+                .find(|f| f.name == *file_name)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("model {name}@{version} has no file {file_name:?}"))
+                })?;
+            file(
+                &registry.blob_path(&found.digest),
+                "application/octet-stream",
+            )
+            .await
+        }
+        ("models", &Method::PUT, [name, version]) => {
+            publish_model(state, reference(name, version)?, request).await
+        }
+        ("models", &Method::DELETE, [name, version]) => {
+            let r = reference(name, version)?;
+            let registry = registry.clone();
+            ok(&blocking(move || registry.delete_model(&r)).await??)
+        }
+        ("functions", &Method::GET, []) => ok(&registry.functions()?),
+        ("functions", &Method::GET, [name]) => ok(&registry.function(name)?),
+        ("functions", &Method::GET, [name, "revisions"]) => ok(&registry.function_revisions(name)?),
+        ("functions", &Method::GET, [name, revision]) => {
+            ok(&registry.function_revision(name, revision_number(revision)?)?)
+        }
+        ("functions", &Method::GET, [name, revision, "content"]) => {
+            let record = registry.function_revision(name, revision_number(revision)?)?;
+            let mut response = Response::new(crate::trigger::http::full(record.manifest));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/toml"),
+            );
+            Ok(response)
+        }
+        ("functions", &Method::PUT, [name]) => publish_function(state, name, request).await,
+        ("functions", &Method::DELETE, [name]) => {
+            let (runtime, name) = (state.runtime.clone(), name.to_string());
+            let removed = blocking(move || {
+                let removed = runtime.registry.delete_function(&name)?;
+                let _ = runtime.reload(&name);
+                Ok::<_, ApiError>(removed)
+            })
+            .await??;
+            ok(
+                &serde_json::json!({ "deleted": removed.iter().map(|r| r.revision).collect::<Vec<_>>() }),
+            )
+        }
+        ("functions", &Method::POST, [name, "rollback"]) => {
+            let body = read_body(request.into_body(), 4096).await?;
+            #[derive(serde::Deserialize)]
+            struct Rollback {
+                revision: u64,
+            }
+            let Rollback { revision } = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::invalid(format!("expected JSON {{\"revision\": N}}: {e}"))
+            })?;
+            let (runtime, name) = (state.runtime.clone(), name.to_string());
+            let record = blocking(move || {
+                let record = runtime.registry.rollback(&name, revision)?;
+                runtime.reload(&name).map_err(ApiError::internal)?;
+                Ok::<_, ApiError>(record)
+            })
+            .await??;
+            ok(&record)
+        }
+        _ => Err(ApiError::not_found(format!(
+            "no route for {method} /v1/{kind}/{}",
+            rest.join("/")
+        ))),
+    }
+}
+
+fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
+    Ok(json(StatusCode::OK, value))
+}
+
+fn reference(name: &str, version: &str) -> Result<Reference, ApiError> {
+    let name: Name = name.parse()?;
+    Ok(Reference::new(name, version.parse()?))
+}
+
+fn revision_number(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::invalid(format!("invalid revision {text:?}: expected a number")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// Streams the request body into a staged blob, hashing as it goes.
+async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<StagedBlob, ApiError> {
+    check_length(&request, state.max_upload)?;
+    let mut writer = state.runtime.registry.stage(state.max_upload)?;
+    let mut body = request.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::invalid(format!("reading the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            tokio::task::block_in_place(|| writer.write_chunk(&data))?;
+        }
+    }
+    Ok(tokio::task::block_in_place(|| writer.finish())?)
+}
+
+fn created(created: bool, value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
+    Ok(json(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        value,
+    ))
+}
+
+async fn publish_component(
+    state: &Arc<HttpState>,
+    reference: Reference,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let staged = stage_body(state, request).await?;
+    let runtime = state.runtime.clone();
+    let published = blocking(move || {
+        let world = component_world(&runtime, &staged)?;
+        Ok::<_, ApiError>(
+            runtime
+                .registry
+                .publish_component(&reference, staged, world.name())?,
+        )
+    })
+    .await??;
+    created(published.created, &published.record)
+}
+
+/// Checks that the bytes are a component of a Cascade world (compiling it
+/// into the artifact cache on the way).
+fn component_world(
+    runtime: &crate::runtime::Runtime,
+    staged: &StagedBlob,
+) -> Result<World, ApiError> {
+    let mut header = [0u8; 8];
+    let read = std::fs::File::open(staged.path())
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut header))
+        .map_err(ApiError::internal)?;
+    if read < 8 || &header[..4] != b"\0asm" {
+        return Err(ApiError::invalid(
+            "not WebAssembly: the body does not start with the \\0asm magic",
+        ));
+    }
+    if header[4..8] == [1, 0, 0, 0] {
+        return Err(ApiError::invalid(
+            "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
+             (or wrap it with `wasm-tools component new`) and export a cascade:inference world",
+        ));
+    }
+    let (component, _) = runtime
+        .engine
+        .load_component(staged.path(), &staged.digest, runtime.compiled_dir())
+        .map_err(|e| ApiError::invalid(format!("invalid component: {e:#}")))?;
+    World::of(&component, runtime.engine.engine()).map_err(ApiError::invalid)
+}
+
+async fn publish_model(
+    state: &Arc<HttpState>,
+    reference: Reference,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let is_tar = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-tar"));
+    let shapes = input_shapes(request.uri().query().unwrap_or(""))?;
+    let staged = stage_body(state, request).await?;
+    let runtime = state.runtime.clone();
+    let max_upload = state.max_upload;
+    let published = blocking(move || {
+        let (model, files) = if is_tar {
+            unpack_package(&runtime, &staged, max_upload)?
+        } else {
+            (staged, Vec::new())
+        };
+        let signature = inference::inspect(model.path(), &shapes)
+            .map_err(|e| ApiError::invalid(format!("invalid ONNX model: {e}")))?;
+        Ok::<_, ApiError>(
+            runtime
+                .registry
+                .publish_model(&reference, model, files, shapes, signature)?,
+        )
+    })
+    .await??;
+    created(published.created, &published.record)
+}
+
+/// `input_shape=x:N,3,48,192` query parameters (repeatable).
+fn input_shapes(query: &str) -> Result<inference::InputShapes, ApiError> {
+    let mut shapes = inference::InputShapes::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let Some(value) = pair.strip_prefix("input_shape=") else {
+            return Err(ApiError::invalid(format!(
+                "unknown query parameter {pair:?}"
+            )));
+        };
+        let value = value
+            .replace("%3A", ":")
+            .replace("%3a", ":")
+            .replace("%2C", ",")
+            .replace("%2c", ",");
+        let (name, dims) = value.split_once(':').ok_or_else(|| {
+            ApiError::invalid(format!("input_shape {value:?}: expected NAME:D1,D2,..."))
+        })?;
+        let dims: Vec<String> = dims.split(',').map(|d| d.trim().to_string()).collect();
+        if dims
+            .iter()
+            .any(|d| d.is_empty() || !d.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(ApiError::invalid(format!(
+                "input_shape {value:?}: dimensions are numbers or names"
+            )));
+        }
+        shapes.insert(name.to_string(), dims);
+    }
+    Ok(shapes)
+}
+
+/// The file name inside a package tar that holds the model.
+pub const PACKAGE_MODEL_FILE: &str = "model.onnx";
+
+/// Splits a package tar into the model and its named files.
+fn unpack_package(
+    runtime: &crate::runtime::Runtime,
+    tar_blob: &StagedBlob,
+    limit: u64,
+) -> Result<(StagedBlob, Vec<(String, StagedBlob)>), ApiError> {
+    let bad = |e: std::io::Error| ApiError::invalid(format!("invalid package tar: {e}"));
+    let mut archive =
+        tar::Archive::new(std::fs::File::open(tar_blob.path()).map_err(ApiError::internal)?);
+    let mut model = None;
+    let mut files = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
+        let name = name.trim_start_matches("./").to_string();
+        let mut writer = runtime.registry.stage(limit)?;
+        std::io::copy(&mut entry, &mut writer).map_err(bad)?;
+        let staged = writer.finish()?;
+        if name == PACKAGE_MODEL_FILE {
+            model = Some(staged);
+        } else {
+            files.push((name, staged));
+        }
+    }
+    let model = model
+        .ok_or_else(|| ApiError::invalid(format!("the package tar has no {PACKAGE_MODEL_FILE}")))?;
+    Ok((model, files))
+}
+
+async fn publish_function(
+    state: &Arc<HttpState>,
+    name: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_length(&request, MAX_MANIFEST_BYTES)?;
+    let body = read_body(request.into_body(), MAX_MANIFEST_BYTES).await?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::invalid("the manifest is not UTF-8"))?;
+    let manifest = cascade_registry::manifest::parse(&text)?;
+    if manifest.manifest.name.as_str() != name {
+        return Err(ApiError::invalid(format!(
+            "the manifest names function {:?} but was sent to /v1/functions/{name}",
+            manifest.manifest.name.as_str()
+        )));
+    }
+    let (runtime, name) = (state.runtime.clone(), name.to_string());
+    let (published, served) = blocking(move || {
+        let published = runtime.registry.publish_function(&text)?;
+        let served = runtime.reload(&name);
+        Ok::<_, ApiError>((published, served))
+    })
+    .await??;
+    let mut body = serde_json::to_value(&published.record).map_err(ApiError::internal)?;
+    if let Err(e) = served {
+        body["warning"] = format!("published, but the host cannot serve it: {e}").into();
+    }
+    created(published.created, &body)
+}

@@ -1,0 +1,32 @@
+//! Configuration of `cascade serve`, from flags or the environment,
+//! validated once.
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// `cascade serve` options.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "CASCADE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data directory: registry.redb, blobs, compiled artifacts.
+    #[arg(long, env = "CASCADE_DATA", default_value = "./cascade-data")]
+    pub data: PathBuf,
+    /// Bearer token required for registry writes.
+    #[arg(long, env = "CASCADE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Require the token for reads and invocations too.
+    #[arg(long, requires = "token")]
+    pub token_read: bool,
+    /// Largest registry upload, in MiB.
+    #[arg(long, env = "CASCADE_MAX_UPLOAD_MB", default_value_t = 1024)]
+    pub max_upload_mb: u64,
+    /// Component instances alive at once across all functions.
+    #[arg(long, default_value_t = 512)]
+    pub max_instances: u32,
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}

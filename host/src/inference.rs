@@ -1,0 +1,317 @@
+//! Models run natively with tract: `model_for_path → into_optimized →
+//! into_runnable`, one plan per model digest and output selection, shared
+//! by every invocation. Callers run [`ModelPlan::run`] where blocking is
+//! allowed, never on the async reactor.
+
+use crate::bindings::{Tensor, TensorType};
+use crate::stage::StageError;
+use cascade_registry::records::{ModelSignature, TensorSpec};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceModelExt, TValue, Tensor as TractTensor, TypedRunnableModel,
+};
+use tract_onnx::prelude::{InferenceModel, TDim, TypedModel};
+use tract_onnx::tract_core::model::IntoRunnable;
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, ShapeFactoid};
+
+/// Input shapes fixed at publish time, by input name: numbers are fixed
+/// dimensions, anything else names a dynamic one (e.g. `N,3,48,192`).
+pub type InputShapes = BTreeMap<String, Vec<String>>;
+
+/// Reads a model's inputs and outputs, proving it parses and optimises.
+pub fn inspect(path: &Path, shapes: &InputShapes) -> Result<ModelSignature, String> {
+    let typed = optimise(load(path, shapes)?, shapes)?;
+    Ok(ModelSignature {
+        inputs: input_specs(&typed)?,
+        outputs: output_specs(&typed)?,
+    })
+}
+
+fn optimise(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, String> {
+    model.into_optimized().map_err(|e| {
+        let hint = if shapes.is_empty() {
+            "; if its inputs have dynamic dimensions, fix them when publishing \
+             (e.g. `cascade publish model --input-shape x=N,3,48,192`)"
+        } else {
+            ""
+        };
+        format!("the model does not optimise: {e:#}{hint}")
+    })
+}
+
+/// Parses the model, applies `shapes`, and names every remaining unnamed
+/// dynamic input dimension, so exports that leave dimensions as `?` (e.g.
+/// PaddleOCR's) get symbols tract can reason about.
+fn load(path: &Path, shapes: &InputShapes) -> Result<InferenceModel, String> {
+    let mut model = tract_onnx::onnx()
+        .model_for_path(path)
+        .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+    let names: Vec<String> = model
+        .inputs
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    if let Some(unknown) = shapes.keys().find(|k| !names.contains(k)) {
+        return Err(format!(
+            "input shape given for {unknown:?}, but the inputs are [{}]",
+            names.join(", ")
+        ));
+    }
+    for (input, name) in names.iter().enumerate() {
+        let mut fact = model.input_fact(input).map_err(|e| e.to_string())?.clone();
+        if let Some(dims) = shapes.get(name) {
+            let dims = dims
+                .iter()
+                .map(|d| match d.parse::<usize>() {
+                    Ok(n) => GenericFactoid::Only(TDim::from(n)),
+                    Err(_) => GenericFactoid::Only(TDim::Sym(model.symbols.sym(d))),
+                })
+                .collect();
+            fact.shape = ShapeFactoid::closed(dims);
+        } else if fact.shape.is_open() {
+            continue;
+        }
+        let unknown: Vec<usize> = fact
+            .shape
+            .dims()
+            .enumerate()
+            .filter(|(_, d)| d.concretize().is_none())
+            .map(|(i, _)| i)
+            .collect();
+        for axis in unknown {
+            let symbol = model.symbols.sym(&format!("in{input}_d{axis}"));
+            fact.shape.set_dim(axis, TDim::Sym(symbol));
+        }
+        model
+            .set_input_fact(input, fact)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(model)
+}
+
+fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
+    (0..model.inputs.len())
+        .map(|i| {
+            let fact = model.input_fact(i).map_err(|e| e.to_string())?;
+            Ok(TensorSpec {
+                name: model.node(model.inputs[i].node).name.clone(),
+                ty: format!("{:?}", fact.datum_type).to_lowercase(),
+                shape: fact.shape.iter().map(|d| d.to_string()).collect(),
+            })
+        })
+        .collect()
+}
+
+fn output_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
+    model
+        .outputs
+        .iter()
+        .map(|&outlet| {
+            let fact = model.outlet_fact(outlet).map_err(|e| e.to_string())?;
+            Ok(TensorSpec {
+                name: output_name(model, outlet),
+                ty: format!("{:?}", fact.datum_type).to_lowercase(),
+                shape: fact.shape.iter().map(|d| d.to_string()).collect(),
+            })
+        })
+        .collect()
+}
+
+fn output_name<F, O>(
+    model: &tract_onnx::prelude::Graph<F, O>,
+    outlet: tract_onnx::prelude::OutletId,
+) -> String
+where
+    F: tract_onnx::prelude::Fact + Clone + 'static,
+    O: std::fmt::Debug
+        + std::fmt::Display
+        + AsRef<dyn tract_onnx::prelude::Op>
+        + AsMut<dyn tract_onnx::prelude::Op>
+        + Clone
+        + 'static,
+{
+    model
+        .outlet_label(outlet)
+        .unwrap_or(&model.node(outlet.node).name)
+        .to_string()
+}
+
+/// An optimised, runnable model.
+pub struct ModelPlan {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<(String, DatumType)>,
+    outputs: Vec<String>,
+}
+
+impl ModelPlan {
+    /// Loads and optimises the model, computing only `outputs` (all when empty).
+    pub fn load(path: &Path, shapes: &InputShapes, outputs: &[String]) -> Result<Self, String> {
+        let mut model = load(path, shapes)?;
+        if !outputs.is_empty() {
+            let outlets = outputs
+                .iter()
+                .map(|name| {
+                    model
+                        .find_outlet_label(name)
+                        .or_else(|| model.node_by_name(name).ok().map(|n| n.id.into()))
+                        .ok_or_else(|| format!("the model has no output {name:?}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            model
+                .select_output_outlets(&outlets)
+                .map_err(|e| e.to_string())?;
+        }
+        let typed = optimise(model, shapes)?;
+        let names: Vec<String> = typed
+            .outputs
+            .iter()
+            .map(|&o| output_name(&typed, o))
+            .collect();
+        let inputs = (0..typed.inputs.len())
+            .map(|i| {
+                let fact = typed.input_fact(i).map_err(|e| e.to_string())?;
+                Ok((
+                    typed.node(typed.inputs[i].node).name.clone(),
+                    fact.datum_type,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let plan = typed.into_runnable().map_err(|e| e.to_string())?;
+        Ok(ModelPlan {
+            plan,
+            inputs,
+            outputs: names,
+        })
+    }
+
+    /// Runs the model on the tensors it needs, picked by name from `available`.
+    pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|(name, datum)| {
+                let tensor = available.iter().find(|t| &t.name == name).ok_or_else(|| {
+                    let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
+                    StageError::InvalidInput(format!(
+                        "the model needs tensor {name:?}; got [{}]",
+                        names.join(", ")
+                    ))
+                })?;
+                to_tract(tensor, *datum).map(TValue::from)
+            })
+            .collect::<Result<Vec<TValue>, StageError>>()?;
+        let outputs = self
+            .plan
+            .run(inputs.into_iter().collect())
+            .map_err(|e| StageError::Internal(format!("inference failed: {e}")))?;
+        outputs
+            .iter()
+            .zip(&self.outputs)
+            .map(|(value, name)| from_tract(name, value))
+            .collect()
+    }
+}
+
+fn datum_of(ty: TensorType) -> Option<DatumType> {
+    Some(match ty {
+        TensorType::Fp16 => DatumType::F16,
+        TensorType::Fp32 => DatumType::F32,
+        TensorType::Fp64 => DatumType::F64,
+        TensorType::U8 => DatumType::U8,
+        TensorType::I32 => DatumType::I32,
+        TensorType::I64 => DatumType::I64,
+        TensorType::Bf16 => return None,
+    })
+}
+
+fn type_of(datum: DatumType) -> Option<TensorType> {
+    Some(match datum {
+        DatumType::F16 => TensorType::Fp16,
+        DatumType::F32 => TensorType::Fp32,
+        DatumType::F64 => TensorType::Fp64,
+        DatumType::U8 => TensorType::U8,
+        DatumType::I32 => TensorType::I32,
+        DatumType::I64 => TensorType::I64,
+        _ => return None,
+    })
+}
+
+fn to_tract(tensor: &Tensor, expected: DatumType) -> Result<TractTensor, StageError> {
+    let datum = datum_of(tensor.ty)
+        .filter(|d| *d == expected)
+        .ok_or_else(|| {
+            StageError::InvalidInput(format!(
+                "tensor {:?} is {:?}; the model needs {expected:?}",
+                tensor.name, tensor.ty
+            ))
+        })?;
+    let shape: Vec<usize> = tensor.dimensions.iter().map(|&d| d as usize).collect();
+    let needed = shape
+        .iter()
+        .try_fold(datum.size_of(), |acc, &d| acc.checked_mul(d));
+    if needed != Some(tensor.data.len()) {
+        return Err(StageError::InvalidInput(format!(
+            "tensor {:?} holds {} bytes but its shape {:?} needs {:?}",
+            tensor.name,
+            tensor.data.len(),
+            tensor.dimensions,
+            needed
+        )));
+    }
+    // SAFETY: `datum` is a plain numeric type for which every bit pattern is
+    // valid, and the length was checked against the shape just above.
+    unsafe { TractTensor::from_raw_dt(datum, &shape, &tensor.data) }
+        .map_err(|e| StageError::Internal(format!("tensor {:?}: {e}", tensor.name)))
+}
+
+fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, StageError> {
+    let ty = type_of(value.datum_type()).ok_or_else(|| {
+        StageError::Internal(format!(
+            "output {name:?} has unsupported type {:?}",
+            value.datum_type()
+        ))
+    })?;
+    Ok(Tensor {
+        name: name.to_string(),
+        dimensions: value.shape().iter().map(|&d| d as u32).collect(),
+        ty,
+        data: value.as_bytes().to_vec(),
+    })
+}
+
+/// Plans shared across functions, keyed by model digest and output selection.
+#[derive(Default)]
+pub struct PlanCache {
+    plans: Mutex<HashMap<(String, Vec<String>), Arc<ModelPlan>>>,
+}
+
+impl PlanCache {
+    /// The plan for `digest` with `outputs`, loading it from `path` on first use.
+    pub fn get(
+        &self,
+        digest: &str,
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+    ) -> Result<Arc<ModelPlan>, String> {
+        let key = (format!("{digest}{shapes:?}"), outputs.to_vec());
+        if let Some(plan) = self.plans.lock().map_err(|e| e.to_string())?.get(&key) {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(ModelPlan::load(path, shapes, outputs)?);
+        self.plans
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// Forgets plans of models no longer served.
+    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.retain(|(key, _), _| live(key.get(..64).unwrap_or(key)));
+        }
+    }
+}

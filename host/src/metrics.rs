@@ -1,0 +1,124 @@
+//! The Prometheus metrics a host exports; every metric name lives here.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 0.5 ms to 10 s.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every metric of a host.
+pub struct Metrics {
+    registry: Registry,
+    /// `cascade_requests_total{function, status}`.
+    pub requests: IntCounterVec,
+    /// `cascade_request_duration_seconds{function}`.
+    pub latency: HistogramVec,
+    /// `cascade_stage_duration_seconds{function, stage}`.
+    pub stage_latency: HistogramVec,
+    /// `cascade_instances{function, stage}`: live instances.
+    pub instances: IntGaugeVec,
+    /// `cascade_instances_busy{function, stage}`.
+    pub busy: IntGaugeVec,
+    /// `cascade_queued_requests{function}`: waiting for an instance.
+    pub queued: IntGaugeVec,
+    /// `cascade_cold_starts_total{function, stage}`: instances created on demand.
+    pub cold_starts: IntCounterVec,
+    /// `cascade_traps_total{function, stage}`: instances discarded after a trap.
+    pub traps: IntCounterVec,
+    /// `cascade_timeouts_total{function}`: invocations past their deadline.
+    pub timeouts: IntCounterVec,
+    /// `cascade_compiled_artifacts_total{source}`: `cache` or `compiled`.
+    pub compiled: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<HistogramVec> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        Ok(Metrics {
+            requests: counter(
+                "cascade_requests_total",
+                "Invocations by function and status.",
+                &["function", "status"],
+            )?,
+            latency: histogram(
+                "cascade_request_duration_seconds",
+                "Invocation latency.",
+                &["function"],
+            )?,
+            stage_latency: histogram(
+                "cascade_stage_duration_seconds",
+                "Stage latency.",
+                &["function", "stage"],
+            )?,
+            instances: gauge(
+                "cascade_instances",
+                "Live instances per stage.",
+                &["function", "stage"],
+            )?,
+            busy: gauge(
+                "cascade_instances_busy",
+                "Busy instances per stage.",
+                &["function", "stage"],
+            )?,
+            queued: gauge(
+                "cascade_queued_requests",
+                "Requests waiting for an instance.",
+                &["function"],
+            )?,
+            cold_starts: counter(
+                "cascade_cold_starts_total",
+                "Instances created on demand.",
+                &["function", "stage"],
+            )?,
+            traps: counter(
+                "cascade_traps_total",
+                "Instances discarded after a trap.",
+                &["function", "stage"],
+            )?,
+            timeouts: counter(
+                "cascade_timeouts_total",
+                "Invocations past their deadline.",
+                &["function"],
+            )?,
+            compiled: counter(
+                "cascade_compiled_artifacts_total",
+                "Components loaded, by source.",
+                &["source"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

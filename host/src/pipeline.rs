@@ -1,0 +1,384 @@
+//! A function's stages and how one invocation flows through them.
+//!
+//! `Manifest → ValidatedManifest` happens in the registry; here a function
+//! revision becomes a [`PreparedFunction`] (compiled components in pools,
+//! optimised model plans), and [`PreparedFunction::invoke`] carries one
+//! message through it: a preprocessor turns the message into tensors, a
+//! model maps tensors to tensors, a postprocessor receives the previous
+//! stage's inputs followed by its outputs and returns the reply message.
+
+use crate::bindings::{Message, Tensor, TensorType};
+use crate::inference::ModelPlan;
+use crate::metrics::Metrics;
+use crate::pool::{Gate, InstancePool, StageStatus};
+use crate::stage::{StageError, World};
+use cascade_registry::manifest::Manifest;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One prepared stage.
+pub enum PreparedStage {
+    /// A component with its instance pool.
+    Component {
+        /// `name@version`.
+        label: String,
+        /// Its world.
+        world: World,
+        /// Its warm instances.
+        pool: Arc<InstancePool>,
+    },
+    /// A model run natively.
+    Model {
+        /// `name@version`.
+        label: String,
+        /// Its plan.
+        plan: Arc<ModelPlan>,
+    },
+}
+
+impl PreparedStage {
+    /// The stage's label.
+    pub fn label(&self) -> &str {
+        match self {
+            PreparedStage::Component { label, .. } | PreparedStage::Model { label, .. } => label,
+        }
+    }
+}
+
+/// A function revision ready to serve.
+pub struct PreparedFunction {
+    /// Function name.
+    pub name: String,
+    /// Revision served.
+    pub revision: u64,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its stages, first to last.
+    pub stages: Vec<PreparedStage>,
+    /// Admission control.
+    pub gate: Gate,
+    /// Where measurements go.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why an invocation failed; each maps to one HTTP status and NATS error code.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The function does not exist (404).
+    #[error("function {0} is not published")]
+    NotFound(String),
+    /// The request body is over the function's limit (413).
+    #[error("function {function}: body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Function name.
+        function: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// A stage rejected the input (400).
+    #[error("function {function}, stage {stage}: {message}")]
+    InvalidInput {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// The guest's message.
+        message: String,
+    },
+    /// Every instance is busy and the queue is full or timed out (503).
+    #[error("function {0} is overloaded; retry later")]
+    Overloaded(String),
+    /// The deadline passed (504).
+    #[error("function {function}, stage {stage}: deadline of {timeout_ms} ms exceeded")]
+    DeadlineExceeded {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// The function's timeout.
+        timeout_ms: u64,
+    },
+    /// A stage failed or trapped (500).
+    #[error("function {function}, stage {stage}: {message}")]
+    Internal {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// What went wrong, without host internals.
+        message: String,
+    },
+}
+
+impl InvokeError {
+    /// HTTP status (also the NATS micro `Nats-Service-Error-Code`).
+    pub fn status(&self) -> u16 {
+        match self {
+            InvokeError::InvalidInput { .. } => 400,
+            InvokeError::NotFound(_) => 404,
+            InvokeError::TooLarge { .. } => 413,
+            InvokeError::Internal { .. } => 500,
+            InvokeError::Overloaded(_) => 503,
+            InvokeError::DeadlineExceeded { .. } => 504,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::InvalidInput { .. } => "invalid_input",
+            InvokeError::NotFound(_) => "not_found",
+            InvokeError::TooLarge { .. } => "too_large",
+            InvokeError::Internal { .. } => "internal",
+            InvokeError::Overloaded(_) => "overloaded",
+            InvokeError::DeadlineExceeded { .. } => "deadline_exceeded",
+        }
+    }
+}
+
+/// A successful invocation: the reply and each stage's duration.
+pub struct Invocation {
+    /// The last stage's message.
+    pub output: Message,
+    /// (stage label, duration) in order.
+    pub timings: Vec<(String, Duration)>,
+}
+
+/// What flows between stages.
+enum Flow {
+    Message(Message),
+    Tensors {
+        inputs: Vec<Tensor>,
+        outputs: Vec<Tensor>,
+    },
+}
+
+impl PreparedFunction {
+    /// The function's deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.manifest.limits.timeout_ms)
+    }
+
+    /// Largest accepted body.
+    pub fn max_body(&self) -> u64 {
+        self.manifest.limits.max_body_kb * 1024
+    }
+
+    /// Runs one invocation through every stage.
+    pub async fn invoke(&self, input: Message) -> Result<Invocation, InvokeError> {
+        let started = Instant::now();
+        let deadline = started + self.timeout();
+        let _permit = self
+            .gate
+            .enter(self.timeout())
+            .await
+            .map_err(|_| InvokeError::Overloaded(self.name.clone()))?;
+        let mut flow = Flow::Message(input);
+        let mut timings = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let stage_started = Instant::now();
+            let remaining = deadline.saturating_duration_since(stage_started);
+            flow = self
+                .run_stage(stage, flow, remaining)
+                .await
+                .map_err(|e| self.stage_error(stage, e))?;
+            let took = stage_started.elapsed();
+            self.metrics
+                .stage_latency
+                .with_label_values(&[&self.name, stage.label()])
+                .observe(took.as_secs_f64());
+            timings.push((stage.label().to_string(), took));
+        }
+        let output = match flow {
+            Flow::Message(message) => message,
+            Flow::Tensors { outputs, .. } => tensors_as_json(&outputs),
+        };
+        Ok(Invocation { output, timings })
+    }
+
+    async fn run_stage(
+        &self,
+        stage: &PreparedStage,
+        flow: Flow,
+        remaining: Duration,
+    ) -> Result<Flow, StageError> {
+        if remaining.is_zero() {
+            return Err(StageError::DeadlineExceeded);
+        }
+        match stage {
+            PreparedStage::Component { world, pool, .. } => {
+                let pool = pool.clone();
+                let world = *world;
+                let call = move || -> Result<Flow, StageError> {
+                    let mut instance = pool.checkout()?;
+                    instance.set_timeout(remaining);
+                    let result = match (world, flow) {
+                        (World::Preprocessor, Flow::Message(message)) => instance
+                            .preprocess(message)
+                            .map(|outputs| Flow::Tensors { inputs: Vec::new(), outputs }),
+                        (World::Postprocessor, Flow::Tensors { mut inputs, outputs }) => {
+                            inputs.extend(outputs);
+                            instance.postprocess(inputs).map(Flow::Message)
+                        }
+                        (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
+                            "this function starts with a postprocessor, which takes tensors, not a message".into(),
+                        )),
+                        _ => Err(StageError::Internal("stage does not fit its position".into())),
+                    };
+                    pool.checkin(instance, result.as_ref().err());
+                    result
+                };
+                tokio::task::spawn_blocking(call)
+                    .await
+                    .map_err(|e| StageError::Internal(format!("stage task failed: {e}")))?
+            }
+            PreparedStage::Model { plan, .. } => {
+                let Flow::Tensors {
+                    outputs: inputs, ..
+                } = flow
+                else {
+                    return Err(StageError::InvalidInput(
+                        "this function starts with a model, which takes tensors, not a message"
+                            .into(),
+                    ));
+                };
+                let plan = plan.clone();
+                // tract cannot be interrupted: past the deadline the caller
+                // gets 504 while the computation finishes in the background.
+                let task = tokio::task::spawn_blocking(move || {
+                    let outputs = plan.run(&inputs)?;
+                    Ok(Flow::Tensors { inputs, outputs })
+                });
+                match tokio::time::timeout(remaining, task).await {
+                    Ok(joined) => joined
+                        .map_err(|e| StageError::Internal(format!("inference task failed: {e}")))?,
+                    Err(_) => Err(StageError::DeadlineExceeded),
+                }
+            }
+        }
+    }
+
+    fn stage_error(&self, stage: &PreparedStage, error: StageError) -> InvokeError {
+        let (function, stage) = (self.name.clone(), stage.label().to_string());
+        match error {
+            StageError::InvalidInput(message) => InvokeError::InvalidInput {
+                function,
+                stage,
+                message,
+            },
+            StageError::Internal(message) => InvokeError::Internal {
+                function,
+                stage,
+                message,
+            },
+            StageError::Trap(message) => {
+                tracing::warn!(function = %function, stage = %stage, "guest trapped: {message}");
+                InvokeError::Internal {
+                    function,
+                    stage,
+                    message: "the guest trapped and was restarted".into(),
+                }
+            }
+            StageError::DeadlineExceeded => {
+                self.metrics.timeouts.with_label_values(&[&function]).inc();
+                InvokeError::DeadlineExceeded {
+                    function,
+                    stage,
+                    timeout_ms: self.manifest.limits.timeout_ms,
+                }
+            }
+        }
+    }
+
+    /// Instances per stage and requests waiting.
+    pub fn status(&self) -> FunctionStatus {
+        FunctionStatus {
+            name: self.name.clone(),
+            revision: self.revision,
+            queued: self.gate.waiting(),
+            max_instances: self.manifest.scaling.max_instances,
+            min_instances: self.manifest.scaling.min_instances,
+            stages: self
+                .stages
+                .iter()
+                .filter_map(|s| match s {
+                    PreparedStage::Component { pool, .. } => Some(pool.status()),
+                    PreparedStage::Model { .. } => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Drops instances idle past the timeout; returns how many.
+    pub fn reap(&self, now: Instant) -> usize {
+        self.stages
+            .iter()
+            .map(|s| match s {
+                PreparedStage::Component { pool, .. } => pool.reap(now),
+                PreparedStage::Model { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+/// What `GET /v1/functions/{name}/status` returns.
+#[derive(Debug, Serialize)]
+pub struct FunctionStatus {
+    /// Function name.
+    pub name: String,
+    /// Revision served.
+    pub revision: u64,
+    /// Requests waiting for admission.
+    pub queued: usize,
+    /// Scaling bounds.
+    pub min_instances: u32,
+    /// Scaling bounds.
+    pub max_instances: u32,
+    /// One entry per component stage.
+    pub stages: Vec<StageStatus>,
+}
+
+/// The reply of a function whose last stage yields tensors:
+/// `{"tensors": [{"name", "dimensions", "type", "data": [numbers]}]}`.
+fn tensors_as_json(tensors: &[Tensor]) -> Message {
+    let values: Vec<serde_json::Value> = tensors
+        .iter()
+        .map(|t| {
+            let data: Vec<serde_json::Value> = match t.ty {
+                TensorType::Fp32 => t
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).into())
+                    .collect(),
+                TensorType::Fp64 => t
+                    .data
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])).into())
+                    .collect(),
+                TensorType::I64 => t
+                    .data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])).into())
+                    .collect(),
+                TensorType::I32 => t
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]).into())
+                    .collect(),
+                TensorType::U8 => t.data.iter().map(|&b| b.into()).collect(),
+                TensorType::Fp16 | TensorType::Bf16 => Vec::new(),
+            };
+            serde_json::json!({
+                "name": t.name,
+                "dimensions": t.dimensions,
+                "type": format!("{:?}", t.ty).to_lowercase(),
+                "data": data,
+            })
+        })
+        .collect();
+    Message {
+        content_type: "application/json".into(),
+        body: serde_json::to_vec(&serde_json::json!({ "tensors": values })).unwrap_or_default(),
+    }
+}

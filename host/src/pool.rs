@@ -1,0 +1,293 @@
+//! Warm instances per stage and admission per function.
+//!
+//! A request first passes the function's [`Gate`] (at most `max_instances`
+//! at once, at most `max_queue` waiting, each for a bounded time), then
+//! borrows one instance per component stage from its [`InstancePool`]: an
+//! idle one, or a new one from the `InstancePre` (a cold start). Instances
+//! that trap are discarded; instances idle past the timeout are reaped down
+//! to `min_instances`.
+
+use crate::sandbox::Grant;
+use crate::stage::{ComponentStage, StageError, StageInstance};
+use prometheus::{IntCounter, IntGauge};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The gauges and counters one pool feeds.
+pub struct PoolMetrics {
+    /// Live instances.
+    pub instances: IntGauge,
+    /// Busy instances.
+    pub busy: IntGauge,
+    /// Instances created on demand.
+    pub cold_starts: IntCounter,
+    /// Instances discarded after a trap.
+    pub traps: IntCounter,
+}
+
+/// What `/status` shows of a stage.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageStatus {
+    /// The stage's label (`name@version`).
+    pub stage: String,
+    /// Live instances.
+    pub instances: usize,
+    /// Instances serving a request.
+    pub busy: usize,
+    /// Instances waiting for work.
+    pub idle: usize,
+}
+
+struct Idle {
+    instance: StageInstance,
+    since: Instant,
+}
+
+/// Warm instances of one component stage of one function revision.
+pub struct InstancePool {
+    label: String,
+    stage: Arc<ComponentStage>,
+    grant: Grant,
+    min: usize,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    live: AtomicUsize,
+    busy: AtomicUsize,
+    metrics: PoolMetrics,
+}
+
+impl InstancePool {
+    /// A pool of `stage` instances sandboxed by `grant`.
+    pub fn new(
+        label: String,
+        stage: Arc<ComponentStage>,
+        grant: Grant,
+        min: usize,
+        idle_timeout: Duration,
+        metrics: PoolMetrics,
+    ) -> Self {
+        InstancePool {
+            label,
+            stage,
+            grant,
+            min,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    /// Creates instances up to `min_instances` (blocking).
+    pub fn warm(&self) -> Result<(), StageError> {
+        while self.live.load(Ordering::SeqCst) < self.min {
+            let instance = self.create()?;
+            self.put_idle(instance);
+        }
+        Ok(())
+    }
+
+    /// An idle instance, or a new one (blocking: instantiation runs guest code).
+    pub fn checkout(&self) -> Result<StageInstance, StageError> {
+        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let instance = match reused {
+            Some(idle) => idle.instance,
+            None => {
+                self.metrics.cold_starts.inc();
+                self.create()?
+            }
+        };
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.metrics.busy.inc();
+        Ok(instance)
+    }
+
+    /// Returns an instance after a call; one that trapped is dropped instead.
+    pub fn checkin(&self, instance: StageInstance, outcome: Option<&StageError>) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.busy.dec();
+        if outcome.is_some_and(StageError::poisons_instance) {
+            self.metrics.traps.inc();
+            self.drop_instance(instance);
+        } else {
+            self.put_idle(instance);
+        }
+    }
+
+    /// Drops instances idle longer than the timeout, keeping `min_instances`.
+    pub fn reap(&self, now: Instant) -> usize {
+        let Ok(mut idle) = self.idle.lock() else {
+            return 0;
+        };
+        let since: Vec<Instant> = idle.iter().map(|i| i.since).collect();
+        let surplus = surplus(
+            &since,
+            self.live.load(Ordering::SeqCst),
+            self.min,
+            now,
+            self.idle_timeout,
+        );
+        // The oldest idle instances sit at the front.
+        let dropped: Vec<Idle> = idle.drain(..surplus).collect();
+        drop(idle);
+        let count = dropped.len();
+        for d in dropped {
+            self.drop_instance(d.instance);
+        }
+        count
+    }
+
+    /// Live, busy and idle counts.
+    pub fn status(&self) -> StageStatus {
+        let idle = self.idle.lock().map_or(0, |i| i.len());
+        StageStatus {
+            stage: self.label.clone(),
+            instances: self.live.load(Ordering::SeqCst),
+            busy: self.busy.load(Ordering::SeqCst),
+            idle,
+        }
+    }
+
+    fn create(&self) -> Result<StageInstance, StageError> {
+        let instance = self
+            .stage
+            .instantiate(&self.grant)
+            .map_err(|e| StageError::Internal(format!("instantiating {}: {e:#}", self.label)))?;
+        self.live.fetch_add(1, Ordering::SeqCst);
+        self.metrics.instances.inc();
+        Ok(instance)
+    }
+
+    fn put_idle(&self, instance: StageInstance) {
+        match self.idle.lock() {
+            Ok(mut idle) => idle.push(Idle {
+                instance,
+                since: Instant::now(),
+            }),
+            Err(_) => self.drop_instance(instance),
+        }
+    }
+
+    fn drop_instance(&self, instance: StageInstance) {
+        drop(instance);
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.instances.dec();
+    }
+}
+
+impl Drop for InstancePool {
+    fn drop(&mut self) {
+        let idle = self.idle.get_mut().map(std::mem::take).unwrap_or_default();
+        self.metrics.instances.sub(idle.len() as i64);
+    }
+}
+
+/// How many of the idle instances (oldest first, `idle_since` ascending) to
+/// drop: those idle past `timeout`, but never below `min` live instances.
+pub fn surplus(
+    idle_since: &[Instant],
+    live: usize,
+    min: usize,
+    now: Instant,
+    timeout: Duration,
+) -> usize {
+    let expired = idle_since
+        .iter()
+        .take_while(|since| now.duration_since(**since) >= timeout)
+        .count();
+    expired.min(live.saturating_sub(min))
+}
+
+/// Admission to a function: bounded concurrency and a bounded queue.
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_queue: usize,
+    queued: IntGauge,
+}
+
+/// The function is at capacity and its queue is full or the wait ran out.
+#[derive(Debug)]
+pub struct Overloaded;
+
+impl Gate {
+    /// Admits `concurrency` requests at once and `max_queue` waiting.
+    pub fn new(concurrency: usize, max_queue: usize, queued: IntGauge) -> Self {
+        Gate {
+            permits: Arc::new(Semaphore::new(concurrency)),
+            waiting: AtomicUsize::new(0),
+            max_queue,
+            queued,
+        }
+    }
+
+    /// Waits at most `wait` for a slot.
+    pub async fn enter(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Overloaded> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Overloaded);
+        }
+        self.queued.inc();
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.queued.dec();
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Overloaded),
+        }
+    }
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn surplus_keeps_the_minimum_and_the_fresh() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let fresh = now - Duration::from_secs(1);
+        let timeout = Duration::from_secs(30);
+        assert_eq!(surplus(&[old, old, fresh], 3, 0, now, timeout), 2);
+        assert_eq!(surplus(&[old, old, fresh], 3, 2, now, timeout), 1);
+        assert_eq!(surplus(&[fresh], 1, 0, now, timeout), 0);
+        // Busy instances count as live but are not in the idle list.
+        assert_eq!(surplus(&[old], 4, 3, now, timeout), 1);
+        assert_eq!(surplus(&[old], 3, 3, now, timeout), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_bounds_concurrency_and_queue() {
+        let gate = Arc::new(Gate::new(1, 1, IntGauge::new("q", "q").expect("gauge")));
+        let first = gate.enter(Duration::from_secs(1)).await.expect("free slot");
+        let waiter = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.enter(Duration::from_secs(5)).await.is_ok() })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(gate.waiting(), 1);
+        // The queue holds one: a third request is refused at once.
+        assert!(gate.enter(Duration::from_secs(5)).await.is_err());
+        drop(first);
+        assert!(waiter.await.expect("joins"));
+        // A full gate refuses after the wait runs out.
+        let _held = gate
+            .enter(Duration::from_secs(1))
+            .await
+            .expect("free again");
+        assert!(gate.enter(Duration::from_millis(100)).await.is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The functions a host serves: prepared from registry records, swapped
+//! atomically when a revision changes (in-flight requests finish on the
+//! old one), and reaped of idle instances in the background.
+
+use crate::engine::ServingEngine;
+use crate::inference::PlanCache;
+use crate::metrics::Metrics;
+use crate::pipeline::{InvokeError, PreparedFunction, PreparedStage};
+use crate::pool::{Gate, InstancePool, PoolMetrics};
+use crate::sandbox::Grant;
+use crate::stage::ComponentStage;
+use cascade_registry::Registry;
+use cascade_registry::manifest::{self, Stage};
+use cascade_registry::records::FunctionRecord;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Everything needed to run functions.
+pub struct Runtime {
+    /// The wasmtime engine.
+    pub engine: ServingEngine,
+    /// The registry served from.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    plans: PlanCache,
+    compiled_dir: PathBuf,
+    components: Mutex<HashMap<String, Arc<ComponentStage>>>,
+    functions: RwLock<HashMap<String, Arc<PreparedFunction>>>,
+}
+
+impl Runtime {
+    /// A runtime over `registry`, caching compiled components in `compiled_dir`.
+    pub fn new(
+        engine: ServingEngine,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        compiled_dir: PathBuf,
+    ) -> Self {
+        Runtime {
+            engine,
+            registry,
+            metrics,
+            plans: PlanCache::default(),
+            compiled_dir,
+            components: Mutex::new(HashMap::new()),
+            functions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Where compiled components are cached.
+    pub fn compiled_dir(&self) -> &std::path::Path {
+        &self.compiled_dir
+    }
+
+    /// The revision currently served, if any.
+    pub fn function(&self, name: &str) -> Result<Arc<PreparedFunction>, InvokeError> {
+        self.functions
+            .read()
+            .ok()
+            .and_then(|f| f.get(name).cloned())
+            .ok_or_else(|| InvokeError::NotFound(name.to_string()))
+    }
+
+    /// Names of served functions.
+    pub fn served(&self) -> Vec<Arc<PreparedFunction>> {
+        self.functions
+            .read()
+            .map(|f| f.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Prepares every published function (blocking).
+    pub fn load_all(&self) {
+        let records = match self.registry.functions() {
+            Ok(records) => records,
+            Err(e) => return tracing::error!("listing functions: {e}"),
+        };
+        for record in records {
+            if let Err(e) = self.install(&record) {
+                tracing::error!(function = %record.name, "cannot serve revision {}: {e}", record.revision);
+            }
+        }
+    }
+
+    /// Serves the registry's current revision of `name`, or stops serving it
+    /// when it was deleted (blocking).
+    pub fn reload(&self, name: &str) -> Result<(), String> {
+        match self.registry.function(name) {
+            Ok(record) => self.install(&record),
+            Err(_) => {
+                if let Ok(mut functions) = self.functions.write() {
+                    functions.remove(name);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn install(&self, record: &FunctionRecord) -> Result<(), String> {
+        let current = self.function(&record.name).ok();
+        if current.is_some_and(|c| c.revision == record.revision) {
+            return Ok(());
+        }
+        let prepared = Arc::new(self.prepare(record)?);
+        if let Ok(mut functions) = self.functions.write() {
+            functions.insert(record.name.clone(), prepared);
+        }
+        tracing::info!(function = %record.name, revision = record.revision, "serving");
+        Ok(())
+    }
+
+    /// Compiles, links and optimises what a revision needs (blocking).
+    pub fn prepare(&self, record: &FunctionRecord) -> Result<PreparedFunction, String> {
+        let validated = manifest::parse(&record.manifest).map_err(|e| e.to_string())?;
+        let manifest = validated.manifest;
+        let name = record.name.clone();
+        let mut stages = Vec::new();
+        for stage in validated.stages {
+            stages.push(match stage {
+                Stage::Component {
+                    component,
+                    files,
+                    config,
+                } => {
+                    let label = component.to_string();
+                    let record = self
+                        .registry
+                        .component(&component)
+                        .map_err(|e| e.to_string())?;
+                    let compiled = self.component(&record.digest)?;
+                    let model_dir = match files {
+                        Some(files) => {
+                            let model = self.registry.model(&files).map_err(|e| e.to_string())?;
+                            Some(self.registry.model_dir(&model).map_err(|e| e.to_string())?)
+                        }
+                        None => None,
+                    };
+                    let grant = Grant {
+                        config,
+                        model_dir,
+                        memory_bytes: (manifest.limits.memory_mb << 20) as usize,
+                        log_tag: format!("{name}/{label}"),
+                    };
+                    let metrics = PoolMetrics {
+                        instances: self.metrics.instances.with_label_values(&[&name, &label]),
+                        busy: self.metrics.busy.with_label_values(&[&name, &label]),
+                        cold_starts: self.metrics.cold_starts.with_label_values(&[&name, &label]),
+                        traps: self.metrics.traps.with_label_values(&[&name, &label]),
+                    };
+                    let world = compiled.world();
+                    let pool = InstancePool::new(
+                        label.clone(),
+                        compiled,
+                        grant,
+                        manifest.scaling.min_instances as usize,
+                        Duration::from_millis(manifest.scaling.idle_timeout_ms),
+                        metrics,
+                    );
+                    pool.warm().map_err(|e| e.to_string())?;
+                    PreparedStage::Component {
+                        label,
+                        world,
+                        pool: Arc::new(pool),
+                    }
+                }
+                Stage::Model { model, outputs } => {
+                    let record = self.registry.model(&model).map_err(|e| e.to_string())?;
+                    let path = self.registry.blob_path(&record.digest);
+                    let plan =
+                        self.plans
+                            .get(&record.digest, &path, &record.input_shapes, &outputs)?;
+                    PreparedStage::Model {
+                        label: model.to_string(),
+                        plan,
+                    }
+                }
+            });
+        }
+        let gate = Gate::new(
+            manifest.scaling.max_instances as usize,
+            manifest.scaling.max_queue as usize,
+            self.metrics.queued.with_label_values(&[&name]),
+        );
+        Ok(PreparedFunction {
+            name,
+            revision: record.revision,
+            manifest,
+            stages,
+            gate,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// The compiled, linked component with `digest` (shared by every function).
+    pub fn component(&self, digest: &str) -> Result<Arc<ComponentStage>, String> {
+        if let Some(found) = self
+            .components
+            .lock()
+            .ok()
+            .and_then(|c| c.get(digest).cloned())
+        {
+            return Ok(found);
+        }
+        let wasm = self.registry.blob_path(digest);
+        let (component, cached) = self
+            .engine
+            .load_component(&wasm, digest, &self.compiled_dir)
+            .map_err(|e| format!("{e:#}"))?;
+        let source = if cached { "cache" } else { "compiled" };
+        self.metrics.compiled.with_label_values(&[source]).inc();
+        tracing::info!(digest, source, "component loaded");
+        let stage =
+            Arc::new(ComponentStage::new(&self.engine, component).map_err(|e| format!("{e:#}"))?);
+        if let Ok(mut components) = self.components.lock() {
+            components.insert(digest.to_string(), stage.clone());
+        }
+        Ok(stage)
+    }
+
+    /// Reaps idle instances of every function now.
+    pub fn reap(&self) -> usize {
+        let now = Instant::now();
+        self.served().iter().map(|f| f.reap(now)).sum()
+    }
+}

@@ -1,0 +1,4 @@
+//! Triggers: how requests reach functions. Each trigger turns its own wire
+//! format into an invocation and maps [`crate::pipeline::InvokeError`] back.
+
+pub mod http;
