@@ -1,6 +1,7 @@
 //! Builds the guest components before the tests compile, so `cargo test`
 //! needs no manual step, and tells the tests where the `.wasm` files are.
 
+#[allow(dead_code)]
 #[path = "../xtask/src/guests.rs"]
 mod guests;
 

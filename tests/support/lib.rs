@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 #[path = "../../xtask/src/catalog.rs"]
 mod catalog;
 
+pub mod host;
+
 /// Path of a built guest component, by crate name (`bert-tokenizer`).
 pub fn component_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CASCADE_COMPONENTS_DIR")).join(format!("{}.wasm", name.replace('-', "_")))

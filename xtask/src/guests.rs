@@ -11,6 +11,7 @@ pub const COMPONENTS: &[&str] = &[
     "mean-pool",
     "image-preprocess",
     "classify",
+    "misbehave",
 ];
 
 /// The WebAssembly target guests are built for.

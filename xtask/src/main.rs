@@ -3,9 +3,11 @@
 //! - `up`: install what is missing, build everything, run Cascade;
 //! - `test`: install what is missing, build everything, run every test;
 //! - `build`: build the guest components (wasm32-wasip2, release);
-//! - `models`: fetch and verify the real models.
+//! - `models`: fetch and verify the real models;
+//! - `publish-examples --registry URL`: publish `embed` and `orientation`.
 
 mod catalog;
+mod examples;
 mod guests;
 mod models;
 mod setup;
@@ -14,7 +16,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <up|test|build|models>";
+const USAGE: &str = "usage: cargo xtask <up|test|build|models|publish-examples [--registry URL]>";
+
+/// Where `cargo xtask up` serves.
+const UP_ADDRESS: &str = "127.0.0.1:8080";
 
 fn main() {
     if let Err(error) = run() {
@@ -35,6 +40,15 @@ fn run() -> Result<()> {
         }
         "test" => test(&root),
         "up" => up(&root),
+        "publish-examples" => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let registry = match args.as_slice() {
+                [] => format!("http://{UP_ADDRESS}"),
+                [flag, url] if flag == "--registry" => url.clone(),
+                _ => bail!("{USAGE}"),
+            };
+            publish_examples(&root, &registry)
+        }
         other => bail!("unknown task `{other}`; {USAGE}"),
     }
 }
@@ -94,21 +108,68 @@ fn test(root: &Path) -> Result<()> {
     cargo(root, &["test", "--workspace"])
 }
 
-fn up(root: &Path) -> Result<()> {
-    models::ensure()?;
-    build_components(root)?;
+fn cascade_binary(root: &Path) -> Result<PathBuf> {
     cargo(root, &["build", "-p", "cascade-host"])?;
-    let cascade = root.join("target/debug/cascade");
-    eprintln!("\nxtask: Cascade is built. Serving (`cascade serve`) arrives with the Registry and");
-    eprintln!("       Host runtime issues; meanwhile each component can be inspected:\n");
-    for component in guests::COMPONENTS {
-        let status = Command::new(&cascade)
-            .arg("inspect")
-            .arg(guests::artifact(root, component))
-            .status()?;
-        if !status.success() {
-            bail!("`cascade inspect` failed for {component}");
+    Ok(root.join("target/debug/cascade"))
+}
+
+fn publish_examples(root: &Path, registry: &str) -> Result<()> {
+    let models = models::ensure()?;
+    let components = build_components(root)?;
+    let cascade = cascade_binary(root)?;
+    examples::publish(&cascade, registry, root, &components, &models).map_err(|e| anyhow!(e))?;
+    eprintln!(
+        "xtask: published {} to {registry}",
+        examples::FUNCTIONS.join(", ")
+    );
+    Ok(())
+}
+
+fn up(root: &Path) -> Result<()> {
+    let models = models::ensure()?;
+    let components = build_components(root)?;
+    let cascade = cascade_binary(root)?;
+    if std::net::TcpStream::connect(UP_ADDRESS).is_ok() {
+        bail!(
+            "{UP_ADDRESS} is already in use: stop what listens there (another `cascade serve`?) and run again"
+        );
+    }
+    let mut server = Command::new(&cascade)
+        .args(["serve", "--listen", UP_ADDRESS, "--data"])
+        .arg(root.join("cascade-data"))
+        .spawn()
+        .context("starting cascade serve")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(UP_ADDRESS).is_err() {
+        if let Some(status) = server.try_wait()? {
+            bail!("cascade serve exited early ({status})");
         }
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("cascade serve did not listen on {UP_ADDRESS} within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let registry = format!("http://{UP_ADDRESS}");
+    if let Err(e) = examples::publish(&cascade, &registry, root, &components, &models) {
+        let _ = server.kill();
+        bail!(e);
+    }
+    let png = root.join("tests/fixtures/two_colours.png");
+    eprintln!(
+        "\nCascade is serving on {registry} with the example functions. Try:\n\n  \
+         curl -s {registry}/v1/functions/embed/invoke -H 'content-type: text/plain' --data 'A man is eating food.'\n  \
+         curl -s {registry}/v1/functions/embed/invoke -H 'content-type: application/json' --data '{{\"inputs\": [\"first\", \"second\"]}}'\n  \
+         curl -s {registry}/v1/functions/orientation/invoke -H 'content-type: image/png' --data-binary @{}\n  \
+         curl -s {registry}/v1/functions/embed/status\n  \
+         curl -s {registry}/metrics\n  \
+         {} list\n\nPress Ctrl-C to stop.",
+        png.display(),
+        cascade.display()
+    );
+    let status = server.wait()?;
+    if !status.success() {
+        bail!("cascade serve stopped ({status})");
     }
     Ok(())
 }

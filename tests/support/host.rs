@@ -1,0 +1,256 @@
+//! A real `cascade serve` process on a free loopback port, with its own data
+//! directory, stopped when dropped.
+
+use crate::{component_path, models_dir};
+use reqwest::blocking::{Client, Response};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+#[path = "../../xtask/src/examples.rs"]
+mod examples;
+
+/// The `cascade` binary cargo built beside this test binary.
+pub fn cascade_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = dir.join("cascade");
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build -p cascade-host` (cargo xtask test does)",
+        binary.display()
+    );
+    binary
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running host.
+pub struct Host {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    port: u16,
+    extra: Vec<String>,
+    _owned: Option<tempfile::TempDir>,
+}
+
+impl Host {
+    /// Starts a host on a fresh data directory.
+    pub fn start() -> Host {
+        Host::start_with(&[])
+    }
+
+    /// Starts a host on a fresh data directory with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Host {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut host = Host::start_in(dir.path(), extra);
+        host._owned = Some(dir);
+        host
+    }
+
+    /// Starts a host on `data` (kept after the host stops).
+    pub fn start_in(data: &Path, extra: &[&str]) -> Host {
+        let port = free_port();
+        let mut host = Host {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            data: data.to_path_buf(),
+            port,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _owned: None,
+        };
+        host.spawn();
+        host
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(cascade_binary())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data",
+            ])
+            .arg(&self.data)
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cascade serve starts");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = client().get(format!("{}/healthz", self.url)).send()
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("cascade serve exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cascade serve did not become healthy within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to 30 s for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Starts the same host again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs the `cascade` CLI against this host.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(cascade_binary())
+            .arg("--registry")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .expect("cascade runs")
+    }
+
+    /// Publishes the example functions exactly as `cargo xtask publish-examples` does.
+    pub fn publish_examples(&self) {
+        let components = component_path("bert-tokenizer")
+            .parent()
+            .expect("dir")
+            .to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("root");
+        examples::publish(
+            &cascade_binary(),
+            &self.url,
+            root,
+            &components,
+            &models_dir(),
+        )
+        .unwrap_or_else(|e| panic!("publishing the examples: {e}"));
+    }
+
+    /// GET a path.
+    pub fn get(&self, path: &str) -> Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET answers")
+    }
+
+    /// POST a body with a content type to `/v1/functions/{name}/invoke`.
+    pub fn invoke(
+        &self,
+        function: &str,
+        content_type: &str,
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> Response {
+        client()
+            .post(format!("{}/v1/functions/{function}/invoke", self.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .expect("invoke answers")
+    }
+
+    /// PUT a body.
+    pub fn put(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> Response {
+        client()
+            .put(format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .expect("PUT answers")
+    }
+
+    /// The value of a Prometheus sample whose line starts with `prefix`, summed.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let text = self.get("/metrics").text().expect("metrics text");
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A blocking HTTP client with a generous timeout.
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client")
+}
+
+/// The error body's message of a failed response, with its status.
+pub fn error_of(response: Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().expect("JSON error body");
+    (
+        status,
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}

@@ -1,0 +1,439 @@
+//! The host runtime end to end: the real `cascade` binary serving the
+//! example functions on real models, misbehaving guests, pools that scale.
+
+use cascade_tests::fixture;
+use cascade_tests::host::{Host, client, error_of};
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn embed(host: &Host, texts: &[&str]) -> Vec<Vec<f64>> {
+    let body = serde_json::json!({ "inputs": texts }).to_string();
+    let response = host.invoke("embed", "application/json", body);
+    assert_eq!(response.status(), 200, "{:?}", response.text());
+    let value: Value = response.json().expect("JSON");
+    value["embeddings"]
+        .as_array()
+        .expect("embeddings")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_f64().expect("number"))
+                .collect()
+        })
+        .collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn embed_matches_the_onnxruntime_reference_and_means_something() {
+    let host = Host::start();
+    host.publish_examples();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("embed_reference.json")).expect("fixture"),
+    )
+    .expect("JSON");
+    let texts: Vec<&str> = reference["texts"]
+        .as_array()
+        .expect("texts")
+        .iter()
+        .map(|t| t.as_str().expect("text"))
+        .collect();
+    for (i, text) in texts.iter().enumerate() {
+        let want: Vec<f64> = reference["embeddings"][i]
+            .as_array()
+            .expect("row")
+            .iter()
+            .map(|v| v.as_f64().expect("f"))
+            .collect();
+        let got = embed(&host, &[text]);
+        assert_eq!(got[0].len(), 384);
+        let similarity = cosine(&got[0], &want);
+        assert!(
+            similarity >= 0.9999,
+            "{text:?}: cosine {similarity} to the onnxruntime reference"
+        );
+    }
+    let rows = embed(
+        &host,
+        &[
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+            "The girl is carrying a baby.",
+        ],
+    );
+    let (close, far) = (cosine(&rows[0], &rows[1]), cosine(&rows[0], &rows[2]));
+    assert!(close > far + 0.3, "related {close} vs unrelated {far}");
+    // Plain text works too and equals the batched row.
+    let response = host.invoke("embed", "text/plain", "A man is eating food.");
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(
+        timing.contains("desc=\"bert-tokenizer@0.1.0\"")
+            && timing.contains("desc=\"minilm-l3@1.0.0\""),
+        "{timing}"
+    );
+    let single: Value = response.json().expect("JSON");
+    let single: Vec<f64> = single["embeddings"][0]
+        .as_array()
+        .expect("row")
+        .iter()
+        .map(|v| v.as_f64().expect("f"))
+        .collect();
+    assert!(cosine(&single, &rows[0]) > 0.99999);
+}
+
+/// Renders one line of text in DejaVu Sans, black on white, as PNG bytes.
+fn render_line(text: &str, rotate: bool) -> Vec<u8> {
+    use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+    let data = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").expect(
+        "DejaVu Sans is installed (apt-get install fonts-dejavu-core; cargo xtask test does)",
+    );
+    let font = FontRef::try_from_slice(&data).expect("font parses");
+    let scale = PxScale::from(36.0);
+    let scaled = font.as_scaled(scale);
+    let width: f32 = text
+        .chars()
+        .map(|c| scaled.h_advance(font.glyph_id(c)))
+        .sum();
+    let (w, h) = (width.ceil() as u32 + 16, 48u32);
+    let mut image = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut x = 8.0;
+    for c in text.chars() {
+        let glyph = font
+            .glyph_id(c)
+            .with_scale_and_position(scale, ab_glyph::point(x, 8.0 + scaled.ascent()));
+        x += scaled.h_advance(font.glyph_id(c));
+        if let Some(outlined) = font.outline_glyph(glyph) {
+            let bounds = outlined.px_bounds();
+            outlined.draw(|gx, gy, coverage| {
+                let (px, py) = (
+                    bounds.min.x as i32 + gx as i32,
+                    bounds.min.y as i32 + gy as i32,
+                );
+                if px >= 0 && py >= 0 && (px as u32) < w && (py as u32) < h {
+                    let v = (255.0 * (1.0 - coverage)).round() as u8;
+                    let pixel = image.get_pixel_mut(px as u32, py as u32);
+                    *pixel = image::Rgb([v.min(pixel[0]); 3]);
+                }
+            });
+        }
+    }
+    if rotate {
+        image = image::imageops::rotate180(&image);
+    }
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("PNG encodes");
+    png
+}
+
+fn top_label(host: &Host, png: Vec<u8>) -> (String, f64) {
+    let response = host.invoke("orientation", "image/png", png);
+    assert_eq!(response.status(), 200);
+    let value: Value = response.json().expect("JSON");
+    let best = &value["predictions"][0][0];
+    (
+        best["label"].as_str().expect("label").to_string(),
+        best["score"].as_f64().expect("score"),
+    )
+}
+
+#[test]
+fn orientation_tells_upright_text_from_upside_down() {
+    let host = Host::start();
+    host.publish_examples();
+    for text in ["Cascade serves models", "The quick brown fox 42"] {
+        let (label, score) = top_label(&host, render_line(text, false));
+        assert_eq!(label, "0", "upright {text:?} (score {score})");
+        let (label, score) = top_label(&host, render_line(text, true));
+        assert_eq!(label, "180", "rotated {text:?} (score {score})");
+    }
+    let (status, message) = error_of(host.invoke("orientation", "image/png", "not an image"));
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("image-preprocess@0.1.0") && message.contains("not a PNG or JPEG"),
+        "{message}"
+    );
+}
+
+const MISBEHAVE: &str = r#"
+name = "misbehave"
+[[stages]]
+component = "misbehave@0.1.0"
+[scaling]
+max_instances = 2
+[limits]
+timeout_ms = 1000
+memory_mb = 32
+"#;
+
+fn misbehave_host() -> Host {
+    let host = Host::start();
+    let wasm = cascade_tests::component_path("misbehave");
+    let out = host.cli(&[
+        "publish",
+        "component",
+        wasm.to_str().expect("utf-8"),
+        "--name",
+        "misbehave",
+        "--version",
+        "0.1.0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let response = host.put("/v1/functions/misbehave", "application/toml", MISBEHAVE);
+    assert_eq!(response.status(), 201);
+    host
+}
+
+fn echo(host: &Host) -> String {
+    let response = host.invoke("misbehave", "text/plain", "echo:still here");
+    assert_eq!(response.status(), 200);
+    let value: Value = response.json().expect("JSON");
+    let bytes: Vec<u8> = value["tensors"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| v.as_u64().expect("u8") as u8)
+        .collect();
+    String::from_utf8(bytes).expect("utf-8")
+}
+
+#[test]
+fn misbehaving_guests_cannot_hurt_the_host() {
+    let host = misbehave_host();
+    assert_eq!(echo(&host), "still here");
+
+    let started = Instant::now();
+    let (status, message) = error_of(host.invoke("misbehave", "text/plain", "loop"));
+    assert_eq!(status, 504, "{message}");
+    assert!(
+        message.contains("deadline of 1000 ms exceeded"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(echo(&host), "still here");
+
+    let (status, message) = error_of(host.invoke("misbehave", "text/plain", "oom"));
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("misbehave@0.1.0"), "{message}");
+    assert_eq!(echo(&host), "still here");
+
+    let (status, message) = error_of(host.invoke("misbehave", "text/plain", "panic"));
+    assert_eq!(status, 500);
+    assert!(message.contains("trapped"), "{message}");
+    assert_eq!(echo(&host), "still here");
+    assert!(host.metric("cascade_traps_total") >= 2.0);
+
+    let (status, message) = error_of(host.invoke("misbehave", "text/plain", "read:/etc/passwd"));
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("read /etc/passwd:") && !message.contains("root:"),
+        "{message}"
+    );
+    let (status, message) =
+        error_of(host.invoke("misbehave", "text/plain", "read:/model/tokenizer.json"));
+    assert_eq!(status, 400, "no model files were granted: {message}");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target = listener.local_addr().expect("addr");
+    let (status, message) =
+        error_of(host.invoke("misbehave", "text/plain", format!("connect:{target}")));
+    assert_eq!(status, 400);
+    assert!(message.contains(&format!("connect {target}:")), "{message}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        listener.accept().is_err(),
+        "the guest must not have reached the listener"
+    );
+
+    let response = host.invoke("misbehave", "text/plain", "env");
+    let value: Value = response.json().expect("JSON");
+    assert_eq!(
+        value["tensors"][0]["dimensions"][0], 0,
+        "the guest sees no environment"
+    );
+    assert_eq!(host.get("/healthz").status(), 200);
+}
+
+const POOLED: &str = r#"
+name = "pooled"
+[[stages]]
+component = "bert-tokenizer@0.1.0"
+files = "minilm-l3@1.0.0"
+[[stages]]
+model = "minilm-l3@1.0.0"
+outputs = ["onnx::Shape_422"]
+[[stages]]
+component = "mean-pool@0.1.0"
+[scaling]
+min_instances = 0
+max_instances = 4
+idle_timeout_ms = 600
+max_queue = 64
+"#;
+
+fn stage_instances(host: &Host, function: &str) -> Vec<u64> {
+    let status: Value = host
+        .get(&format!("/v1/functions/{function}/status"))
+        .json()
+        .expect("status JSON");
+    status["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| s["instances"].as_u64().expect("n"))
+        .collect()
+}
+
+#[test]
+fn pools_scale_up_under_load_and_back_to_the_minimum() {
+    let host = Arc::new(Host::start());
+    host.publish_examples();
+    assert_eq!(
+        host.put("/v1/functions/pooled", "application/toml", POOLED)
+            .status(),
+        201
+    );
+    assert_eq!(
+        stage_instances(&host, "pooled"),
+        vec![0, 0],
+        "scale to zero at rest"
+    );
+
+    let peak = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (host, peak, running) = (host.clone(), peak.clone(), running.clone());
+        std::thread::spawn(move || {
+            while running.load(Ordering::SeqCst) {
+                let most = stage_instances(&host, "pooled")
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0) as usize;
+                peak.fetch_max(most, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let workers: Vec<_> = (0..64)
+        .map(|i| {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                let text = format!("request number {i} asks for an embedding of a longer sentence");
+                host.invoke("pooled", "text/plain", text).status().as_u16()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
+    running.store(false, Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak > 1 && peak <= 4, "peak instances per stage {peak}");
+    assert!(stage_instances(&host, "pooled").iter().all(|n| *n <= 4));
+    assert!(host.metric("cascade_cold_starts_total{function=\"pooled\"") >= 2.0);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stage_instances(&host, "pooled") != vec![0, 0] {
+        assert!(
+            Instant::now() < deadline,
+            "instances never returned to min_instances = 0"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn health_answers_while_embed_is_saturated_and_new_revisions_lose_nothing() {
+    let host = Arc::new(Host::start());
+    host.publish_examples();
+    let running = Arc::new(AtomicBool::new(true));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (host, running, failures, served) = (host.clone(), running.clone(), failures.clone(), served.clone());
+            std::thread::spawn(move || {
+                let client = client();
+                while running.load(Ordering::SeqCst) {
+                    let status = client
+                        .post(format!("{}/v1/functions/embed/invoke", host.url))
+                        .header("content-type", "text/plain")
+                        .body("a sentence long enough to keep the model busy for a little while, again and again")
+                        .send()
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    if status == 200 {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(host.get("/healthz").status(), 200);
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // New revisions while the load runs: requests must keep succeeding.
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
+    )
+    .expect("manifest");
+    for timeout in [4000, 4500] {
+        let revised = manifest.replace("timeout_ms = 5000", &format!("timeout_ms = {timeout}"));
+        assert_eq!(
+            host.put("/v1/functions/embed", "application/toml", revised)
+                .status(),
+            201
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    running.store(false, Ordering::SeqCst);
+    for worker in load {
+        worker.join().expect("worker");
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "healthz took {slowest:?} under load"
+    );
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed during revisions"
+    );
+    assert!(served.load(Ordering::SeqCst) > 20);
+    let status: Value = host
+        .get("/v1/functions/embed/status")
+        .json()
+        .expect("status");
+    assert_eq!(status["revision"], 3);
+}
