@@ -4,7 +4,7 @@
 
 use crate::inference;
 use crate::stage::World;
-use crate::trigger::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
+use crate::trigger::http::{ApiError, Body, HttpState, check_length, drain, file, json, read_body};
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::{Name, Reference};
 use http_body_util::BodyExt;
@@ -132,6 +132,12 @@ pub async fn route(
     }
 }
 
+/// Answers an upload with `error` after discarding its body.
+async fn refuse(error: ApiError, request: Request<Incoming>) -> ApiError {
+    drain(request.into_body()).await;
+    error
+}
+
 fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
     Ok(json(StatusCode::OK, value))
 }
@@ -156,13 +162,18 @@ async fn blocking<T: Send + 'static>(
 
 /// Streams the request body into a staged blob, hashing as it goes.
 async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<StagedBlob, ApiError> {
-    check_length(&request, state.max_upload)?;
+    if let Err(e) = check_length(&request, state.max_upload) {
+        return Err(refuse(e, request).await);
+    }
     let mut writer = state.runtime.registry.stage(state.max_upload)?;
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::invalid(format!("reading the body: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            tokio::task::block_in_place(|| writer.write_chunk(&data))?;
+        if let Ok(data) = frame.into_data()
+            && let Err(e) = tokio::task::block_in_place(|| writer.write_chunk(&data))
+        {
+            drain(body).await;
+            return Err(e.into());
         }
     }
     Ok(tokio::task::block_in_place(|| writer.finish())?)
@@ -219,10 +230,11 @@ fn component_world(
              (or wrap it with `wasm-tools component new`) and export a cascade:inference world",
         ));
     }
-    let (component, _) = runtime
+    let (component, cached) = runtime
         .engine
         .load_component(staged.path(), &staged.digest, runtime.compiled_dir())
         .map_err(|e| ApiError::invalid(format!("invalid component: {e:#}")))?;
+    runtime.count_load(cached);
     World::of(&component, runtime.engine.engine()).map_err(ApiError::invalid)
 }
 

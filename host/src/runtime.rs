@@ -209,15 +209,20 @@ impl Runtime {
             .engine
             .load_component(&wasm, digest, &self.compiled_dir)
             .map_err(|e| format!("{e:#}"))?;
-        let source = if cached { "cache" } else { "compiled" };
-        self.metrics.compiled.with_label_values(&[source]).inc();
-        tracing::info!(digest, source, "component loaded");
+        self.count_load(cached);
+        tracing::info!(digest, cached, "component loaded");
         let stage =
             Arc::new(ComponentStage::new(&self.engine, component).map_err(|e| format!("{e:#}"))?);
         if let Ok(mut components) = self.components.lock() {
             components.insert(digest.to_string(), stage.clone());
         }
         Ok(stage)
+    }
+
+    /// Counts a component load in the metrics, by where it came from.
+    pub fn count_load(&self, cached: bool) {
+        let source = if cached { "cache" } else { "compiled" };
+        self.metrics.compiled.with_label_values(&[source]).inc();
     }
 
     /// Reaps idle instances of every function now.

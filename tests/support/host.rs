@@ -180,6 +180,28 @@ impl Host {
         .unwrap_or_else(|e| panic!("publishing the examples: {e}"));
     }
 
+    /// Publishes the example components only (no models): quick set-up for
+    /// tests that need some stages to reference.
+    pub fn publish_examples_small(&self) {
+        for component in ["bert-tokenizer", "mean-pool"] {
+            let wasm = component_path(component);
+            let out = self.cli(&[
+                "publish",
+                "component",
+                wasm.to_str().expect("utf-8"),
+                "--name",
+                component,
+                "--version",
+                "0.1.0",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// GET a path.
     pub fn get(&self, path: &str) -> Response {
         client()

@@ -191,6 +191,21 @@ pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
     }
 }
 
+/// Most of an unread body that is read and discarded before an early error
+/// response, so the client sees the error rather than a broken pipe.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Reads and discards (a bounded amount of) a body that will not be used.
+pub async fn drain(mut body: Incoming) {
+    let mut seen = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+}
+
 /// Refuses a declared body length over `limit` before reading anything.
 pub fn check_length(request: &Request<Incoming>, limit: u64) -> Result<(), ApiError> {
     let declared = request
@@ -301,8 +316,11 @@ async fn route(
     let method = request.method().clone();
     let write = !matches!(method, Method::GET | Method::HEAD)
         && !matches!(segments.last(), Some(&"invoke"));
-    if !matches!(segments.as_slice(), ["healthz"] | ["readyz"] | ["metrics"]) {
-        authorize(state, &request, write)?;
+    if !matches!(segments.as_slice(), ["healthz"] | ["readyz"] | ["metrics"])
+        && let Err(refused) = authorize(state, &request, write)
+    {
+        drain(request.into_body()).await;
+        return Err(refused);
     }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => {
