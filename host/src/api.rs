@@ -5,6 +5,7 @@
 use crate::inference;
 use crate::stage::World;
 use crate::trigger::http::{ApiError, Body, HttpState, check_length, drain, file, json, read_body};
+use crate::trigger::nats::RegistryEvent;
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::{Name, Reference};
 use http_body_util::BodyExt;
@@ -41,7 +42,15 @@ pub async fn route(
         ("components", &Method::DELETE, [name, version]) => {
             let r = reference(name, version)?;
             let registry = registry.clone();
-            ok(&blocking(move || registry.delete_component(&r)).await??)
+            let record = blocking(move || registry.delete_component(&r)).await??;
+            state.events.emit(artifact_event(
+                "component",
+                "deleted",
+                &record.name,
+                &record.version,
+                &record.digest,
+            ));
+            ok(&record)
         }
         ("models", &Method::GET, []) => ok(&registry.models()?),
         ("models", &Method::GET, [name]) => ok(&registry.model_versions(&name.parse()?)?),
@@ -77,7 +86,15 @@ pub async fn route(
         ("models", &Method::DELETE, [name, version]) => {
             let r = reference(name, version)?;
             let registry = registry.clone();
-            ok(&blocking(move || registry.delete_model(&r)).await??)
+            let record = blocking(move || registry.delete_model(&r)).await??;
+            state.events.emit(artifact_event(
+                "model",
+                "deleted",
+                &record.name,
+                &record.version,
+                &record.package_digest,
+            ));
+            ok(&record)
         }
         ("functions", &Method::GET, []) => ok(&registry.functions()?),
         ("functions", &Method::GET, [name]) => ok(&registry.function(name)?),
@@ -123,6 +140,7 @@ pub async fn route(
                 Ok::<_, ApiError>(record)
             })
             .await??;
+            state.events.emit(function_event("rolled-back", &record));
             ok(&record)
         }
         _ => Err(ApiError::not_found(format!(
@@ -206,7 +224,48 @@ async fn publish_component(
         )
     })
     .await??;
+    if published.created {
+        let r = &published.record;
+        state.events.emit(artifact_event(
+            "component",
+            "published",
+            &r.name,
+            &r.version,
+            &r.digest,
+        ));
+    }
     created(published.created, &published.record)
+}
+
+fn artifact_event(
+    kind: &'static str,
+    action: &'static str,
+    name: &str,
+    version: &str,
+    digest: &str,
+) -> RegistryEvent {
+    RegistryEvent {
+        kind,
+        action,
+        name: name.to_string(),
+        version: Some(version.to_string()),
+        revision: None,
+        digest: digest.to_string(),
+    }
+}
+
+fn function_event(
+    action: &'static str,
+    record: &cascade_registry::records::FunctionRecord,
+) -> RegistryEvent {
+    RegistryEvent {
+        kind: "function",
+        action,
+        name: record.name.clone(),
+        version: None,
+        revision: Some(record.revision),
+        digest: record.digest.clone(),
+    }
 }
 
 /// Checks that the bytes are a component of a Cascade world (compiling it
@@ -359,6 +418,11 @@ async fn publish_function(
         Ok::<_, ApiError>((published, served))
     })
     .await??;
+    if published.created {
+        state
+            .events
+            .emit(function_event("published", &published.record));
+    }
     let mut body = serde_json::to_value(&published.record).map_err(ApiError::internal)?;
     if let Err(e) = served {
         body["warning"] = format!("published, but the host cannot serve it: {e}").into();

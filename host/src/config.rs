@@ -26,6 +26,18 @@ pub struct ServeConfig {
     /// Component instances alive at once across all functions.
     #[arg(long, default_value_t = 512)]
     pub max_instances: u32,
+    /// NATS server URL(s); functions with `triggers.nats` then serve over NATS.
+    #[arg(long = "nats", env = "CASCADE_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "CASCADE_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials (`.creds`) file.
+    #[arg(long, env = "CASCADE_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// Require TLS to NATS.
+    #[arg(long)]
+    pub nats_tls: bool,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,

@@ -29,6 +29,7 @@ pub struct Runtime {
     compiled_dir: PathBuf,
     components: Mutex<HashMap<String, Arc<ComponentStage>>>,
     functions: RwLock<HashMap<String, Arc<PreparedFunction>>>,
+    changes: tokio::sync::Notify,
 }
 
 impl Runtime {
@@ -47,6 +48,7 @@ impl Runtime {
             compiled_dir,
             components: Mutex::new(HashMap::new()),
             functions: RwLock::new(HashMap::new()),
+            changes: tokio::sync::Notify::new(),
         }
     }
 
@@ -62,6 +64,11 @@ impl Runtime {
             .ok()
             .and_then(|f| f.get(name).cloned())
             .ok_or_else(|| InvokeError::NotFound(name.to_string()))
+    }
+
+    /// Resolves when the set of served functions next changes.
+    pub async fn changed(&self) {
+        self.changes.notified().await;
     }
 
     /// Names of served functions.
@@ -94,6 +101,7 @@ impl Runtime {
                 if let Ok(mut functions) = self.functions.write() {
                     functions.remove(name);
                 }
+                self.changes.notify_waiters();
                 Ok(())
             }
         }
@@ -108,6 +116,7 @@ impl Runtime {
         if let Ok(mut functions) = self.functions.write() {
             functions.insert(record.name.clone(), prepared);
         }
+        self.changes.notify_waiters();
         tracing::info!(function = %record.name, revision = record.revision, "serving");
         Ok(())
     }

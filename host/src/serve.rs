@@ -6,9 +6,11 @@ use crate::engine::{EngineSettings, ServingEngine};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::trigger::http::{self, Auth, HttpState};
+use crate::trigger::nats::{self, Events, NatsOptions, NatsTrigger};
 use anyhow::{Context, Result};
 use cascade_registry::Registry;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// How often idle instances are reaped.
@@ -51,18 +53,33 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         token: config.token.clone(),
         protect_reads: config.token_read,
     };
-    let state = Arc::new(HttpState::new(
-        runtime.clone(),
-        auth,
-        config.max_upload_mb << 20,
-    ));
-    http::serve(
-        listener,
-        state,
-        shutdown_signal(),
-        Duration::from_secs(config.shutdown_grace_secs),
-    )
-    .await;
+    let mut state = HttpState::new(runtime.clone(), auth, config.max_upload_mb << 20);
+    let mut nats_task = None;
+    if let Some(url) = &config.nats_url {
+        let options = NatsOptions {
+            url: url.clone(),
+            token: config.nats_token.clone(),
+            credentials: config.nats_creds.clone(),
+            tls: config.nats_tls,
+        };
+        let connected = Arc::new(AtomicBool::new(false));
+        let client = nats::connect(&options, connected.clone())
+            .await
+            .context("connecting to NATS")?;
+        state.events = Events::new(Some(client.clone()));
+        state.readiness.push((
+            "nats".into(),
+            Box::new(move || connected.load(Ordering::SeqCst)),
+        ));
+        nats_task = Some(tokio::spawn(
+            NatsTrigger::new(client, runtime.clone()).run(),
+        ));
+    }
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    http::serve(listener, Arc::new(state), shutdown_signal(), grace).await;
+    if let Some(task) = nats_task {
+        task.abort();
+    }
     reaping.abort();
     tracing::info!("stopped");
     Ok(())

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 mod catalog;
 
 pub mod host;
+pub mod nats;
 
 /// Path of a built guest component, by crate name (`bert-tokenizer`).
 pub fn component_path(name: &str) -> PathBuf {

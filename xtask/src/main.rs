@@ -89,6 +89,7 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     setup::nats_server()?;
+    setup::dejavu_fonts()?;
     models::ensure()?;
     build_components(root)?;
     // The guests' shared library holds pure logic worth testing natively.

@@ -2,6 +2,7 @@
 //! and says exactly what to do by hand when it cannot.
 
 use anyhow::{Context, Result, bail};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Makes sure the `wasm32-wasip2` standard library is installed.
@@ -30,7 +31,20 @@ pub fn wasm_target() -> Result<()> {
 
 /// Makes sure `nats-server` is on the PATH, installing Debian's package as root.
 pub fn nats_server() -> Result<()> {
-    if on_path("nats-server") {
+    debian_package("nats-server", || on_path("nats-server"))
+}
+
+/// Makes sure the DejaVu fonts the orientation test renders text with exist.
+pub fn dejavu_fonts() -> Result<()> {
+    debian_package("fonts-dejavu-core", || Path::new(DEJAVU_SANS).is_file())
+}
+
+/// The font file the tests use.
+const DEJAVU_SANS: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Installs `package` with apt-get when `present` says it is missing.
+fn debian_package(package: &str, present: impl Fn() -> bool) -> Result<()> {
+    if present() {
         return Ok(());
     }
     let is_root = Command::new("id")
@@ -38,30 +52,28 @@ pub fn nats_server() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if !is_root {
-        bail!(
-            "nats-server is missing and this is not root; run: sudo apt-get install -y nats-server"
-        );
+        bail!("{package} is missing and this is not root; run: sudo apt-get install -y {package}");
     }
-    eprintln!("xtask: apt-get install -y nats-server");
+    eprintln!("xtask: apt-get install -y {package}");
     for args in [
         &["update", "-qq"][..],
-        &["install", "-y", "-qq", "nats-server"][..],
+        &["install", "-y", "-qq", package][..],
     ] {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null())
             .status()
-            .context("cannot run apt-get; install nats-server by hand")?;
+            .with_context(|| format!("cannot run apt-get; install {package} by hand"))?;
         if !status.success() {
             bail!(
-                "`apt-get {}` failed ({status}); install nats-server by hand",
+                "`apt-get {}` failed ({status}); install {package} by hand",
                 args.join(" ")
             );
         }
     }
-    if !on_path("nats-server") {
-        bail!("nats-server was installed but is not on the PATH");
+    if !present() {
+        bail!("{package} was installed but is still not found");
     }
     Ok(())
 }

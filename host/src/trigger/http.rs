@@ -45,6 +45,8 @@ pub struct HttpState {
     pub max_upload: u64,
     /// Extra readiness checks (e.g. NATS connected): name and probe.
     pub readiness: Vec<(String, Box<dyn Fn() -> bool + Send + Sync>)>,
+    /// Where registry changes are announced.
+    pub events: crate::trigger::nats::Events,
     next_request: AtomicU64,
 }
 
@@ -56,6 +58,7 @@ impl HttpState {
             auth,
             max_upload,
             readiness: Vec::new(),
+            events: Default::default(),
             next_request: AtomicU64::new(1),
         }
     }

@@ -2,3 +2,5 @@
 //! format into an invocation and maps [`crate::pipeline::InvokeError`] back.
 
 pub mod http;
+pub mod nats;
+pub mod subjects;

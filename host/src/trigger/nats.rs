@@ -1,0 +1,362 @@
+//! The NATS trigger: every served function is a NATS micro service
+//! (`cascade-<function>`) with the endpoint `cascade.fn.<function>` and,
+//! when its manifest sets `triggers.nats`, a second endpoint on that
+//! subject. Both use the queue group `cascade.<function>`, so among several
+//! hosts each message is handled once.
+//!
+//! A message with a reply subject gets the output (or the micro services
+//! error headers); one without gets its output published to
+//! `result_subject`, or its failure, with the original payload, to
+//! `<subject>.errors`. Registry changes are announced as [`RegistryEvent`]s.
+
+use crate::bindings::Message as GuestMessage;
+use crate::pipeline::{InvokeError, PreparedFunction};
+use crate::runtime::Runtime;
+use crate::trigger::subjects;
+use async_nats::service::{Service, ServiceExt};
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// A `.creds` file.
+    pub credentials: Option<std::path::PathBuf>,
+    /// Require TLS.
+    pub tls: bool,
+}
+
+/// Connects, retrying in the background until the server is reachable;
+/// `connected` follows the connection state for `/readyz`.
+pub async fn connect(options: &NatsOptions, connected: Arc<AtomicBool>) -> anyhow::Result<Client> {
+    let flag = connected.clone();
+    let mut connect = ConnectOptions::new()
+        .name("cascade")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(1000)))
+        .event_callback(move |event| {
+            let flag = flag.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => flag.store(true, Ordering::SeqCst),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        flag.store(false, Ordering::SeqCst)
+                    }
+                    _ => {}
+                }
+                tracing::info!("nats: {event}");
+            }
+        })
+        .require_tls(options.tls);
+    if let Some(token) = &options.token {
+        connect = connect.token(token.clone());
+    }
+    if let Some(credentials) = &options.credentials {
+        connect = connect.credentials_file(credentials).await?;
+    }
+    let client = connect.connect(options.url.as_str()).await?;
+    if client.connection_state() == async_nats::connection::State::Connected {
+        connected.store(true, Ordering::SeqCst);
+    }
+    Ok(client)
+}
+
+/// What the registry announces on every publish, delete and rollback.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryEvent {
+    /// `component`, `model` or `function`.
+    pub kind: &'static str,
+    /// What changed: `published`, `deleted` or `rolled-back`.
+    pub action: &'static str,
+    /// Artifact name.
+    pub name: String,
+    /// Component or model version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Function revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Digest of what was published or deleted.
+    pub digest: String,
+}
+
+/// Publishes registry events when NATS is configured.
+#[derive(Clone, Default)]
+pub struct Events {
+    client: Option<Client>,
+}
+
+impl Events {
+    /// Events through `client`.
+    pub fn new(client: Option<Client>) -> Self {
+        Events { client }
+    }
+
+    /// Announces `event` (fire and forget; a host without NATS does nothing).
+    pub fn emit(&self, event: RegistryEvent) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let subject = subjects::registry_event(event.kind, &event.name);
+            match serde_json::to_vec(&event) {
+                Ok(payload) => {
+                    if let Err(e) = client.publish(subject, payload.into()).await {
+                        tracing::warn!("publishing registry event: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("encoding registry event: {e}"),
+            }
+        });
+    }
+}
+
+struct Served {
+    revision: u64,
+    service: Service,
+}
+
+/// Keeps one micro service per served function in step with the runtime.
+pub struct NatsTrigger {
+    client: Client,
+    runtime: Arc<Runtime>,
+    served: Mutex<HashMap<String, Served>>,
+}
+
+impl NatsTrigger {
+    /// A trigger over `client`; call [`NatsTrigger::run`] to serve.
+    pub fn new(client: Client, runtime: Arc<Runtime>) -> Arc<Self> {
+        Arc::new(NatsTrigger {
+            client,
+            runtime,
+            served: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Reconciles services with the served functions whenever they change
+    /// (and every second, as a safety net), until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                () = self.runtime.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>) {
+        let wanted: HashMap<String, Arc<PreparedFunction>> = self
+            .runtime
+            .served()
+            .into_iter()
+            .map(|f| (f.name.clone(), f))
+            .collect();
+        let stale: Vec<(String, Served)> = {
+            let Ok(mut served) = self.served.lock() else {
+                return;
+            };
+            let names: Vec<String> = served
+                .iter()
+                .filter(|(name, s)| wanted.get(*name).is_none_or(|f| f.revision != s.revision))
+                .map(|(name, _)| name.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| served.remove(&n).map(|s| (n, s)))
+                .collect()
+        };
+        for (name, served) in stale {
+            if let Err(e) = served.service.stop().await {
+                tracing::warn!(function = %name, "stopping NATS service: {e}");
+            }
+        }
+        for (name, function) in wanted {
+            let present = self
+                .served
+                .lock()
+                .map(|s| s.contains_key(&name))
+                .unwrap_or(true);
+            if present {
+                continue;
+            }
+            match self.start(&function).await {
+                Ok(service) => {
+                    if let Ok(mut served) = self.served.lock() {
+                        served.insert(
+                            name,
+                            Served {
+                                revision: function.revision,
+                                service,
+                            },
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(function = %name, "cannot serve over NATS yet: {e}"),
+            }
+        }
+    }
+
+    async fn start(
+        self: &Arc<Self>,
+        function: &PreparedFunction,
+    ) -> Result<Service, async_nats::Error> {
+        let name = function.name.clone();
+        let service = self
+            .client
+            .service_builder()
+            .description(format!(
+                "Cascade function {name}, revision {}",
+                function.revision
+            ))
+            .queue_group(subjects::queue_group(&name))
+            .start(subjects::service_name(&name), "0.1.0")
+            .await?;
+        let scaling = &function.manifest.scaling;
+        // The host never pulls more work than the function can run or queue.
+        let capacity = Arc::new(Semaphore::new(
+            (scaling.max_instances + scaling.max_queue) as usize,
+        ));
+        let mut subjects_to_serve = vec![subjects::endpoint_subject(&name)];
+        if let Some(trigger) = &function.manifest.triggers.nats {
+            subjects_to_serve.push(trigger.subject.clone());
+        }
+        let result_subject = function
+            .manifest
+            .triggers
+            .nats
+            .as_ref()
+            .and_then(|t| t.result_subject.clone());
+        for (i, subject) in subjects_to_serve.into_iter().enumerate() {
+            let endpoint = service
+                .endpoint_builder()
+                .name(if i == 0 { "invoke" } else { "trigger" })
+                .add(subject)
+                .await?;
+            let (this, name, capacity, result_subject) = (
+                self.clone(),
+                name.clone(),
+                capacity.clone(),
+                result_subject.clone(),
+            );
+            tokio::spawn(async move {
+                let mut endpoint = endpoint;
+                while let Some(request) = endpoint.next().await {
+                    let Ok(permit) = capacity.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let (this, name, result_subject) =
+                        (this.clone(), name.clone(), result_subject.clone());
+                    tokio::spawn(async move {
+                        this.handle(&name, request, result_subject.as_deref()).await;
+                        drop(permit);
+                    });
+                }
+            });
+        }
+        Ok(service)
+    }
+
+    async fn handle(
+        &self,
+        name: &str,
+        request: async_nats::service::Request,
+        result_subject: Option<&str>,
+    ) {
+        let started = Instant::now();
+        let message = &request.message;
+        let outcome = self.invoke(name, message).await;
+        let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
+        let metrics = &self.runtime.metrics;
+        metrics
+            .requests
+            .with_label_values(&[name, &status.to_string()])
+            .inc();
+        metrics
+            .latency
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        let sent = match (message.reply.is_some(), outcome) {
+            (true, Ok(output)) => {
+                request
+                    .respond_with_headers(
+                        Ok(output.body.into()),
+                        content_type(&output.content_type),
+                    )
+                    .await
+            }
+            (true, Err(error)) => {
+                let error = async_nats::service::error::Error {
+                    status: error.to_string(),
+                    code: error.status() as usize,
+                };
+                request.respond(Err(error)).await
+            }
+            (false, Ok(output)) => match result_subject {
+                Some(subject) => {
+                    let headers = content_type(&output.content_type);
+                    self.client
+                        .publish_with_headers(subject.to_string(), headers, output.body.into())
+                        .await
+                }
+                None => Ok(()),
+            },
+            (false, Err(error)) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(subjects::ERROR_CODE, error.status().to_string().as_str());
+                headers.insert(subjects::ERROR, error.to_string().as_str());
+                let subject = subjects::errors_subject(message.subject.as_str());
+                self.client
+                    .publish_with_headers(subject, headers, message.payload.clone())
+                    .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(function = name, "answering over NATS: {e}");
+        }
+    }
+
+    async fn invoke(
+        &self,
+        name: &str,
+        message: &async_nats::Message,
+    ) -> Result<GuestMessage, InvokeError> {
+        let function = self.runtime.function(name)?;
+        let limit = function.max_body();
+        if message.payload.len() as u64 > limit {
+            return Err(InvokeError::TooLarge {
+                function: name.to_string(),
+                limit,
+            });
+        }
+        let content_type = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::CONTENT_TYPE))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_else(|| "application/octet-stream".into());
+        let input = GuestMessage {
+            content_type,
+            body: Bytes::clone(&message.payload).to_vec(),
+        };
+        Ok(function.invoke(input).await?.output)
+    }
+}
+
+fn content_type(value: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(subjects::CONTENT_TYPE, value);
+    headers
+}

@@ -1,0 +1,357 @@
+//! The NATS trigger end to end: a real nats-server, real hosts, real models.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use cascade_tests::host::Host;
+use cascade_tests::nats::NatsServer;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// A reply without the micro services error header.
+fn succeeded(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .is_none_or(|h| h.get("Nats-Service-Error-Code").is_none())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+}
+
+fn host_on(nats: &NatsServer) -> Host {
+    let host = Host::start_with(&["--nats", &nats.url()]);
+    host.publish_examples();
+    host
+}
+
+fn text_headers(content_type: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", content_type);
+    headers
+}
+
+async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    content_type: &str,
+    body: &'static str,
+) -> async_nats::Message {
+    let request = client.request_with_headers(
+        subject.to_string(),
+        text_headers(content_type),
+        Bytes::from_static(body.as_bytes()),
+    );
+    tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("answered in time")
+        .expect("request succeeds")
+}
+
+/// Waits until the host's services answer (subscriptions are set up asynchronously).
+async fn wait_for_service(client: &async_nats::Client, subject: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = client.request_with_headers(
+            subject.to_string(),
+            text_headers("text/plain"),
+            Bytes::from_static(b"ping"),
+        );
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{subject} never answered");
+    }
+}
+
+#[test]
+fn request_reply_matches_http_and_errors_follow_the_micro_convention() {
+    let nats = NatsServer::start();
+    let host = host_on(&nats);
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        wait_for_service(&client, "embed.requests").await;
+        let reply = request(
+            &client,
+            "embed.requests",
+            "text/plain",
+            "A man is eating food.",
+        )
+        .await;
+        let over_nats: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        let over_http: Value = tokio::task::block_in_place(|| {
+            host.invoke("embed", "text/plain", "A man is eating food.")
+                .json()
+        })
+        .expect("JSON");
+        assert_eq!(over_nats, over_http);
+        assert_eq!(
+            reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Content-Type"))
+                .map(|v| v.as_str()),
+            Some("application/json")
+        );
+
+        // The micro endpoint answers too.
+        let reply = request(
+            &client,
+            "cascade.fn.embed",
+            "text/plain",
+            "A man is eating food.",
+        )
+        .await;
+        assert_eq!(
+            serde_json::from_slice::<Value>(&reply.payload).expect("JSON"),
+            over_http
+        );
+
+        let reply = request(&client, "orientation.requests", "image/png", "not an image").await;
+        let headers = reply.headers.expect("error headers");
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
+            Some("400")
+        );
+        let message = headers
+            .get("Nats-Service-Error")
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        assert!(message.contains("not a PNG or JPEG"), "{message}");
+    });
+}
+
+const EVENTFUL: &str = r#"
+name = "eventful"
+[[stages]]
+component = "bert-tokenizer@0.1.0"
+files = "minilm-l3@1.0.0"
+[[stages]]
+model = "minilm-l3@1.0.0"
+outputs = ["onnx::Shape_422"]
+[[stages]]
+component = "mean-pool@0.1.0"
+[triggers]
+nats = { subject = "eventful.in", result_subject = "eventful.out" }
+"#;
+
+#[test]
+fn fire_and_forget_results_errors_events_and_discovery() {
+    let nats = NatsServer::start();
+    let host = host_on(&nats);
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let mut events = client
+            .subscribe("cascade.events.registry.>")
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let status = tokio::task::block_in_place(|| {
+            host.put("/v1/functions/eventful", "application/toml", EVENTFUL)
+                .status()
+        });
+        assert_eq!(status, 201);
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("event")
+            .expect("message");
+        assert_eq!(
+            event.subject.as_str(),
+            "cascade.events.registry.function.eventful"
+        );
+        let event: Value = serde_json::from_slice(&event.payload).expect("JSON");
+        assert_eq!(
+            (event["kind"].as_str(), event["revision"].as_u64()),
+            (Some("function"), Some(1))
+        );
+
+        wait_for_service(&client, "cascade.fn.eventful").await;
+        let mut results = client.subscribe("eventful.out").await.expect("subscribe");
+        let mut errors = client
+            .subscribe("eventful.in.errors")
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        client
+            .publish_with_headers(
+                "eventful.in",
+                text_headers("text/plain"),
+                "one message".into(),
+            )
+            .await
+            .expect("publish");
+        client
+            .publish_with_headers(
+                "eventful.in",
+                text_headers("application/json"),
+                "{bad json".into(),
+            )
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+        let result = tokio::time::timeout(Duration::from_secs(10), results.next())
+            .await
+            .expect("result")
+            .expect("message");
+        let value: Value = serde_json::from_slice(&result.payload).expect("JSON");
+        assert_eq!(value["embeddings"][0].as_array().expect("row").len(), 384);
+        let error = tokio::time::timeout(Duration::from_secs(10), errors.next())
+            .await
+            .expect("error")
+            .expect("message");
+        assert_eq!(
+            error.payload.as_ref(),
+            b"{bad json",
+            "the original payload travels with the error"
+        );
+        assert_eq!(
+            error
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .map(|v| v.as_str()),
+            Some("400")
+        );
+        // Exactly one of each.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), results.next())
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), errors.next())
+                .await
+                .is_err()
+        );
+
+        // $SRV.PING finds every function of the host.
+        let inbox = client.new_inbox();
+        let mut pongs = client.subscribe(inbox.clone()).await.expect("subscribe");
+        client
+            .publish_with_reply("$SRV.PING", inbox, Bytes::new())
+            .await
+            .expect("ping");
+        let mut names = Vec::new();
+        while let Ok(Some(pong)) =
+            tokio::time::timeout(Duration::from_millis(500), pongs.next()).await
+        {
+            let pong: Value = serde_json::from_slice(&pong.payload).expect("JSON");
+            names.push(pong["name"].as_str().unwrap_or_default().to_string());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            ["cascade-embed", "cascade-eventful", "cascade-orientation"]
+        );
+    });
+}
+
+#[test]
+fn two_hosts_share_the_work_and_survive_a_kill() {
+    let nats = NatsServer::start();
+    let first = host_on(&nats);
+    let mut second = host_on(&nats);
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        wait_for_service(&client, "embed.requests").await;
+    });
+    let count =
+        |host: &Host| host.metric("cascade_requests_total{function=\"embed\",status=\"200\"}");
+    let (a0, b0) = (count(&first), count(&second));
+    let answered = runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        // A well-behaved client: at most 32 requests in flight.
+        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let client = client.clone();
+            let permit = in_flight.clone().acquire_owned().await.expect("semaphore");
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                let body = Bytes::from(format!("request {i}"));
+                let reply = client.request_with_headers("embed.requests", text_headers("text/plain"), body);
+                matches!(tokio::time::timeout(Duration::from_secs(30), reply).await, Ok(Ok(m)) if succeeded(&m))
+            }));
+        }
+        let mut answered = 0;
+        for task in tasks {
+            answered += usize::from(task.await.expect("task"));
+        }
+        answered
+    });
+    assert_eq!(answered, 1000);
+    let (a, b) = (count(&first) - a0, count(&second) - b0);
+    assert_eq!(a + b, 1000.0, "each request handled exactly once");
+    assert!(a >= 200.0 && b >= 200.0, "shares {a} and {b}");
+
+    second.kill9();
+    let after_kill = runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let mut answered = 0;
+        for i in 0..50 {
+            let body = Bytes::from(format!("after the kill {i}"));
+            let reply =
+                client.request_with_headers("embed.requests", text_headers("text/plain"), body);
+            if matches!(
+                tokio::time::timeout(Duration::from_secs(10), reply).await,
+                Ok(Ok(_))
+            ) {
+                answered += 1;
+            }
+        }
+        answered
+    });
+    assert_eq!(
+        after_kill, 50,
+        "the surviving host answers everything sent after the kill"
+    );
+}
+
+#[test]
+fn hosts_ride_out_a_nats_restart() {
+    let mut nats = NatsServer::start();
+    let host = host_on(&nats);
+    assert_eq!(host.get("/readyz").status(), 200);
+    nats.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.get("/readyz").status() != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the outage"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body: Value = host.get("/readyz").json().expect("JSON");
+    assert_eq!(body["checks"]["nats"], false);
+    std::thread::sleep(Duration::from_secs(3));
+    nats.resume();
+    let restarted = Instant::now();
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        loop {
+            let reply = client.request_with_headers(
+                "embed.requests",
+                text_headers("text/plain"),
+                "back again".into(),
+            );
+            if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(500), reply).await {
+                assert!(succeeded(&message), "no error headers");
+                break;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(5),
+                "no answer within 5 s of the restart"
+            );
+        }
+    });
+    assert_eq!(host.get("/readyz").status(), 200);
+    assert_eq!(
+        host.invoke("embed", "text/plain", "http still fine")
+            .status(),
+        200
+    );
+}
