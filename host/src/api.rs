@@ -120,6 +120,9 @@ pub async fn route(
                 Ok::<_, ApiError>(removed)
             })
             .await??;
+            if let Some(last) = removed.last() {
+                state.events.emit(function_event("deleted", last));
+            }
             ok(
                 &serde_json::json!({ "deleted": removed.iter().map(|r| r.revision).collect::<Vec<_>>() }),
             )

@@ -26,6 +26,14 @@ pub struct ServeConfig {
     /// Component instances alive at once across all functions.
     #[arg(long, default_value_t = 512)]
     pub max_instances: u32,
+    /// Serve the registry of another host (read-only here): fetch its
+    /// functions, components and models, verify and cache them, and follow
+    /// its changes.
+    #[arg(long, env = "CASCADE_REGISTRY_URL")]
+    pub registry_url: Option<String>,
+    /// Token for reading the source registry (when it uses `--token-read`).
+    #[arg(long, env = "CASCADE_REGISTRY_TOKEN", hide_env_values = true)]
+    pub registry_token: Option<String>,
     /// NATS server URL(s); functions with `triggers.nats` then serve over NATS.
     #[arg(long = "nats", env = "CASCADE_NATS_URL")]
     pub nats_url: Option<String>,

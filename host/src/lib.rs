@@ -25,6 +25,7 @@ pub mod config;
 pub mod engine;
 pub mod inference;
 pub mod metrics;
+pub mod mirror;
 pub mod pipeline;
 pub mod pool;
 pub mod runtime;

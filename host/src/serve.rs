@@ -1,16 +1,19 @@
-//! `cascade serve`: opens the registry, prepares every function, serves
-//! HTTP until SIGTERM/SIGINT, then drains in-flight requests and closes.
+//! `cascade serve`: opens the registry (or mirrors another host's),
+//! prepares every function, serves HTTP and NATS until SIGTERM/SIGINT, then
+//! drains in-flight requests and closes.
 
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
 use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use crate::runtime::Runtime;
 use crate::trigger::http::{self, Auth, HttpState};
-use crate::trigger::nats::{self, Events, NatsOptions, NatsTrigger};
+use crate::trigger::nats::{self, ConnectionState, Events, NatsOptions, NatsTrigger};
+use crate::trigger::subjects;
 use anyhow::{Context, Result};
 use cascade_registry::Registry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How often idle instances are reaped.
@@ -32,18 +35,13 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         metrics,
         config.data.join("compiled"),
     ));
+    let mirror = match &config.registry_url {
+        Some(url) => Some(Arc::new(start_mirror(&config, url, &runtime).await?)),
+        None => None,
+    };
     let loading = runtime.clone();
     tokio::task::spawn_blocking(move || loading.load_all()).await?;
-
-    let reaper = runtime.clone();
-    let reaping = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(REAP_EVERY);
-        loop {
-            tick.tick().await;
-            let runtime = reaper.clone();
-            let _ = tokio::task::spawn_blocking(move || runtime.reap()).await;
-        }
-    });
+    let mut tasks = vec![tokio::spawn(reap(runtime.clone()))];
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -54,7 +52,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         protect_reads: config.token_read,
     };
     let mut state = HttpState::new(runtime.clone(), auth, config.max_upload_mb << 20);
-    let mut nats_task = None;
+    let mut nats_client = None;
+    let mut nats_connection = None;
     if let Some(url) = &config.nats_url {
         let options = NatsOptions {
             url: url.clone(),
@@ -62,27 +61,69 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             credentials: config.nats_creds.clone(),
             tls: config.nats_tls,
         };
-        let connected = Arc::new(AtomicBool::new(false));
-        let client = nats::connect(&options, connected.clone())
+        let connection = Arc::new(ConnectionState::default());
+        let client = nats::connect(&options, connection.clone())
             .await
             .context("connecting to NATS")?;
         state.events = Events::new(Some(client.clone()));
+        let probe = connection.clone();
         state.readiness.push((
             "nats".into(),
-            Box::new(move || connected.load(Ordering::SeqCst)),
+            Box::new(move || probe.connected.load(Ordering::SeqCst)),
         ));
-        nats_task = Some(tokio::spawn(
-            NatsTrigger::new(client, runtime.clone()).run(),
+        nats_connection = Some(connection);
+        tasks.push(tokio::spawn(
+            NatsTrigger::new(client.clone(), runtime.clone()).run(),
         ));
+        nats_client = Some(client);
+    }
+    if let Some(mirror) = mirror {
+        state.mirror_of = Some(mirror.source().to_string());
+        let events = match (&nats_client, nats_connection) {
+            (Some(client), Some(connection)) => Some((
+                client.subscribe(subjects::REGISTRY_EVENTS).await?,
+                connection,
+            )),
+            _ => None,
+        };
+        tasks.push(tokio::spawn(crate::mirror::run(
+            mirror,
+            runtime.clone(),
+            events,
+        )));
     }
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     http::serve(listener, Arc::new(state), shutdown_signal(), grace).await;
-    if let Some(task) = nats_task {
+    for task in tasks {
         task.abort();
     }
-    reaping.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Mirrors `url` into this host's registry, syncing once before serving.
+async fn start_mirror(config: &ServeConfig, url: &str, runtime: &Arc<Runtime>) -> Result<Mirror> {
+    let mirror = Mirror::new(
+        url,
+        config.registry_token.clone(),
+        runtime.registry.clone(),
+        config.max_upload_mb << 20,
+    )?;
+    if let Err(e) = mirror.sync().await {
+        tracing::warn!(
+            "source registry {url} is not reachable yet ({e:#}); serving the local copy"
+        );
+    }
+    Ok(mirror)
+}
+
+async fn reap(runtime: Arc<Runtime>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    loop {
+        tick.tick().await;
+        let runtime = runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || runtime.reap()).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -471,6 +471,24 @@ impl Registry {
         decode(record.value())
     }
 
+    /// Stores a revision exactly as another registry holds it and makes it
+    /// the current one (for hosts that mirror a registry). The components
+    /// and models it uses must already be here.
+    pub fn mirror_function(&self, record: &FunctionRecord) -> Result<(), RegistryError> {
+        let validated = manifest::parse(&record.manifest)?;
+        self.write(|txn| {
+            self.check_stages(txn, &validated.stages)?;
+            let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            let key = (record.name.as_str(), record.revision);
+            if revisions.get(key)?.is_none() {
+                revisions.insert(key, serde_json::to_vec(record)?.as_slice())?;
+            }
+            txn.open_table(FUNCTION_HEADS)?
+                .insert(record.name.as_str(), record.revision)?;
+            Ok(())
+        })
+    }
+
     /// Serves an earlier revision again.
     pub fn rollback(&self, name: &str, revision: u64) -> Result<FunctionRecord, RegistryError> {
         self.write(|txn| {

@@ -2,7 +2,7 @@
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use cascade_tests::host::Host;
+use cascade_tests::host::{Host, client};
 use cascade_tests::nats::NatsServer;
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -254,7 +254,8 @@ fn fire_and_forget_results_errors_events_and_discovery() {
 fn two_hosts_share_the_work_and_survive_a_kill() {
     let nats = NatsServer::start();
     let first = host_on(&nats);
-    let mut second = host_on(&nats);
+    // The second host serves the first host's registry.
+    let mut second = Host::start_with(&["--nats", &nats.url(), "--registry-url", &first.url]);
     runtime().block_on(async {
         let client = async_nats::connect(nats.url()).await.expect("connect");
         wait_for_service(&client, "embed.requests").await;
@@ -354,4 +355,83 @@ fn hosts_ride_out_a_nats_restart() {
             .status(),
         200
     );
+}
+
+#[test]
+fn a_mirror_serves_what_its_source_publishes_within_two_seconds() {
+    let nats = NatsServer::start();
+    let source = host_on(&nats);
+    let mirror = Host::start_with(&["--nats", &nats.url(), "--registry-url", &source.url]);
+    assert_eq!(
+        mirror
+            .invoke("embed", "text/plain", "copied at start")
+            .status(),
+        200
+    );
+    let ready = Instant::now();
+    while mirror.get("/readyz").status() != 200 {
+        assert!(
+            ready.elapsed() < Duration::from_secs(10),
+            "the mirror never connected to NATS"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mirrored: Value = mirror
+        .get("/v1/models/minilm-l3/1.0.0")
+        .json()
+        .expect("JSON");
+    let original: Value = source
+        .get("/v1/models/minilm-l3/1.0.0")
+        .json()
+        .expect("JSON");
+    assert_eq!(mirrored["package_digest"], original["package_digest"]);
+
+    let published = Instant::now();
+    assert_eq!(
+        source
+            .put("/v1/functions/eventful", "application/toml", EVENTFUL)
+            .status(),
+        201
+    );
+    while mirror.invoke("eventful", "text/plain", "hello").status() != 200 {
+        assert!(
+            published.elapsed() < Duration::from_secs(2),
+            "not served by the mirror within 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "published on the source, served by the mirror after {:?}",
+        published.elapsed()
+    );
+
+    let (status, body) = {
+        let r = mirror.put("/v1/functions/eventful", "application/toml", EVENTFUL);
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    assert_eq!(status, 409);
+    assert!(body.contains("publish there"), "{body}");
+
+    assert!(
+        client()
+            .delete(format!("{}/v1/functions/eventful", source.url))
+            .send()
+            .expect("delete")
+            .status()
+            .is_success()
+    );
+    let deleted = Instant::now();
+    loop {
+        let response = mirror.invoke("eventful", "text/plain", "hello");
+        let status = response.status();
+        if status == 404 {
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(2),
+            "the mirror still serves a deleted function: {status} {:?}",
+            response.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -47,6 +47,8 @@ pub struct HttpState {
     pub readiness: Vec<(String, Box<dyn Fn() -> bool + Send + Sync>)>,
     /// Where registry changes are announced.
     pub events: crate::trigger::nats::Events,
+    /// Set on hosts that serve another host's registry: writes go there.
+    pub mirror_of: Option<String>,
     next_request: AtomicU64,
 }
 
@@ -59,6 +61,7 @@ impl HttpState {
             max_upload,
             readiness: Vec::new(),
             events: Default::default(),
+            mirror_of: None,
             next_request: AtomicU64::new(1),
         }
     }
@@ -324,6 +327,14 @@ async fn route(
     {
         drain(request.into_body()).await;
         return Err(refused);
+    }
+    if let (true, Some(source), ["v1", ..]) = (write, &state.mirror_of, segments.as_slice()) {
+        drain(request.into_body()).await;
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "read_only",
+            message: format!("this host serves the registry of {source}; publish there"),
+        });
     }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => {

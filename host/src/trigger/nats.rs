@@ -37,10 +37,19 @@ pub struct NatsOptions {
     pub tls: bool,
 }
 
-/// Connects, retrying in the background until the server is reachable;
-/// `connected` follows the connection state for `/readyz`.
-pub async fn connect(options: &NatsOptions, connected: Arc<AtomicBool>) -> anyhow::Result<Client> {
-    let flag = connected.clone();
+/// The connection's state as the rest of the host sees it.
+#[derive(Default)]
+pub struct ConnectionState {
+    /// Whether the client is connected now (for `/readyz`).
+    pub connected: AtomicBool,
+    /// Woken on every (re)connection: whoever follows events must catch up
+    /// on what it missed while disconnected.
+    pub reconnected: tokio::sync::Notify,
+}
+
+/// Connects, retrying in the background until the server is reachable.
+pub async fn connect(options: &NatsOptions, state: Arc<ConnectionState>) -> anyhow::Result<Client> {
+    let flag = state.clone();
     let mut connect = ConnectOptions::new()
         .name("cascade")
         .retry_on_initial_connect()
@@ -50,9 +59,12 @@ pub async fn connect(options: &NatsOptions, connected: Arc<AtomicBool>) -> anyho
             let flag = flag.clone();
             async move {
                 match event {
-                    async_nats::Event::Connected => flag.store(true, Ordering::SeqCst),
+                    async_nats::Event::Connected => {
+                        flag.connected.store(true, Ordering::SeqCst);
+                        flag.reconnected.notify_waiters();
+                    }
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
-                        flag.store(false, Ordering::SeqCst)
+                        flag.connected.store(false, Ordering::SeqCst)
                     }
                     _ => {}
                 }
@@ -68,7 +80,7 @@ pub async fn connect(options: &NatsOptions, connected: Arc<AtomicBool>) -> anyho
     }
     let client = connect.connect(options.url.as_str()).await?;
     if client.connection_state() == async_nats::connection::State::Connected {
-        connected.store(true, Ordering::SeqCst);
+        state.connected.store(true, Ordering::SeqCst);
     }
     Ok(client)
 }
