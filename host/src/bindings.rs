@@ -20,6 +20,15 @@ mod postprocessor {
     });
 }
 
+mod inferencer {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "cascade:inference/inferencer",
+        with: { "cascade:inference/types": super::preprocessor::cascade::inference::types },
+    });
+}
+
+pub use inferencer::{Inferencer, InferencerPre};
 pub use postprocessor::{Postprocessor, PostprocessorPre};
 pub use preprocessor::cascade::inference::types::{
     Error as GuestError, Message, Tensor, TensorType,

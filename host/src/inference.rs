@@ -45,9 +45,13 @@ fn optimise(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, S
 /// dynamic input dimension, so exports that leave dimensions as `?` (e.g.
 /// PaddleOCR's) get symbols tract can reason about.
 fn load(path: &Path, shapes: &InputShapes) -> Result<InferenceModel, String> {
-    let mut model = tract_onnx::onnx()
+    let model = tract_onnx::onnx()
         .model_for_path(path)
         .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+    with_shapes(model, shapes)
+}
+
+fn with_shapes(mut model: InferenceModel, shapes: &InputShapes) -> Result<InferenceModel, String> {
     let names: Vec<String> = model
         .inputs
         .iter()
@@ -145,10 +149,36 @@ pub struct ModelPlan {
     outputs: Vec<String>,
 }
 
+impl std::fmt::Debug for ModelPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelPlan")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
 impl ModelPlan {
     /// Loads and optimises the model, computing only `outputs` (all when empty).
     pub fn load(path: &Path, shapes: &InputShapes, outputs: &[String]) -> Result<Self, String> {
-        let mut model = load(path, shapes)?;
+        Self::prepare(load(path, shapes)?, shapes, outputs)
+    }
+
+    /// Loads and optimises an ONNX model given as bytes (what `wasi:nn`'s
+    /// `load` hands over), computing every output.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+        let shapes = InputShapes::new();
+        Self::prepare(with_shapes(model, &shapes)?, &shapes, &[])
+    }
+
+    fn prepare(
+        mut model: InferenceModel,
+        shapes: &InputShapes,
+        outputs: &[String],
+    ) -> Result<Self, String> {
         if !outputs.is_empty() {
             let outlets = outputs
                 .iter()

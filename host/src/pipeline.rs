@@ -221,6 +221,9 @@ impl PreparedFunction {
                             inputs.extend(outputs);
                             instance.postprocess(inputs).map(Flow::Message)
                         }
+                        (World::Inferencer, Flow::Tensors { outputs: inputs, .. }) => instance
+                            .infer(inputs.clone())
+                            .map(|outputs| Flow::Tensors { inputs, outputs }),
                         (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
                             "this function starts with a postprocessor, which takes tensors, not a message".into(),
                         )),

@@ -133,6 +133,7 @@ impl Runtime {
                     component,
                     files,
                     config,
+                    models,
                 } => {
                     let label = component.to_string();
                     let record = self
@@ -147,11 +148,24 @@ impl Runtime {
                         }
                         None => None,
                     };
+                    let granted = models
+                        .iter()
+                        .map(|reference| {
+                            let record =
+                                self.registry.model(reference).map_err(|e| e.to_string())?;
+                            let path = self.registry.blob_path(&record.digest);
+                            let plan =
+                                self.plans
+                                    .get(&record.digest, &path, &record.input_shapes, &[])?;
+                            Ok((reference.to_string(), plan))
+                        })
+                        .collect::<Result<Vec<_>, String>>()?;
                     let grant = Grant {
                         config,
                         model_dir,
                         memory_bytes: (manifest.limits.memory_mb << 20) as usize,
                         log_tag: format!("{name}/{label}"),
+                        models: granted,
                     };
                     let metrics = PoolMetrics {
                         instances: self.metrics.instances.with_label_values(&[&name, &label]),

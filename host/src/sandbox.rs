@@ -33,6 +33,8 @@ pub struct Grant {
     pub memory_bytes: usize,
     /// How the guest's output is tagged in the log (function and stage).
     pub log_tag: String,
+    /// Models the guest may `load-by-name` through `wasi:nn` (`name@version`).
+    pub models: Vec<(String, std::sync::Arc<crate::inference::ModelPlan>)>,
 }
 
 impl Default for Grant {
@@ -42,6 +44,7 @@ impl Default for Grant {
             model_dir: None,
             memory_bytes: 128 << 20,
             log_tag: String::new(),
+            models: Vec::new(),
         }
     }
 }
@@ -52,6 +55,7 @@ pub struct StageState {
     table: ResourceTable,
     config: WasiConfigVariables,
     limits: StoreLimits,
+    nn: wasmtime_wasi_nn::wit::WasiNnCtx,
 }
 
 impl StageState {
@@ -81,6 +85,7 @@ impl StageState {
                 .memory_size(grant.memory_bytes)
                 .trap_on_grow_failure(true)
                 .build(),
+            nn: crate::nn::context(&grant.models),
         })
     }
 
@@ -107,6 +112,10 @@ pub fn linker(engine: &Engine) -> Result<Linker<StageState>> {
         WasiConfig::from(&s.config)
     })
     .context("adding wasi:config to the linker")?;
+    wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut StageState| {
+        wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
+    })
+    .context("adding wasi:nn to the linker")?;
     Ok(linker)
 }
 

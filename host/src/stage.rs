@@ -6,8 +6,8 @@
 //! to create from the `InstancePre` and reusable across calls until a trap.
 
 use crate::bindings::{
-    GuestError, Message, Postprocessor, PostprocessorPre, Preprocessor, PreprocessorPre, Tensor,
-    export_names,
+    GuestError, Inferencer, InferencerPre, Message, Postprocessor, PostprocessorPre, Preprocessor,
+    PreprocessorPre, Tensor, export_names,
 };
 use crate::engine::ServingEngine;
 pub use crate::sandbox::Grant;
@@ -110,6 +110,7 @@ impl StageError {
 enum Prepared {
     Pre(PreprocessorPre<StageState>),
     Post(PostprocessorPre<StageState>),
+    Infer(InferencerPre<StageState>),
 }
 
 /// A compiled component, linked against the sandbox's imports.
@@ -138,7 +139,7 @@ impl ComponentStage {
         let prepared = match world {
             World::Preprocessor => Prepared::Pre(PreprocessorPre::new(pre)?),
             World::Postprocessor => Prepared::Post(PostprocessorPre::new(pre)?),
-            World::Inferencer => wasmtime::bail!("inferencer components are not runnable yet"),
+            World::Inferencer => Prepared::Infer(InferencerPre::new(pre)?),
         };
         Ok(ComponentStage {
             engine,
@@ -164,6 +165,9 @@ impl ComponentStage {
             Prepared::Post(pre) => {
                 Bound::Post(pre.instantiate(&mut store).context("instantiating")?)
             }
+            Prepared::Infer(pre) => {
+                Bound::Infer(pre.instantiate(&mut store).context("instantiating")?)
+            }
         };
         Ok(StageInstance {
             store,
@@ -176,6 +180,7 @@ impl ComponentStage {
 enum Bound {
     Pre(Preprocessor),
     Post(Postprocessor),
+    Infer(Inferencer),
 }
 
 /// One live, sandboxed instance of a stage.
@@ -214,6 +219,20 @@ impl StageInstance {
         let result = bound
             .cascade_inference_postprocess()
             .call_postprocess(&mut self.store, &tensors);
+        result
+            .map_err(StageError::from_trap)?
+            .map_err(StageError::from_guest)
+    }
+
+    /// Runs `infer`.
+    pub fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, StageError> {
+        self.arm_deadline();
+        let Bound::Infer(bound) = &self.bound else {
+            return Err(StageError::Internal("stage is not an inferencer".into()));
+        };
+        let result = bound
+            .cascade_inference_infer()
+            .call_infer(&mut self.store, &inputs);
         result
             .map_err(StageError::from_trap)?
             .map_err(StageError::from_guest)

@@ -64,6 +64,9 @@ pub struct StageSpec {
     /// For a component: `wasi:config/store` values.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// For an inferencer component: models it may `load-by-name` through `wasi:nn`.
+    #[serde(default)]
+    pub models: Vec<Reference>,
     /// For a model: which outputs to compute (default: all).
     pub outputs: Option<Vec<String>>,
 }
@@ -155,6 +158,8 @@ pub enum Stage {
         files: Option<Reference>,
         /// Configuration values.
         config: BTreeMap<String, String>,
+        /// Models granted to `wasi:nn` `load-by-name`.
+        models: Vec<Reference>,
     },
     /// A model run natively.
     Model {
@@ -243,11 +248,14 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                 component: component.clone(),
                 files: spec.files.clone(),
                 config: spec.config.clone(),
+                models: spec.models.clone(),
             })
         }
         (None, Some(model)) => {
-            if spec.files.is_some() || !spec.config.is_empty() {
-                return invalid("sets `files` or `config`, which only component stages take");
+            if spec.files.is_some() || !spec.config.is_empty() || !spec.models.is_empty() {
+                return invalid(
+                    "sets `files`, `config` or `models`, which only component stages take",
+                );
             }
             Ok(Stage::Model {
                 model: model.clone(),

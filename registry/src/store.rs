@@ -300,7 +300,10 @@ impl Registry {
         for (at, stage) in stages.iter().enumerate() {
             match stage {
                 Stage::Component {
-                    component, files, ..
+                    component,
+                    files,
+                    models,
+                    ..
                 } => {
                     let found =
                         components
@@ -325,6 +328,16 @@ impl Registry {
                     if let Some(files) = files {
                         model(files, at)?;
                         uses.push(format!("model:{files}"));
+                    }
+                    if !models.is_empty() && record.world != "inferencer" {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}].models`: {component} is a {}; only inferencers load models",
+                            record.world
+                        )));
+                    }
+                    for granted in models {
+                        model(granted, at)?;
+                        uses.push(format!("model:{granted}"));
                     }
                     uses.push(format!("component:{component}"));
                     previous_outputs = None;

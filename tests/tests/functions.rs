@@ -437,3 +437,90 @@ fn health_answers_while_embed_is_saturated_and_new_revisions_lose_nothing() {
         .expect("status");
     assert_eq!(status["revision"], 3);
 }
+
+const EMBED_NN: &str = r#"
+name = "embed-nn"
+[[stages]]
+component = "bert-tokenizer@0.1.0"
+files = "minilm-l3@1.0.0"
+[[stages]]
+component = "nn-infer@0.1.0"
+models = ["minilm-l3@1.0.0"]
+config = { model = "minilm-l3@1.0.0", outputs = "onnx::Shape_422" }
+[[stages]]
+component = "mean-pool@0.1.0"
+config = { normalize = "true" }
+"#;
+
+#[test]
+fn an_inferencer_runs_a_granted_registry_model_through_wasi_nn() {
+    let host = Host::start();
+    host.publish_examples();
+    let wasm = cascade_tests::component_path("nn-infer");
+    let out = host.cli(&[
+        "publish",
+        "component",
+        wasm.to_str().expect("utf-8"),
+        "--name",
+        "nn-infer",
+        "--version",
+        "0.1.0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: Value = host
+        .get("/v1/components/nn-infer/0.1.0")
+        .json()
+        .expect("JSON");
+    assert_eq!(shown["world"], "inferencer");
+    assert_eq!(
+        host.put("/v1/functions/embed-nn", "application/toml", EMBED_NN)
+            .status(),
+        201
+    );
+
+    let text = "A man is eating a piece of bread.";
+    let through_nn: Value = host
+        .invoke("embed-nn", "text/plain", text)
+        .json()
+        .expect("JSON");
+    let native = embed(&host, &[text]);
+    let row: Vec<f64> = through_nn["embeddings"][0]
+        .as_array()
+        .expect("row")
+        .iter()
+        .map(|v| v.as_f64().expect("f"))
+        .collect();
+    assert!(
+        cosine(&row, &native[0]) > 0.99999,
+        "wasi:nn and the model stage disagree"
+    );
+
+    // Only granted models can be loaded by name.
+    let ungranted = EMBED_NN
+        .replace("name = \"embed-nn\"", "name = \"sneaky\"")
+        .replace(
+            "config = { model = \"minilm-l3@1.0.0\"",
+            "config = { model = \"ppocr-cls@2.0.0\"",
+        );
+    assert_eq!(
+        host.put("/v1/functions/sneaky", "application/toml", ungranted)
+            .status(),
+        201
+    );
+    let (status, message) = error_of(host.invoke("sneaky", "text/plain", text));
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("loading ppocr-cls@2.0.0"), "{message}");
+
+    // `models` is refused on a component that is not an inferencer.
+    let wrong = "name = \"w\"\n[[stages]]\ncomponent = \"bert-tokenizer@0.1.0\"\nmodels = [\"minilm-l3@1.0.0\"]";
+    let (status, message) = error_of(host.put("/v1/functions/w", "application/toml", wrong));
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("only inferencers load models"),
+        "{message}"
+    );
+}

@@ -12,6 +12,7 @@ pub const COMPONENTS: &[&str] = &[
     "image-preprocess",
     "classify",
     "misbehave",
+    "nn-infer",
 ];
 
 /// The WebAssembly target guests are built for.
