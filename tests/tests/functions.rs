@@ -524,3 +524,32 @@ fn an_inferencer_runs_a_granted_registry_model_through_wasi_nn() {
         "{message}"
     );
 }
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
+    let mut host = misbehave_host();
+    let url = host.url.clone();
+    let slow = std::thread::spawn(move || {
+        let response = client()
+            .post(format!("{url}/v1/functions/misbehave/invoke"))
+            .header("content-type", "text/plain")
+            .body("sleep:700")
+            .send()
+            .expect("the in-flight request is answered");
+        response.status().as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(host.terminate(), "cascade serve exits 0 after SIGTERM");
+    assert_eq!(
+        slow.join().expect("request thread"),
+        200,
+        "the in-flight request finished"
+    );
+    assert!(
+        client()
+            .get(format!("{}/healthz", host.url))
+            .send()
+            .is_err(),
+        "no longer accepting"
+    );
+}

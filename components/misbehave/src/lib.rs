@@ -3,6 +3,7 @@
 //!
 //! - `echo:TEXT`: answers a u8 tensor `echo` holding TEXT;
 //! - `print:TEXT`: writes TEXT to stdout and stderr, then echoes it;
+//! - `sleep:MS`: sleeps MS milliseconds, then echoes (a slow request);
 //! - `loop`: spins forever (the host must interrupt it);
 //! - `oom`: allocates until memory runs out (the host must contain it);
 //! - `panic`: panics (a trap);
@@ -34,6 +35,13 @@ fn misbehave(input: Message) -> Result<Vec<Tensor>, Failure> {
             println!("{argument}");
             eprintln!("{argument}");
             Ok(answer(argument))
+        }
+        "sleep" => {
+            let ms: u64 = argument
+                .parse()
+                .map_err(|_| Failure::input("sleep:MS takes a number"))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(answer("slept"))
         }
         "loop" => {
             let mut n: u64 = 0;
