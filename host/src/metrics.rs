@@ -113,6 +113,16 @@ impl Metrics {
         })
     }
 
+    /// Records one finished invocation, whichever trigger it came through.
+    pub fn observe_request(&self, function: &str, status: u16, elapsed: std::time::Duration) {
+        self.requests
+            .with_label_values(&[function, &status.to_string()])
+            .inc();
+        self.latency
+            .with_label_values(&[function])
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

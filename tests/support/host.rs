@@ -180,26 +180,31 @@ impl Host {
         .unwrap_or_else(|e| panic!("publishing the examples: {e}"));
     }
 
+    /// Publishes one built component as `name@0.1.0` through the CLI.
+    pub fn publish_component(&self, name: &str) {
+        let wasm = component_path(name);
+        let wasm = wasm.to_str().expect("utf-8 path");
+        let out = self.cli(&[
+            "publish",
+            "component",
+            wasm,
+            "--name",
+            name,
+            "--version",
+            "0.1.0",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publishes the example components only (no models): quick set-up for
     /// tests that need some stages to reference.
     pub fn publish_examples_small(&self) {
-        for component in ["bert-tokenizer", "mean-pool"] {
-            let wasm = component_path(component);
-            let out = self.cli(&[
-                "publish",
-                "component",
-                wasm.to_str().expect("utf-8"),
-                "--name",
-                component,
-                "--version",
-                "0.1.0",
-            ]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.publish_component("bert-tokenizer");
+        self.publish_component("mean-pool");
     }
 
     /// GET a path.

@@ -181,21 +181,7 @@ memory_mb = 32
 
 fn misbehave_host() -> Host {
     let host = Host::start();
-    let wasm = cascade_tests::component_path("misbehave");
-    let out = host.cli(&[
-        "publish",
-        "component",
-        wasm.to_str().expect("utf-8"),
-        "--name",
-        "misbehave",
-        "--version",
-        "0.1.0",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.publish_component("misbehave");
     let response = host.put("/v1/functions/misbehave", "application/toml", MISBEHAVE);
     assert_eq!(response.status(), 201);
     host
@@ -456,21 +442,7 @@ config = { normalize = "true" }
 fn an_inferencer_runs_a_granted_registry_model_through_wasi_nn() {
     let host = Host::start();
     host.publish_examples();
-    let wasm = cascade_tests::component_path("nn-infer");
-    let out = host.cli(&[
-        "publish",
-        "component",
-        wasm.to_str().expect("utf-8"),
-        "--name",
-        "nn-infer",
-        "--version",
-        "0.1.0",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.publish_component("nn-infer");
     let shown: Value = host
         .get("/v1/components/nn-infer/0.1.0")
         .json()

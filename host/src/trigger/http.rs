@@ -402,16 +402,12 @@ async fn invoke(
         Ok(_) => 200,
         Err(e) => e.status.as_u16(),
     };
+    // Unknown names are not recorded: they would grow the label set without bound.
     if state.runtime.function(name).is_ok() {
-        let metrics = &state.runtime.metrics;
-        metrics
-            .requests
-            .with_label_values(&[name, &status.to_string()])
-            .inc();
-        metrics
-            .latency
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
+        state
+            .runtime
+            .metrics
+            .observe_request(name, status, started.elapsed());
     }
     tracing::info!(request_id = %request_id, function = name, status, elapsed_ms = started.elapsed().as_millis() as u64, "invoke");
     let mut response = match result {

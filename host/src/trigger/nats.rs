@@ -291,15 +291,9 @@ impl NatsTrigger {
         let message = &request.message;
         let outcome = self.invoke(name, message).await;
         let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
-        let metrics = &self.runtime.metrics;
-        metrics
-            .requests
-            .with_label_values(&[name, &status.to_string()])
-            .inc();
-        metrics
-            .latency
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
+        self.runtime
+            .metrics
+            .observe_request(name, status, started.elapsed());
         let sent = match (message.reply.is_some(), outcome) {
             (true, Ok(output)) => {
                 request
