@@ -525,3 +525,56 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
         "no longer accepting"
     );
 }
+
+const TIGHT: &str = r#"
+name = "tight"
+[[stages]]
+component = "misbehave@0.1.0"
+[scaling]
+max_instances = 1
+max_queue = 0
+[limits]
+timeout_ms = 3000
+max_body_kb = 1
+"#;
+
+#[test]
+fn overload_gets_503_with_retry_after_and_big_bodies_413() {
+    let host = misbehave_host();
+    assert_eq!(
+        host.put("/v1/functions/tight", "application/toml", TIGHT)
+            .status(),
+        201
+    );
+    let url = host.url.clone();
+    let busy = std::thread::spawn(move || {
+        client()
+            .post(format!("{url}/v1/functions/tight/invoke"))
+            .body("sleep:800")
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = host.invoke("tight", "text/plain", "echo:second");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let (_, message) = error_of(refused);
+    assert!(
+        message.contains("function tight is overloaded"),
+        "{message}"
+    );
+    assert_eq!(busy.join().expect("busy request"), 200);
+    assert_eq!(
+        echo(&host),
+        "still here",
+        "capacity is back once the slow request ends"
+    );
+
+    let (status, message) = error_of(host.invoke("tight", "text/plain", vec![b'x'; 2048]));
+    assert_eq!(status, 413);
+    assert!(
+        message.contains("function tight: body exceeds the limit of 1024 bytes"),
+        "{message}"
+    );
+}

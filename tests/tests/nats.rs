@@ -111,6 +111,17 @@ fn request_reply_matches_http_and_errors_follow_the_micro_convention() {
             over_http
         );
 
+        // $SRV.STATS counts what the endpoints really served.
+        let stats = request(&client, "$SRV.STATS.cascade-embed", "text/plain", "").await;
+        let stats: Value = serde_json::from_slice(&stats.payload).expect("stats JSON");
+        let served: u64 = stats["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .map(|e| e["num_requests"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(served >= 3, "stats count {served} requests: {stats}");
+
         let reply = request(&client, "orientation.requests", "image/png", "not an image").await;
         let headers = reply.headers.expect("error headers");
         assert_eq!(
