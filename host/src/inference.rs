@@ -311,10 +311,13 @@ fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, StageError> {
     })
 }
 
+/// Model digest plus shape overrides, and the selected outputs.
+type PlanKey = (String, Vec<String>);
+
 /// Plans shared across functions, keyed by model digest and output selection.
 #[derive(Default)]
 pub struct PlanCache {
-    plans: Mutex<HashMap<(String, Vec<String>), Arc<ModelPlan>>>,
+    plans: Mutex<HashMap<PlanKey, Arc<ModelPlan>>>,
 }
 
 impl PlanCache {
