@@ -40,6 +40,23 @@ pub fn model_file(name: &str) -> PathBuf {
     models_dir().join(name)
 }
 
+/// A manifest named `name` running the `embed` pipeline (tokenizer,
+/// MiniLM token embeddings, mean pooling) followed by `extra` TOML tables.
+pub fn embed_manifest(name: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[[stages]]
+component = "bert-tokenizer@0.1.0"
+files = "minilm-l3@1.0.0"
+[[stages]]
+model = "minilm-l3@1.0.0"
+outputs = ["onnx::Shape_422"]
+[[stages]]
+component = "mean-pool@0.1.0"
+{extra}"#
+    )
+}
+
 /// Path of a committed fixture under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

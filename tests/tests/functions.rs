@@ -261,22 +261,17 @@ fn misbehaving_guests_cannot_hurt_the_host() {
     assert_eq!(host.get("/healthz").status(), 200);
 }
 
-const POOLED: &str = r#"
-name = "pooled"
-[[stages]]
-component = "bert-tokenizer@0.1.0"
-files = "minilm-l3@1.0.0"
-[[stages]]
-model = "minilm-l3@1.0.0"
-outputs = ["onnx::Shape_422"]
-[[stages]]
-component = "mean-pool@0.1.0"
-[scaling]
+fn pooled() -> String {
+    cascade_tests::embed_manifest(
+        "pooled",
+        r#"[scaling]
 min_instances = 0
 max_instances = 4
 idle_timeout_ms = 600
 max_queue = 64
-"#;
+"#,
+    )
+}
 
 fn stage_instances(host: &Host, function: &str) -> Vec<u64> {
     let status: Value = host
@@ -296,7 +291,7 @@ fn pools_scale_up_under_load_and_back_to_the_minimum() {
     let host = Arc::new(Host::start());
     host.publish_examples();
     assert_eq!(
-        host.put("/v1/functions/pooled", "application/toml", POOLED)
+        host.put("/v1/functions/pooled", "application/toml", pooled())
             .status(),
         201
     );

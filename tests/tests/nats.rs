@@ -136,19 +136,14 @@ fn request_reply_matches_http_and_errors_follow_the_micro_convention() {
     });
 }
 
-const EVENTFUL: &str = r#"
-name = "eventful"
-[[stages]]
-component = "bert-tokenizer@0.1.0"
-files = "minilm-l3@1.0.0"
-[[stages]]
-model = "minilm-l3@1.0.0"
-outputs = ["onnx::Shape_422"]
-[[stages]]
-component = "mean-pool@0.1.0"
-[triggers]
+fn eventful() -> String {
+    cascade_tests::embed_manifest(
+        "eventful",
+        r#"[triggers]
 nats = { subject = "eventful.in", result_subject = "eventful.out" }
-"#;
+"#,
+    )
+}
 
 #[test]
 fn fire_and_forget_results_errors_events_and_discovery() {
@@ -162,7 +157,7 @@ fn fire_and_forget_results_errors_events_and_discovery() {
             .expect("subscribe");
         client.flush().await.expect("flush");
         let status = tokio::task::block_in_place(|| {
-            host.put("/v1/functions/eventful", "application/toml", EVENTFUL)
+            host.put("/v1/functions/eventful", "application/toml", eventful())
                 .status()
         });
         assert_eq!(status, 201);
@@ -400,7 +395,7 @@ fn a_mirror_serves_what_its_source_publishes_within_two_seconds() {
     let published = Instant::now();
     assert_eq!(
         source
-            .put("/v1/functions/eventful", "application/toml", EVENTFUL)
+            .put("/v1/functions/eventful", "application/toml", eventful())
             .status(),
         201
     );
@@ -417,7 +412,7 @@ fn a_mirror_serves_what_its_source_publishes_within_two_seconds() {
     );
 
     let (status, body) = {
-        let r = mirror.put("/v1/functions/eventful", "application/toml", EVENTFUL);
+        let r = mirror.put("/v1/functions/eventful", "application/toml", eventful());
         (r.status().as_u16(), r.text().unwrap_or_default())
     };
     assert_eq!(status, 409);
