@@ -44,6 +44,7 @@ pub struct Host {
     pub data: PathBuf,
     port: u16,
     extra: Vec<String>,
+    log: Option<PathBuf>,
     _owned: Option<tempfile::TempDir>,
 }
 
@@ -70,13 +71,46 @@ impl Host {
             data: data.to_path_buf(),
             port,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: None,
             _owned: None,
         };
         host.spawn();
         host
     }
 
+    /// Starts a host whose log (at `info`) goes to a file; see [`Host::log`].
+    pub fn start_logged() -> Host {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut host = Host {
+            child: None,
+            url: String::new(),
+            data: dir.path().join("data"),
+            port: free_port(),
+            extra: Vec::new(),
+            log: Some(dir.path().join("host.log")),
+            _owned: Some(dir),
+        };
+        host.url = format!("http://127.0.0.1:{}", host.port);
+        host.spawn();
+        host
+    }
+
+    /// What a host started with [`Host::start_logged`] has logged so far.
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     fn spawn(&mut self) {
+        let (level, stderr) = match &self.log {
+            Some(path) => (
+                "info",
+                Stdio::from(std::fs::File::create(path).expect("log file")),
+            ),
+            None => ("warn", Stdio::inherit()),
+        };
         let child = Command::new(cascade_binary())
             .args([
                 "serve",
@@ -86,8 +120,10 @@ impl Host {
             ])
             .arg(&self.data)
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("cascade serve starts");
         self.child = Some(child);

@@ -180,7 +180,10 @@ memory_mb = 32
 "#;
 
 fn misbehave_host() -> Host {
-    let host = Host::start();
+    misbehave_on(Host::start())
+}
+
+fn misbehave_on(host: Host) -> Host {
     host.publish_component("misbehave");
     let response = host.put("/v1/functions/misbehave", "application/toml", MISBEHAVE);
     assert_eq!(response.status(), 201);
@@ -572,4 +575,46 @@ fn overload_gets_503_with_retry_after_and_big_bodies_413() {
         message.contains("function tight: body exceeds the limit of 1024 bytes"),
         "{message}"
     );
+}
+
+#[test]
+fn guest_output_reaches_the_host_log_tagged_with_function_and_stage() {
+    let host = misbehave_on(Host::start_logged());
+    let response = host.invoke(
+        "misbehave",
+        "text/plain",
+        "print:hello from inside the sandbox",
+    );
+    assert_eq!(response.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = host.log();
+        let tagged: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("hello from inside the sandbox"))
+            .collect();
+        if tagged.len() >= 2 {
+            assert!(
+                tagged
+                    .iter()
+                    .all(|l| l.contains("misbehave/misbehave@0.1.0")),
+                "{tagged:?}"
+            );
+            assert!(
+                tagged.iter().any(|l| l.contains("stdout"))
+                    && tagged.iter().any(|l| l.contains("stderr")),
+                "{tagged:?}"
+            );
+            assert!(
+                log.contains("request_id="),
+                "invocations are logged with a request id"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest output never reached the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
