@@ -222,7 +222,7 @@ impl PreparedFunction {
                             instance.postprocess(inputs).map(Flow::Message)
                         }
                         (World::Inferencer, Flow::Tensors { outputs: inputs, .. }) => instance
-                            .infer(inputs.clone())
+                            .infer(&inputs)
                             .map(|outputs| Flow::Tensors { inputs, outputs }),
                         (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
                             "this function starts with a postprocessor, which takes tensors, not a message".into(),

@@ -225,14 +225,14 @@ impl StageInstance {
     }
 
     /// Runs `infer`.
-    pub fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, StageError> {
+    pub fn infer(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
         self.arm_deadline();
         let Bound::Infer(bound) = &self.bound else {
             return Err(StageError::Internal("stage is not an inferencer".into()));
         };
         let result = bound
             .cascade_inference_infer()
-            .call_infer(&mut self.store, &inputs);
+            .call_infer(&mut self.store, inputs);
         result
             .map_err(StageError::from_trap)?
             .map_err(StageError::from_guest)
