@@ -11,20 +11,23 @@ use std::time::{Duration, Instant};
 #[path = "../../xtask/src/examples.rs"]
 mod examples;
 
-/// The `cascade` binary cargo built beside this test binary.
+/// The `cascade` binary cargo built beside this binary: in the same
+/// directory (`target/<profile>/`, a bench driver) or one level up (a test
+/// binary in `target/<profile>/deps/`).
 pub fn cascade_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let binary = dir.join("cascade");
-    assert!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build -p cascade-host` (cargo xtask test does)",
-        binary.display()
-    );
-    binary
+    let exe = std::env::current_exe().expect("own binary path");
+    let binary = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("cascade"))
+        .find(|candidate| candidate.is_file());
+    binary.unwrap_or_else(|| {
+        panic!(
+            "no `cascade` binary beside {}: build it with `cargo build -p cascade-host` (cargo xtask test does)",
+            exe.display()
+        )
+    })
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -151,6 +154,11 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Sends SIGKILL and waits for the process to be gone.

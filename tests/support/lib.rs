@@ -100,3 +100,49 @@ pub fn instance(name: &str, config: &[(&str, &str)]) -> StageInstance {
         .instantiate(&grant)
         .unwrap_or_else(|e| panic!("instantiating {name}: {e:#}"))
 }
+
+/// Renders one line of text in DejaVu Sans, black on white, as PNG bytes.
+pub fn render_line(text: &str, rotate: bool) -> Vec<u8> {
+    use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+    let data = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").expect(
+        "DejaVu Sans is installed (apt-get install fonts-dejavu-core; cargo xtask test does)",
+    );
+    let font = FontRef::try_from_slice(&data).expect("font parses");
+    let scale = PxScale::from(36.0);
+    let scaled = font.as_scaled(scale);
+    let width: f32 = text
+        .chars()
+        .map(|c| scaled.h_advance(font.glyph_id(c)))
+        .sum();
+    let (w, h) = (width.ceil() as u32 + 16, 48u32);
+    let mut image = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut x = 8.0;
+    for c in text.chars() {
+        let glyph = font
+            .glyph_id(c)
+            .with_scale_and_position(scale, ab_glyph::point(x, 8.0 + scaled.ascent()));
+        x += scaled.h_advance(font.glyph_id(c));
+        if let Some(outlined) = font.outline_glyph(glyph) {
+            let bounds = outlined.px_bounds();
+            outlined.draw(|gx, gy, coverage| {
+                let (px, py) = (
+                    bounds.min.x as i32 + gx as i32,
+                    bounds.min.y as i32 + gy as i32,
+                );
+                if px >= 0 && py >= 0 && (px as u32) < w && (py as u32) < h {
+                    let v = (255.0 * (1.0 - coverage)).round() as u8;
+                    let pixel = image.get_pixel_mut(px as u32, py as u32);
+                    *pixel = image::Rgb([v.min(pixel[0]); 3]);
+                }
+            });
+        }
+    }
+    if rotate {
+        image = image::imageops::rotate180(&image);
+    }
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("PNG encodes");
+    png
+}

@@ -93,51 +93,6 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
     assert!(cosine(&single, &rows[0]) > 0.99999);
 }
 
-/// Renders one line of text in DejaVu Sans, black on white, as PNG bytes.
-fn render_line(text: &str, rotate: bool) -> Vec<u8> {
-    use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
-    let data = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").expect(
-        "DejaVu Sans is installed (apt-get install fonts-dejavu-core; cargo xtask test does)",
-    );
-    let font = FontRef::try_from_slice(&data).expect("font parses");
-    let scale = PxScale::from(36.0);
-    let scaled = font.as_scaled(scale);
-    let width: f32 = text
-        .chars()
-        .map(|c| scaled.h_advance(font.glyph_id(c)))
-        .sum();
-    let (w, h) = (width.ceil() as u32 + 16, 48u32);
-    let mut image = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let mut x = 8.0;
-    for c in text.chars() {
-        let glyph = font
-            .glyph_id(c)
-            .with_scale_and_position(scale, ab_glyph::point(x, 8.0 + scaled.ascent()));
-        x += scaled.h_advance(font.glyph_id(c));
-        if let Some(outlined) = font.outline_glyph(glyph) {
-            let bounds = outlined.px_bounds();
-            outlined.draw(|gx, gy, coverage| {
-                let (px, py) = (
-                    bounds.min.x as i32 + gx as i32,
-                    bounds.min.y as i32 + gy as i32,
-                );
-                if px >= 0 && py >= 0 && (px as u32) < w && (py as u32) < h {
-                    let v = (255.0 * (1.0 - coverage)).round() as u8;
-                    let pixel = image.get_pixel_mut(px as u32, py as u32);
-                    *pixel = image::Rgb([v.min(pixel[0]); 3]);
-                }
-            });
-        }
-    }
-    if rotate {
-        image = image::imageops::rotate180(&image);
-    }
-    let mut png = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("PNG encodes");
-    png
-}
 
 fn top_label(host: &Host, png: Vec<u8>) -> (String, f64) {
     let response = host.invoke("orientation", "image/png", png);
@@ -155,9 +110,9 @@ fn orientation_tells_upright_text_from_upside_down() {
     let host = Host::start();
     host.publish_examples();
     for text in ["Cascade serves models", "The quick brown fox 42"] {
-        let (label, score) = top_label(&host, render_line(text, false));
+        let (label, score) = top_label(&host, cascade_tests::render_line(text, false));
         assert_eq!(label, "0", "upright {text:?} (score {score})");
-        let (label, score) = top_label(&host, render_line(text, true));
+        let (label, score) = top_label(&host, cascade_tests::render_line(text, true));
         assert_eq!(label, "180", "rotated {text:?} (score {score})");
     }
     let (status, message) = error_of(host.invoke("orientation", "image/png", "not an image"));

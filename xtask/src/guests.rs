@@ -13,6 +13,8 @@ pub const COMPONENTS: &[&str] = &[
     "classify",
     "misbehave",
     "nn-infer",
+    "echo",
+    "http-echo",
 ];
 
 /// The WebAssembly target guests are built for.

@@ -4,8 +4,11 @@
 //! - `test`: install what is missing, build everything, run every test;
 //! - `build`: build the guest components (wasm32-wasip2, release);
 //! - `models`: fetch and verify the real models;
-//! - `publish-examples --registry URL`: publish `embed` and `orientation`.
+//! - `publish-examples --registry URL`: publish `embed` and `orientation`;
+//! - `bench [ARGS]`: install what the benchmarks compare with, run them and
+//!   rewrite BENCHMARKS.md (ARGS go to `cascade-bench run`, e.g. `--only 1,3`).
 
+mod bench;
 mod catalog;
 mod examples;
 mod guests;
@@ -16,7 +19,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <up|test|build|models|publish-examples [--registry URL]>";
+const USAGE: &str =
+    "usage: cargo xtask <up|test|bench [ARGS]|build|models|publish-examples [--registry URL]>";
 
 /// Where `cargo xtask up` serves.
 const UP_ADDRESS: &str = "127.0.0.1:8080";
@@ -40,6 +44,7 @@ fn run() -> Result<()> {
         }
         "test" => test(&root),
         "up" => up(&root),
+        "bench" => bench(&root, std::env::args().skip(2).collect()),
         "publish-examples" => {
             let args: Vec<String> = std::env::args().skip(2).collect();
             let registry = match args.as_slice() {
@@ -107,6 +112,31 @@ fn test(root: &Path) -> Result<()> {
         ],
     )?;
     cargo(root, &["test", "--workspace"])
+}
+
+fn bench(root: &Path, extra: Vec<String>) -> Result<()> {
+    setup::nats_server()?;
+    setup::dejavu_fonts()?;
+    models::ensure()?;
+    build_components(root)?;
+    let (python, wasmtime) = bench::prepare(root)?;
+    cargo(root, &["build", "-p", "cascade-host", "-p", "cascade-bench"])?;
+    let status = Command::new(root.join("target/debug/cascade-bench"))
+        .current_dir(root)
+        .arg("run")
+        .arg("--python")
+        .arg(python)
+        .arg("--wasmtime")
+        .arg(wasmtime)
+        .arg("--appendix")
+        .arg(root.join("benches/optimisations.md"))
+        .args(extra)
+        .status()
+        .context("running cascade-bench")?;
+    if !status.success() {
+        bail!("the benchmarks failed ({status})");
+    }
+    Ok(())
 }
 
 fn cascade_binary(root: &Path) -> Result<PathBuf> {

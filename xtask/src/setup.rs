@@ -39,6 +39,11 @@ pub fn dejavu_fonts() -> Result<()> {
     debian_package("fonts-dejavu-core", || Path::new(DEJAVU_SANS).is_file())
 }
 
+/// Makes sure the `wrk` load generator the benchmarks use is installed.
+pub fn wrk() -> Result<()> {
+    debian_package("wrk", || on_path("wrk"))
+}
+
 /// The font file the tests use.
 const DEJAVU_SANS: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 

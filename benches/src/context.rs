@@ -1,0 +1,139 @@
+//! What every section shares: options, the load generator, the native
+//! baseline, the request bodies, and helpers to compare servers round by round.
+
+use crate::RunArgs;
+use crate::native::NativeEmbed;
+use crate::stats::median;
+use crate::wrk::{Target, Wrk, WrkRun};
+use anyhow::Result;
+use cascade_tests::host::Host;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Request bodies, written once to files for wrk.
+pub struct Bodies {
+    /// A text of exactly 32 tokens.
+    pub text_32: String,
+    /// A text of exactly 128 tokens (embed's truncation length).
+    pub text_128: String,
+    /// A rendered line of upright text, PNG.
+    pub line_png: Vec<u8>,
+    /// What the trivial functions echo.
+    pub echo: Vec<u8>,
+}
+
+/// Shared state of one run.
+pub struct Bench {
+    /// Options.
+    pub args: RunArgs,
+    /// The load generator.
+    pub wrk: Wrk,
+    /// Scratch directory.
+    pub work: PathBuf,
+    /// The models cache.
+    pub models: PathBuf,
+    /// The native embed baseline.
+    pub native: NativeEmbed,
+    /// Bodies.
+    pub bodies: Bodies,
+}
+
+impl Bench {
+    /// Prepares bodies and the baseline.
+    pub fn new(args: &RunArgs) -> Result<Bench> {
+        let work = args.out.join("work");
+        std::fs::create_dir_all(&work)?;
+        let models = cascade_tests::models_dir();
+        let native = NativeEmbed::load(&models)?;
+        let bodies = Bodies {
+            text_32: native.text_of_tokens(32)?,
+            text_128: native.text_of_tokens(128)?,
+            line_png: cascade_tests::render_line("Cascade serves models fast", false),
+            echo: b"hello, cascade".to_vec(),
+        };
+        std::fs::write(work.join("text_32.txt"), &bodies.text_32)?;
+        std::fs::write(work.join("text_128.txt"), &bodies.text_128)?;
+        std::fs::write(work.join("line.png"), &bodies.line_png)?;
+        std::fs::write(work.join("echo.txt"), &bodies.echo)?;
+        Ok(Bench {
+            wrk: Wrk::new(&work)?,
+            args: args.clone(),
+            work,
+            models,
+            native,
+            bodies,
+        })
+    }
+
+    /// Length of one load run.
+    pub fn run_length(&self) -> Duration {
+        Duration::from_secs(self.args.seconds)
+    }
+
+    /// A wrk target POSTing the body file `file` (in the work directory).
+    pub fn target(&self, url: String, content_type: &str, file: &str) -> Target {
+        Target {
+            url,
+            content_type: content_type.into(),
+            body: self.work.join(file),
+        }
+    }
+
+    /// Runs every target in turn, `rounds` times, so each round compares
+    /// them under the same machine conditions; returns runs per target.
+    pub fn side_by_side(&self, targets: &[&Target], connections: u32) -> Result<Vec<Vec<WrkRun>>> {
+        let mut runs = vec![Vec::new(); targets.len()];
+        for target in targets {
+            // Warm-up: instances, caches, connection pools.
+            self.wrk.run(target, connections, Duration::from_secs(1))?;
+        }
+        for _ in 0..self.args.rounds {
+            for (i, target) in targets.iter().enumerate() {
+                runs[i].push(self.wrk.run(target, connections, self.run_length())?);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// A host with the example functions published.
+    pub fn host_with_examples(&self, extra: &[&str]) -> Host {
+        let host = Host::start_with(extra);
+        host.publish_examples();
+        host
+    }
+}
+
+/// Median successful requests per second over runs.
+pub fn median_rps(runs: &[WrkRun]) -> f64 {
+    median(runs.iter().map(WrkRun::ok_rps))
+}
+
+/// Median p50 latency over runs, µs.
+pub fn median_p50(runs: &[WrkRun]) -> f64 {
+    median(runs.iter().map(|r| r.p50_us))
+}
+
+/// Median p99 latency over runs, µs.
+pub fn median_p99(runs: &[WrkRun]) -> f64 {
+    median(runs.iter().map(|r| r.p99_us))
+}
+
+/// Publishes the `echo` component and a function serving it as `name`.
+pub fn publish_echo(host: &Host, name: &str, extra: &str) -> Result<()> {
+    host.publish_component("echo");
+    let manifest = format!(
+        "name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n{extra}"
+    );
+    let response = host.put(&format!("/v1/functions/{name}"), "application/toml", manifest);
+    anyhow::ensure!(
+        response.status().is_success(),
+        "publishing {name}: {}",
+        response.text().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `http://…/v1/functions/{name}/invoke` on `host`.
+pub fn invoke_url(host: &Host, name: &str) -> String {
+    format!("{}/v1/functions/{name}/invoke", host.url)
+}

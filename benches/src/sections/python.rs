@@ -1,0 +1,147 @@
+//! 2. Against what users would pick instead: a FastAPI + uvicorn +
+//! onnxruntime + `tokenizers` server serving the same two functions.
+
+use crate::context::{Bench, invoke_url, median_p99, median_rps};
+use crate::process::{Spawned, answers};
+use crate::report::{Bar, Record, Section, num};
+use crate::wrk::{Target, Wrk};
+use anyhow::{Result, ensure};
+use cascade_tests::host::free_port;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Concurrencies compared.
+const CONCURRENCY: [u32; 3] = [1, 4, 16];
+
+/// Runs the section.
+pub fn run(bench: &Bench) -> Result<Section> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut section = Section::new(
+        "2. Against a Python onnxruntime server",
+        &format!(
+            "The same `embed` (32-token text) and `orientation` (a rendered 26-character line, PNG) \
+             served by FastAPI + uvicorn (`uvicorn[standard]`: uvloop and httptools) with {workers} \
+             worker processes (one per core), onnxruntime with one intra-op thread per session, \
+             the `tokenizers` package, numpy and Pillow (`benches/python/server.py`, versions in \
+             `benches/python/requirements.txt`), against Cascade, both loaded by wrk at each concurrency."
+        ),
+    );
+    let python_port = free_port();
+    let python = start_python(&bench.args.python, &bench.models, python_port, workers)?;
+    let python_base = format!("http://127.0.0.1:{python_port}");
+    let host = bench.host_with_examples(&[]);
+    check_same_answers(bench, &python_base, &host.url)?;
+    section.commands.push(format!(
+        "{} -m uvicorn server:app --app-dir benches/python --host 127.0.0.1 --port {python_port} --workers {workers} --no-access-log",
+        bench.args.python.display()
+    ));
+    section.table.push(
+        ["function", "concurrency", "Cascade req/s", "Python req/s", "req/s ×", "Cascade p99 ms", "Python p99 ms"]
+            .map(String::from)
+            .to_vec(),
+    );
+    for (function, content_type, file) in [
+        ("embed", "text/plain", "text_32.txt"),
+        ("orientation", "image/png", "line.png"),
+    ] {
+        let cascade = bench.target(invoke_url(&host, function), content_type, file);
+        let python = bench.target(format!("{python_base}/{function}"), content_type, file);
+        for c in CONCURRENCY {
+            compare(bench, &mut section, function, c, &cascade, &python)?;
+        }
+    }
+    drop(python);
+    Ok(section)
+}
+
+fn compare(
+    bench: &Bench,
+    section: &mut Section,
+    function: &str,
+    c: u32,
+    cascade: &Target,
+    python: &Target,
+) -> Result<()> {
+    section
+        .commands
+        .push(Wrk::command(c, bench.args.seconds, &format!("{}   # and the Python URL", cascade.url)));
+    let runs = bench.side_by_side(&[cascade, python], c)?;
+    let (ours, theirs) = (&runs[0], &runs[1]);
+    let ratio = median_rps(ours) / median_rps(theirs);
+    let (our_p99, their_p99) = (median_p99(ours) / 1000.0, median_p99(theirs) / 1000.0);
+    section.table.push(vec![
+        function.into(),
+        c.to_string(),
+        num(median_rps(ours)),
+        num(median_rps(theirs)),
+        num(ratio),
+        num(our_p99),
+        num(their_p99),
+    ]);
+    let prefix = if function == "embed" {
+        "vs_python_ort".to_string()
+    } else {
+        format!("vs_python_ort_{function}")
+    };
+    section.records.extend([
+        Record::against(&format!("{prefix}_rps_ratio_c{c}"), ratio, "ratio", Bar::AtLeast(1.2)),
+        Record::against(&format!("{prefix}_p99_ratio_c{c}"), our_p99 / their_p99, "ratio", Bar::AtMost(1.0)),
+    ]);
+    Ok(())
+}
+
+/// Starts uvicorn from the venv and waits until it answers.
+fn start_python(python: &Path, models: &Path, port: u16, workers: usize) -> Result<Spawned> {
+    let app_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+    let mut server = Spawned::start(
+        "the Python server",
+        Command::new(python)
+            .args(["-m", "uvicorn", "server:app", "--app-dir"])
+            .arg(&app_dir)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--workers", &workers.to_string(), "--no-access-log", "--log-level", "warning"])
+            .env("CASCADE_MODELS", models)
+            .env("ORT_THREADS", "1")
+            .stdout(Stdio::null()),
+    )?;
+    let url = format!("http://127.0.0.1:{port}/embed");
+    server.wait_until(Duration::from_secs(120), || answers(&url, "text/plain", b"ready?"))?;
+    Ok(server)
+}
+
+/// Both servers must compute the same thing, or the comparison means nothing.
+fn check_same_answers(bench: &Bench, python: &str, cascade: &str) -> Result<()> {
+    let client = reqwest::blocking::Client::new();
+    let post = |url: String, content_type: &str, body: Vec<u8>| -> Result<serde_json::Value> {
+        let response = client
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()?;
+        ensure!(response.status().is_success(), "{url}: {}", response.status());
+        Ok(response.json()?)
+    };
+    let text = bench.bodies.text_32.as_bytes().to_vec();
+    let ours = post(format!("{cascade}/v1/functions/embed/invoke"), "text/plain", text.clone())?;
+    let theirs = post(format!("{python}/embed"), "text/plain", text)?;
+    let vector = |v: &serde_json::Value| -> Vec<f64> {
+        v["embeddings"][0]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (a, b) = (vector(&ours), vector(&theirs));
+    ensure!(a.len() == 384 && b.len() == 384, "embeddings of 384 numbers expected");
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    ensure!(dot > 0.999, "Cascade and Python embeddings differ (cosine {dot})");
+    let png = bench.bodies.line_png.clone();
+    let label = |v: &serde_json::Value| v["predictions"][0][0]["label"].as_str().map(str::to_string);
+    let ours = post(format!("{cascade}/v1/functions/orientation/invoke"), "image/png", png.clone())?;
+    let theirs = post(format!("{python}/orientation"), "image/png", png)?;
+    ensure!(
+        label(&ours).is_some() && label(&ours) == label(&theirs),
+        "orientation labels differ: Cascade {ours}, Python {theirs}"
+    );
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! 4. Scaling: `embed` throughput with one instance against two on this
+//! machine's cores, and latency under a load beyond capacity.
+
+use crate::context::{Bench, invoke_url, median_p99, median_rps};
+use crate::report::{Bar, Record, Section, num};
+use crate::wrk::Wrk;
+use anyhow::{Result, ensure};
+
+/// Connections for the 1-vs-2 comparison: more than either can serve at once.
+const CONNECTIONS: u32 = 4;
+/// Connections of the overload run.
+const OVERLOAD: u32 = 64;
+/// The overloaded function's bounds.
+const OVERLOAD_INSTANCES: u32 = 2;
+const OVERLOAD_QUEUE: u32 = 8;
+
+fn scaled(name: &str, max_instances: u32, max_queue: u32) -> String {
+    cascade_tests::embed_manifest(
+        name,
+        &format!(
+            "[scaling]\nmin_instances = 1\nmax_instances = {max_instances}\nmax_queue = {max_queue}\n"
+        ),
+    )
+}
+
+/// Runs the section.
+pub fn run(bench: &Bench) -> Result<Section> {
+    let mut section = Section::new(
+        "4. Scaling",
+        &format!(
+            "`embed` (32-token text) published twice, with `max_instances` 1 and 2, loaded with \
+             {CONNECTIONS} connections (more than either admits, queue 64); then `embed` with \
+             `max_instances` {OVERLOAD_INSTANCES} and `max_queue` {OVERLOAD_QUEUE} under \
+             {OVERLOAD} connections, far beyond capacity: requests past the queue must get 503 \
+             at once, so the served requests' latency stays bounded instead of growing with a queue."
+        ),
+    );
+    let host = bench.host_with_examples(&[]);
+    for (name, instances, queue) in [
+        ("embed-1", 1, 64),
+        ("embed-2", 2, 64),
+        ("embed-bounded", OVERLOAD_INSTANCES, OVERLOAD_QUEUE),
+    ] {
+        let response = host.put(
+            &format!("/v1/functions/{name}"),
+            "application/toml",
+            scaled(name, instances, queue),
+        );
+        ensure!(response.status().is_success(), "publishing {name}: {}", response.status());
+    }
+    let one = bench.target(invoke_url(&host, "embed-1"), "text/plain", "text_32.txt");
+    let two = bench.target(invoke_url(&host, "embed-2"), "text/plain", "text_32.txt");
+    section.commands.push(Wrk::command(
+        CONNECTIONS,
+        bench.args.seconds,
+        &format!("{}   # and embed-2", one.url),
+    ));
+    let runs = bench.side_by_side(&[&one, &two], CONNECTIONS)?;
+    let ratio = median_rps(&runs[1]) / median_rps(&runs[0]);
+    let bounded = bench.target(invoke_url(&host, "embed-bounded"), "text/plain", "text_32.txt");
+    section
+        .commands
+        .push(Wrk::command(OVERLOAD, bench.args.seconds, &bounded.url));
+    let overload = bench.wrk.run(&bounded, OVERLOAD, bench.run_length())?;
+    let share_503 = overload.non2xx as f64 / overload.requests as f64;
+    section.table = vec![
+        ["function", "connections", "ok req/s", "p99 ms", "rejected (503) share"]
+            .map(String::from)
+            .to_vec(),
+        vec!["embed-1".into(), CONNECTIONS.to_string(), num(median_rps(&runs[0])), num(median_p99(&runs[0]) / 1000.0), "0".into()],
+        vec!["embed-2".into(), CONNECTIONS.to_string(), num(median_rps(&runs[1])), num(median_p99(&runs[1]) / 1000.0), "0".into()],
+        vec![
+            "embed-bounded".into(),
+            OVERLOAD.to_string(),
+            num(overload.ok_rps()),
+            num(overload.p99_us / 1000.0),
+            num(share_503),
+        ],
+    ];
+    section.records.extend([
+        Record::against("scaling_2_vs_1_ratio", ratio, "ratio", Bar::AtLeast(1.8)),
+        Record::info("scaling_1_instance_rps", median_rps(&runs[0]), "rps"),
+        Record::against("overload_p99_ms", overload.p99_us / 1000.0, "ms", Bar::AtMost(250.0)),
+        Record::info("overload_503_share", share_503, "share"),
+        Record::info("overload_ok_rps", overload.ok_rps(), "rps"),
+    ]);
+    if overload.socket_errors > 0 {
+        section
+            .notes
+            .push(format!("The overload run saw {} socket errors.", overload.socket_errors));
+    }
+    Ok(section)
+}

@@ -1,0 +1,97 @@
+//! `cargo xtask bench`: installs what the benchmarks compare Cascade with
+//! (wrk, a Python venv with FastAPI + onnxruntime, wasmtime-cli at our
+//! wasmtime version), all cached outside the clone, then runs
+//! `cascade-bench run`, which rewrites BENCHMARKS.md and target/bench/results.json.
+
+use crate::{catalog, setup};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Features of wasmtime-cli that `wasmtime serve` needs; the rest of the
+/// default set only lengthens a compile that already takes minutes.
+const WASMTIME_FEATURES: &str =
+    "serve,run,component-model-async,cranelift,pooling-allocator,parallel-compilation";
+
+/// Installs wrk, the venv and wasmtime-cli when missing; returns (python, wasmtime).
+pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    setup::wrk()?;
+    let python = python_venv(root)?;
+    let wasmtime = wasmtime_cli(root)?;
+    Ok((python, wasmtime))
+}
+
+/// A venv with `benches/python/requirements.txt`, rebuilt when they change.
+fn python_venv(root: &Path) -> Result<PathBuf> {
+    let requirements = root.join("benches/python/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let venv = catalog::cache_dir().join("bench-venv");
+    let stamp = venv.join("cascade-requirements.txt");
+    let python = venv.join("bin/python");
+    if python.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
+    }
+    eprintln!("xtask: python3 -m venv {}", venv.display());
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv (install python3-venv?)")?;
+    eprintln!("xtask: pip install -r benches/python/requirements.txt (into the venv)");
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+        "pip install of the Python server's requirements",
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// wasmtime-cli at the version in Cargo.lock, compiled once into the cache.
+fn wasmtime_cli(root: &Path) -> Result<PathBuf> {
+    let version = locked_version(root, "wasmtime")?;
+    let dir = catalog::cache_dir().join("tools").join(format!("wasmtime-{version}"));
+    let binary = dir.join("bin/wasmtime");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: cargo install wasmtime-cli@{version} (features {WASMTIME_FEATURES}) into {}; \
+         this compiles once and takes several minutes",
+        dir.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(
+        Command::new(cargo)
+            .args(["install", "wasmtime-cli", "--locked", "--version", &version])
+            .args(["--no-default-features", "--features", WASMTIME_FEATURES, "--root"])
+            .arg(&dir)
+            .arg("--target-dir")
+            .arg(catalog::cache_dir().join("tools/target")),
+        "cargo install wasmtime-cli",
+    )?;
+    let _ = std::fs::remove_dir_all(catalog::cache_dir().join("tools/target"));
+    Ok(binary)
+}
+
+/// The version of `package` that Cargo.lock pins.
+fn locked_version(root: &Path, package: &str) -> Result<String> {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock"))?;
+    let needle = format!("name = \"{package}\"\nversion = \"");
+    let start = lock
+        .find(&needle)
+        .with_context(|| format!("{package} is not in Cargo.lock"))?
+        + needle.len();
+    let version = lock[start..].split('"').next().unwrap_or_default();
+    if version.is_empty() {
+        bail!("no version for {package} in Cargo.lock");
+    }
+    Ok(version.to_string())
+}
+
+fn run(command: &mut Command, what: &str) -> Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
