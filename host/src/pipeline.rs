@@ -15,6 +15,7 @@ use crate::stage::{StageError, World};
 use cascade_registry::manifest::Manifest;
 use serde::Serialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One prepared stage.
@@ -166,23 +167,56 @@ impl PreparedFunction {
     }
 
     /// Runs one invocation through every stage.
-    pub async fn invoke(&self, input: Message) -> Result<Invocation, InvokeError> {
-        let started = Instant::now();
-        let deadline = started + self.timeout();
+    ///
+    /// All stages of one request run on one blocking thread, one after the
+    /// other: a single hop off the reactor per request instead of one per
+    /// stage, and the tensors a stage hands on are still in that core's
+    /// cache when the next stage reads them.
+    pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
+        let deadline = Instant::now() + self.timeout();
         let _permit = self
             .gate
             .enter(self.timeout())
             .await
             .map_err(|_| InvokeError::Overloaded(self.name.clone()))?;
+        // Which stage runs now, so a deadline can be blamed on it.
+        let current = Arc::new(AtomicUsize::new(0));
+        let (function, running) = (self.clone(), current.clone());
+        let task =
+            tokio::task::spawn_blocking(move || function.run_stages(input, deadline, &running));
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let blame = || self.stage_at(current.load(Ordering::SeqCst));
+        match tokio::time::timeout(remaining, task).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => Err(self.stage_error(
+                blame(),
+                StageError::Internal(format!("stage task failed: {e}")),
+            )),
+            // Guests stop at their epoch deadline, but tract cannot be
+            // interrupted: the caller gets 504 now while a model computation
+            // finishes in the background.
+            Err(_) => Err(self.stage_error(blame(), StageError::DeadlineExceeded)),
+        }
+    }
+
+    fn stage_at(&self, index: usize) -> &PreparedStage {
+        &self.stages[index.min(self.stages.len().saturating_sub(1))]
+    }
+
+    /// Carries `input` through the stages; runs where blocking is allowed.
+    fn run_stages(
+        &self,
+        input: Message,
+        deadline: Instant,
+        current: &AtomicUsize,
+    ) -> Result<Invocation, InvokeError> {
         let mut flow = Flow::Message(input);
         let mut timings = Vec::with_capacity(self.stages.len());
-        for stage in &self.stages {
+        for (index, stage) in self.stages.iter().enumerate() {
+            current.store(index, Ordering::SeqCst);
             let stage_started = Instant::now();
             let remaining = deadline.saturating_duration_since(stage_started);
-            flow = self
-                .run_stage(stage, flow, remaining)
-                .await
-                .map_err(|e| self.stage_error(stage, e))?;
+            flow = run_stage(stage, flow, remaining).map_err(|e| self.stage_error(stage, e))?;
             let took = stage_started.elapsed();
             self.metrics
                 .stage_latency
@@ -195,71 +229,6 @@ impl PreparedFunction {
             Flow::Tensors { outputs, .. } => tensors_as_json(&outputs),
         };
         Ok(Invocation { output, timings })
-    }
-
-    async fn run_stage(
-        &self,
-        stage: &PreparedStage,
-        flow: Flow,
-        remaining: Duration,
-    ) -> Result<Flow, StageError> {
-        if remaining.is_zero() {
-            return Err(StageError::DeadlineExceeded);
-        }
-        match stage {
-            PreparedStage::Component { world, pool, .. } => {
-                let pool = pool.clone();
-                let world = *world;
-                let call = move || -> Result<Flow, StageError> {
-                    let mut instance = pool.checkout()?;
-                    instance.set_timeout(remaining);
-                    let result = match (world, flow) {
-                        (World::Preprocessor, Flow::Message(message)) => instance
-                            .preprocess(message)
-                            .map(|outputs| Flow::Tensors { inputs: Vec::new(), outputs }),
-                        (World::Postprocessor, Flow::Tensors { mut inputs, outputs }) => {
-                            inputs.extend(outputs);
-                            instance.postprocess(inputs).map(Flow::Message)
-                        }
-                        (World::Inferencer, Flow::Tensors { outputs: inputs, .. }) => instance
-                            .infer(&inputs)
-                            .map(|outputs| Flow::Tensors { inputs, outputs }),
-                        (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
-                            "this function starts with a postprocessor, which takes tensors, not a message".into(),
-                        )),
-                        _ => Err(StageError::Internal("stage does not fit its position".into())),
-                    };
-                    pool.checkin(instance, result.as_ref().err());
-                    result
-                };
-                tokio::task::spawn_blocking(call)
-                    .await
-                    .map_err(|e| StageError::Internal(format!("stage task failed: {e}")))?
-            }
-            PreparedStage::Model { plan, .. } => {
-                let Flow::Tensors {
-                    outputs: inputs, ..
-                } = flow
-                else {
-                    return Err(StageError::InvalidInput(
-                        "this function starts with a model, which takes tensors, not a message"
-                            .into(),
-                    ));
-                };
-                let plan = plan.clone();
-                // tract cannot be interrupted: past the deadline the caller
-                // gets 504 while the computation finishes in the background.
-                let task = tokio::task::spawn_blocking(move || {
-                    let outputs = plan.run(&inputs)?;
-                    Ok(Flow::Tensors { inputs, outputs })
-                });
-                match tokio::time::timeout(remaining, task).await {
-                    Ok(joined) => joined
-                        .map_err(|e| StageError::Internal(format!("inference task failed: {e}")))?,
-                    Err(_) => Err(StageError::DeadlineExceeded),
-                }
-            }
-        }
     }
 
     fn stage_error(&self, stage: &PreparedStage, error: StageError) -> InvokeError {
@@ -324,6 +293,51 @@ impl PreparedFunction {
             .sum()
     }
 }
+
+/// Runs one stage on the calling (blocking) thread.
+fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<Flow, StageError> {
+    if remaining.is_zero() {
+        return Err(StageError::DeadlineExceeded);
+    }
+    match stage {
+        PreparedStage::Component { world, pool, .. } => {
+            let mut instance = pool.checkout()?;
+            instance.set_timeout(remaining);
+            let result = match (*world, flow) {
+                (World::Preprocessor, Flow::Message(message)) => instance
+                    .preprocess(message)
+                    .map(|outputs| Flow::Tensors { inputs: Vec::new(), outputs }),
+                (World::Postprocessor, Flow::Tensors { mut inputs, outputs }) => {
+                    inputs.extend(outputs);
+                    instance.postprocess(inputs).map(Flow::Message)
+                }
+                (World::Inferencer, Flow::Tensors { outputs: inputs, .. }) => instance
+                    .infer(&inputs)
+                    .map(|outputs| Flow::Tensors { inputs, outputs }),
+                (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
+                    "this function starts with a postprocessor, which takes tensors, not a message"
+                        .into(),
+                )),
+                _ => Err(StageError::Internal("stage does not fit its position".into())),
+            };
+            pool.checkin(instance, result.as_ref().err());
+            result
+        }
+        PreparedStage::Model { plan, .. } => {
+            let Flow::Tensors {
+                outputs: inputs, ..
+            } = flow
+            else {
+                return Err(StageError::InvalidInput(
+                    "this function starts with a model, which takes tensors, not a message".into(),
+                ));
+            };
+            let outputs = plan.run(&inputs)?;
+            Ok(Flow::Tensors { inputs, outputs })
+        }
+    }
+}
+
 
 /// What `GET /v1/functions/{name}/status` returns.
 #[derive(Debug, Serialize)]
