@@ -121,10 +121,12 @@ pub fn median_p99(runs: &[WrkRun]) -> f64 {
 /// Publishes the `echo` component and a function serving it as `name`.
 pub fn publish_echo(host: &Host, name: &str, extra: &str) -> Result<()> {
     host.publish_component("echo");
-    let manifest = format!(
-        "name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n{extra}"
+    let manifest = format!("name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n{extra}");
+    let response = host.put(
+        &format!("/v1/functions/{name}"),
+        "application/toml",
+        manifest,
     );
-    let response = host.put(&format!("/v1/functions/{name}"), "application/toml", manifest);
     anyhow::ensure!(
         response.status().is_success(),
         "publishing {name}: {}",

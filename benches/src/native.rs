@@ -9,9 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-use tract_onnx::prelude::{
-    Framework, InferenceModelExt, IntoTValue, Tensor, TypedRunnableModel,
-};
+use tract_onnx::prelude::{Framework, InferenceModelExt, IntoTValue, Tensor, TypedRunnableModel};
 
 /// The output `embed` selects: MiniLM's token embeddings.
 pub const TOKEN_EMBEDDINGS: &str = "onnx::Shape_422";
@@ -71,9 +69,30 @@ impl NativeEmbed {
     /// A sentence-like text that becomes exactly `count` tokens.
     pub fn text_of_tokens(&self, count: usize) -> Result<String> {
         const WORDS: &[&str] = &[
-            "the", "model", "turns", "every", "sentence", "into", "a", "vector", "so", "that",
-            "similar", "meanings", "land", "close", "together", "while", "unrelated", "texts",
-            "stay", "apart", "and", "search", "becomes", "fast",
+            "the",
+            "model",
+            "turns",
+            "every",
+            "sentence",
+            "into",
+            "a",
+            "vector",
+            "so",
+            "that",
+            "similar",
+            "meanings",
+            "land",
+            "close",
+            "together",
+            "while",
+            "unrelated",
+            "texts",
+            "stay",
+            "apart",
+            "and",
+            "search",
+            "becomes",
+            "fast",
         ];
         let mut text = String::new();
         for word in WORDS.iter().cycle().take(4 * count) {
@@ -126,7 +145,12 @@ impl NativeEmbed {
         let dim = *tokens.shape().last().context("scalar output")?;
         let mut pooled = vec![0f32; dim];
         let mut count = 0f32;
-        for (row, &m) in tokens.as_slice().context("contiguous")?.chunks_exact(dim).zip(&mask) {
+        for (row, &m) in tokens
+            .as_slice()
+            .context("contiguous")?
+            .chunks_exact(dim)
+            .zip(&mask)
+        {
             if m != 0 {
                 count += 1.0;
                 pooled.iter_mut().zip(row).for_each(|(p, v)| *p += v);

@@ -187,9 +187,15 @@ mod tests {
     #[test]
     fn targets_are_judged_in_the_stated_direction() {
         let under = Record::against("a", 1.05, "ratio", Bar::AtMost(1.1));
-        assert_eq!((under.target.as_deref(), under.met), (Some("<= 1.1"), Some(true)));
+        assert_eq!(
+            (under.target.as_deref(), under.met),
+            (Some("<= 1.1"), Some(true))
+        );
         let short = Record::against("b", 0.9, "ratio", Bar::AtLeast(1.2));
-        assert_eq!((short.target.as_deref(), short.met), (Some(">= 1.2"), Some(false)));
+        assert_eq!(
+            (short.target.as_deref(), short.met),
+            (Some(">= 1.2"), Some(false))
+        );
         let nan = Record::against("c", f64::NAN, "ratio", Bar::AtMost(1.0));
         assert_eq!(nan.met, Some(false));
     }

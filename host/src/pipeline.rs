@@ -304,21 +304,37 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
             let mut instance = pool.checkout()?;
             instance.set_timeout(remaining);
             let result = match (*world, flow) {
-                (World::Preprocessor, Flow::Message(message)) => instance
-                    .preprocess(message)
-                    .map(|outputs| Flow::Tensors { inputs: Vec::new(), outputs }),
-                (World::Postprocessor, Flow::Tensors { mut inputs, outputs }) => {
+                (World::Preprocessor, Flow::Message(message)) => {
+                    instance.preprocess(message).map(|outputs| Flow::Tensors {
+                        inputs: Vec::new(),
+                        outputs,
+                    })
+                }
+                (
+                    World::Postprocessor,
+                    Flow::Tensors {
+                        mut inputs,
+                        outputs,
+                    },
+                ) => {
                     inputs.extend(outputs);
                     instance.postprocess(inputs).map(Flow::Message)
                 }
-                (World::Inferencer, Flow::Tensors { outputs: inputs, .. }) => instance
+                (
+                    World::Inferencer,
+                    Flow::Tensors {
+                        outputs: inputs, ..
+                    },
+                ) => instance
                     .infer(&inputs)
                     .map(|outputs| Flow::Tensors { inputs, outputs }),
                 (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
                     "this function starts with a postprocessor, which takes tensors, not a message"
                         .into(),
                 )),
-                _ => Err(StageError::Internal("stage does not fit its position".into())),
+                _ => Err(StageError::Internal(
+                    "stage does not fit its position".into(),
+                )),
             };
             pool.checkin(instance, result.as_ref().err());
             result
@@ -337,7 +353,6 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
         }
     }
 }
-
 
 /// What `GET /v1/functions/{name}/status` returns.
 #[derive(Debug, Serialize)]

@@ -14,6 +14,7 @@ use cascade_registry::manifest::{self, Stage};
 use cascade_registry::records::FunctionRecord;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub struct Runtime {
     components: Mutex<HashMap<String, Arc<ComponentStage>>>,
     functions: RwLock<HashMap<String, Arc<PreparedFunction>>>,
     changes: tokio::sync::Notify,
+    /// True until [`Runtime::load_all`] has prepared what the registry held at start.
+    loading: AtomicBool,
 }
 
 impl Runtime {
@@ -49,6 +52,7 @@ impl Runtime {
             components: Mutex::new(HashMap::new()),
             functions: RwLock::new(HashMap::new()),
             changes: tokio::sync::Notify::new(),
+            loading: AtomicBool::new(true),
         }
     }
 
@@ -66,6 +70,31 @@ impl Runtime {
             .ok_or_else(|| InvokeError::NotFound(name.to_string()))
     }
 
+    /// The revision served, waiting while the host is still preparing the
+    /// functions it had at start: the listener opens before they are
+    /// loaded, so a function answers as soon as its own stages are ready
+    /// rather than after every other function's model is optimised.
+    pub async fn function_when_loaded(
+        &self,
+        name: &str,
+    ) -> Result<Arc<PreparedFunction>, InvokeError> {
+        loop {
+            let changed = self.changes.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.function(name) {
+                Ok(function) => return Ok(function),
+                Err(e) if !self.is_loading() => return Err(e),
+                Err(_) => changed.await,
+            }
+        }
+    }
+
+    /// Whether the functions present at start are still being prepared.
+    pub fn is_loading(&self) -> bool {
+        self.loading.load(Ordering::SeqCst)
+    }
+
     /// Resolves when the set of served functions next changes.
     pub async fn changed(&self) {
         self.changes.notified().await;
@@ -81,15 +110,18 @@ impl Runtime {
 
     /// Prepares every published function (blocking).
     pub fn load_all(&self) {
-        let records = match self.registry.functions() {
-            Ok(records) => records,
-            Err(e) => return tracing::error!("listing functions: {e}"),
-        };
-        for record in records {
-            if let Err(e) = self.install(&record) {
-                tracing::error!(function = %record.name, "cannot serve revision {}: {e}", record.revision);
+        match self.registry.functions() {
+            Ok(records) => {
+                for record in records {
+                    if let Err(e) = self.install(&record) {
+                        tracing::error!(function = %record.name, "cannot serve revision {}: {e}", record.revision);
+                    }
+                }
             }
+            Err(e) => tracing::error!("listing functions: {e}"),
         }
+        self.loading.store(false, Ordering::SeqCst);
+        self.changes.notify_waiters();
     }
 
     /// Serves the registry's current revision of `name`, or stops serving it

@@ -39,9 +39,13 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         Some(url) => Some(Arc::new(start_mirror(&config, url, &runtime).await?)),
         None => None,
     };
+    // Listen first and prepare functions meanwhile: each answers as soon as
+    // it is ready (requests for it wait), and /readyz says 503 until all are.
     let loading = runtime.clone();
-    tokio::task::spawn_blocking(move || loading.load_all()).await?;
-    let mut tasks = vec![tokio::spawn(reap(runtime.clone()))];
+    let mut tasks = vec![
+        tokio::task::spawn_blocking(move || loading.load_all()),
+        tokio::spawn(reap(runtime.clone())),
+    ];
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -52,6 +56,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         protect_reads: config.token_read,
     };
     let mut state = HttpState::new(runtime.clone(), auth, config.max_upload_mb << 20);
+    let loaded = runtime.clone();
+    state
+        .readiness
+        .push(("functions".into(), Box::new(move || !loaded.is_loading())));
     let mut nats_client = None;
     let mut nats_connection = None;
     if let Some(url) = &config.nats_url {

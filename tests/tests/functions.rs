@@ -93,7 +93,6 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
     assert!(cosine(&single, &rows[0]) > 0.99999);
 }
 
-
 fn top_label(host: &Host, png: Vec<u8>) -> (String, f64) {
     let response = host.invoke("orientation", "image/png", png);
     assert_eq!(response.status(), 200);

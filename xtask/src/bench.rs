@@ -34,11 +34,21 @@ fn python_venv(root: &Path) -> Result<PathBuf> {
     }
     eprintln!("xtask: python3 -m venv {}", venv.display());
     let _ = std::fs::remove_dir_all(&venv);
-    run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv (install python3-venv?)")?;
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv (install python3-venv?)",
+    )?;
     eprintln!("xtask: pip install -r benches/python/requirements.txt (into the venv)");
     run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
             .arg(&requirements),
         "pip install of the Python server's requirements",
     )?;
@@ -49,7 +59,9 @@ fn python_venv(root: &Path) -> Result<PathBuf> {
 /// wasmtime-cli at the version in Cargo.lock, compiled once into the cache.
 fn wasmtime_cli(root: &Path) -> Result<PathBuf> {
     let version = locked_version(root, "wasmtime")?;
-    let dir = catalog::cache_dir().join("tools").join(format!("wasmtime-{version}"));
+    let dir = catalog::cache_dir()
+        .join("tools")
+        .join(format!("wasmtime-{version}"));
     let binary = dir.join("bin/wasmtime");
     if binary.is_file() {
         return Ok(binary);
@@ -63,7 +75,12 @@ fn wasmtime_cli(root: &Path) -> Result<PathBuf> {
     run(
         Command::new(cargo)
             .args(["install", "wasmtime-cli", "--locked", "--version", &version])
-            .args(["--no-default-features", "--features", WASMTIME_FEATURES, "--root"])
+            .args([
+                "--no-default-features",
+                "--features",
+                WASMTIME_FEATURES,
+                "--root",
+            ])
             .arg(&dir)
             .arg("--target-dir")
             .arg(catalog::cache_dir().join("tools/target")),
@@ -89,7 +106,9 @@ fn locked_version(root: &Path, package: &str) -> Result<String> {
 }
 
 fn run(command: &mut Command, what: &str) -> Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {what}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }

@@ -34,30 +34,60 @@ pub fn run(bench: &Bench) -> Result<Section> {
     );
     let mut host = bench.host_with_examples(&[]);
     publish_echo(&host, "echo", "")?;
-    for (function, body) in [("embed", bench.bodies.text_32.as_bytes()), ("echo", &bench.bodies.echo[..])] {
+    for (function, body) in [
+        ("embed", bench.bodies.text_32.as_bytes()),
+        ("echo", &bench.bodies.echo[..]),
+    ] {
         let response = host.invoke(function, "text/plain", body.to_vec());
-        anyhow::ensure!(response.status().is_success(), "{function} answers before the restarts");
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{function} answers before the restarts"
+        );
     }
     let data = host.data.clone();
     anyhow::ensure!(host.terminate(), "the host stops cleanly");
-    let optimise_ms = median((0..3).map(|_| optimise_ms(&bench.models)).collect::<Result<Vec<_>>>()?);
+    let optimise_ms = median(
+        (0..3)
+            .map(|_| optimise_ms(&bench.models))
+            .collect::<Result<Vec<_>>>()?,
+    );
     let embed_ms = restarts(&data, "embed", bench.bodies.text_32.as_bytes())?;
     let echo_ms = restarts(&data, "echo", &bench.bodies.echo)?;
     let host = Host::start_in(&data, &[]);
     let publish_ms = median(
         (0..3)
-            .map(|i| publish_to_first_response(&host, &format!("embed-new-{i}"), &bench.bodies.text_32))
+            .map(|i| {
+                publish_to_first_response(&host, &format!("embed-new-{i}"), &bench.bodies.text_32)
+            })
             .collect::<Result<Vec<_>>>()?,
     );
     section.commands.push(format!(
         "cascade serve --listen 127.0.0.1:PORT --data DIR   # then POST /v1/functions/embed/invoke every 1 ms until 200"
     ));
     section.table = vec![
-        ["measure", "median ms", "runs ms"].map(String::from).to_vec(),
-        vec!["restart → first `embed`".into(), num(median(embed_ms.clone())), runs(&embed_ms)],
-        vec!["restart → first `echo`".into(), num(median(echo_ms.clone())), runs(&echo_ms)],
-        vec!["tract optimisation of MiniLM-L3 (in process)".into(), num(optimise_ms), String::new()],
-        vec!["publish → first `embed`".into(), num(publish_ms), String::new()],
+        ["measure", "median ms", "runs ms"]
+            .map(String::from)
+            .to_vec(),
+        vec![
+            "restart → first `embed`".into(),
+            num(median(embed_ms.clone())),
+            runs(&embed_ms),
+        ],
+        vec![
+            "restart → first `echo`".into(),
+            num(median(echo_ms.clone())),
+            runs(&echo_ms),
+        ],
+        vec![
+            "tract optimisation of MiniLM-L3 (in process)".into(),
+            num(optimise_ms),
+            String::new(),
+        ],
+        vec![
+            "publish → first `embed`".into(),
+            num(publish_ms),
+            String::new(),
+        ],
     ];
     section.records.extend([
         Record::against(
@@ -67,14 +97,23 @@ pub fn run(bench: &Bench) -> Result<Section> {
             Bar::AtMost(PLATFORM_BUDGET_MS + optimise_ms),
         ),
         Record::info("cold_start_model_optimise_ms", optimise_ms, "ms"),
-        Record::against("cold_start_echo_ms", median(echo_ms), "ms", Bar::AtMost(PLATFORM_BUDGET_MS)),
+        Record::against(
+            "cold_start_echo_ms",
+            median(echo_ms),
+            "ms",
+            Bar::AtMost(PLATFORM_BUDGET_MS),
+        ),
         Record::info("publish_to_first_response_ms", publish_ms, "ms"),
     ]);
     Ok(section)
 }
 
 fn runs(values: &[f64]) -> String {
-    values.iter().map(|v| num(*v)).collect::<Vec<_>>().join(", ")
+    values
+        .iter()
+        .map(|v| num(*v))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How long the host's loader takes to parse and optimise MiniLM.
@@ -136,10 +175,18 @@ fn restarts(data: &Path, function: &str, body: &[u8]) -> Result<Vec<f64>> {
 fn publish_to_first_response(host: &Host, name: &str, text: &str) -> Result<f64> {
     let manifest = cascade_tests::embed_manifest(name, "");
     let started = Instant::now();
-    let response = host.put(&format!("/v1/functions/{name}"), "application/toml", manifest);
+    let response = host.put(
+        &format!("/v1/functions/{name}"),
+        "application/toml",
+        manifest,
+    );
     anyhow::ensure!(response.status().is_success(), "publishing {name}");
     loop {
-        if host.invoke(name, "text/plain", text.to_string()).status().is_success() {
+        if host
+            .invoke(name, "text/plain", text.to_string())
+            .status()
+            .is_success()
+        {
             return Ok(started.elapsed().as_secs_f64() * 1000.0);
         }
         if started.elapsed() > Duration::from_secs(30) {

@@ -32,7 +32,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
     for i in 1..FUNCTIONS {
         let name = format!("echo-{i:03}");
         let manifest = format!("name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n");
-        let response = host.put(&format!("/v1/functions/{name}"), "application/toml", manifest);
+        let response = host.put(
+            &format!("/v1/functions/{name}"),
+            "application/toml",
+            manifest,
+        );
         ensure!(response.status().is_success(), "publishing {name}");
     }
     wait_served(&host, &format!("echo-{:03}", FUNCTIONS - 1))?;
@@ -60,14 +64,24 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ["state", "RSS MiB"].map(String::from).to_vec(),
         vec!["empty host".into(), num(empty)],
         vec![format!("{FUNCTIONS} functions, idle"), num(idle)],
-        vec![format!("{FUNCTIONS} functions, one warm instance each"), num(warm)],
-        vec![format!("+ examples, embed at {} instances", before.1), num(before.0)],
+        vec![
+            format!("{FUNCTIONS} functions, one warm instance each"),
+            num(warm),
+        ],
+        vec![
+            format!("+ examples, embed at {} instances", before.1),
+            num(before.0),
+        ],
         vec![format!("+ embed at {} instances", after.1), num(after.0)],
     ];
     section.records.extend([
         Record::info("idle_rss_mb_100_functions", idle, "MB"),
         Record::info("idle_rss_mb_empty", empty, "MB"),
-        Record::info("rss_mb_per_warm_echo_instance", (warm - idle) / FUNCTIONS as f64, "MB"),
+        Record::info(
+            "rss_mb_per_warm_echo_instance",
+            (warm - idle) / FUNCTIONS as f64,
+            "MB",
+        ),
         Record::info("rss_mb_per_warm_embed_instance", per_embed, "MB"),
     ]);
     section.notes.push(
@@ -83,7 +97,11 @@ fn settle() {
 
 fn wait_served(host: &Host, function: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !host.get(&format!("/v1/functions/{function}/status")).status().is_success() {
+    while !host
+        .get(&format!("/v1/functions/{function}/status"))
+        .status()
+        .is_success()
+    {
         ensure!(Instant::now() < deadline, "{function} was never served");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -36,7 +36,13 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let _raw = Spawned::start(
         "the raw NATS responder",
         Command::new(std::env::current_exe()?)
-            .args(["nats-responder", "--url", &nats.url(), "--subject", RAW_SUBJECT])
+            .args([
+                "nats-responder",
+                "--url",
+                &nats.url(),
+                "--subject",
+                RAW_SUBJECT,
+            ])
             .stdout(Stdio::null()),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -49,10 +55,17 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let echo = Bytes::from(bench.bodies.echo.clone());
     // Wait until both echo subjects answer (the host subscribes after publishing).
     for subject in ["echo.requests", RAW_SUBJECT, "embed.requests"] {
-        let payload = if subject == "embed.requests" { text.clone() } else { echo.clone() };
+        let payload = if subject == "embed.requests" {
+            text.clone()
+        } else {
+            echo.clone()
+        };
         let ready = runtime.block_on(async {
             for _ in 0..200 {
-                if latencies(&client, subject, payload.clone(), Duration::from_millis(1)).await.is_ok() {
+                if latencies(&client, subject, payload.clone(), Duration::from_millis(1))
+                    .await
+                    .is_ok()
+                {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -62,8 +75,14 @@ pub fn run(bench: &Bench) -> Result<Section> {
         anyhow::ensure!(ready, "{subject} never answered");
     }
     let http_target = bench.target(invoke_url(&host, "embed"), "text/plain", "text_32.txt");
-    let (mut embed_nats, mut embed_http, mut echo_p50, mut raw_p50, mut echo_rps, mut raw_rps) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut embed_nats, mut embed_http, mut echo_p50, mut raw_p50, mut echo_rps, mut raw_rps) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..bench.args.rounds {
         let (a, b, c, d, e) = runtime.block_on(async {
             anyhow::Ok((
@@ -89,16 +108,40 @@ pub fn run(bench: &Bench) -> Result<Section> {
          cascade-bench nats-responder --url nats://127.0.0.1:PORT --subject {RAW_SUBJECT}"
     ));
     section.table = vec![
-        ["what", "p50 µs (c1)", "req/s (16 requesters)"].map(String::from).to_vec(),
+        ["what", "p50 µs (c1)", "req/s (16 requesters)"]
+            .map(String::from)
+            .to_vec(),
         vec!["`embed` over NATS".into(), num(embed_nats), String::new()],
         vec!["`embed` over HTTP".into(), num(embed_http), String::new()],
-        vec!["`echo` function over NATS".into(), num(echo_p50), num(echo_rps)],
-        vec!["raw async-nats responder".into(), num(raw_p50), num(raw_rps)],
+        vec![
+            "`echo` function over NATS".into(),
+            num(echo_p50),
+            num(echo_rps),
+        ],
+        vec![
+            "raw async-nats responder".into(),
+            num(raw_p50),
+            num(raw_rps),
+        ],
     ];
     section.records.extend([
-        Record::against("nats_vs_raw_p50_ratio", echo_p50 / raw_p50, "ratio", Bar::AtMost(1.5)),
-        Record::against("nats_vs_raw_rps_ratio", echo_rps / raw_rps, "ratio", Bar::AtLeast(0.7)),
-        Record::info("embed_nats_vs_http_p50_ratio", embed_nats / embed_http, "ratio"),
+        Record::against(
+            "nats_vs_raw_p50_ratio",
+            echo_p50 / raw_p50,
+            "ratio",
+            Bar::AtMost(1.5),
+        ),
+        Record::against(
+            "nats_vs_raw_rps_ratio",
+            echo_rps / raw_rps,
+            "ratio",
+            Bar::AtLeast(0.7),
+        ),
+        Record::info(
+            "embed_nats_vs_http_p50_ratio",
+            embed_nats / embed_http,
+            "ratio",
+        ),
     ]);
     drop(nats);
     Ok(section)

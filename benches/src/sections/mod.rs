@@ -62,13 +62,17 @@ pub fn run_all(args: &RunArgs) -> Result<()> {
     let json = args.out.join("results.json");
     report::write_json(&json, &sections)?;
     let appendix = match &args.appendix {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
         None => String::new(),
     };
     let header = header(args, started.elapsed().as_secs_f64());
-    std::fs::write(&args.report, report::markdown(&header, &sections, &appendix))
-        .with_context(|| format!("writing {}", args.report.display()))?;
+    std::fs::write(
+        &args.report,
+        report::markdown(&header, &sections, &appendix),
+    )
+    .with_context(|| format!("writing {}", args.report.display()))?;
     eprintln!(
         "cascade-bench: wrote {} and {} in {:.0} s",
         args.report.display(),
@@ -120,7 +124,11 @@ fn header(args: &RunArgs, seconds: f64) -> String {
          - Command: `cargo xtask bench` (this run took {seconds:.0} s of measuring)\n",
         kernel = output("uname", "-sr"),
         rustc = output("rustc", "--version"),
-        wrk = output("wrk", "--version").lines().next().unwrap_or("wrk").to_string(),
+        wrk = output("wrk", "--version")
+            .lines()
+            .next()
+            .unwrap_or("wrk")
+            .to_string(),
         rounds = args.rounds,
         secs = args.seconds,
     )

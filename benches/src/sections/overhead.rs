@@ -19,24 +19,41 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let host = bench.host_with_examples(&[]);
     let url = invoke_url(&host, "embed");
     section.table.push(
-        ["input", "native p50 µs", "native p99 µs", "Cascade p50 µs", "Cascade p99 µs", "p50 ×", "p99 ×", "added ms"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "input",
+            "native p50 µs",
+            "native p99 µs",
+            "Cascade p50 µs",
+            "Cascade p99 µs",
+            "p50 ×",
+            "p99 ×",
+            "added ms",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     for (tokens, file, text) in [
         (32, "text_32.txt", &bench.bodies.text_32),
         (128, "text_128.txt", &bench.bodies.text_128),
     ] {
         let target = bench.target(url.clone(), "text/plain", file);
-        section
-            .commands
-            .push(Wrk::command(1, bench.args.seconds, &format!("{url}   # body: {tokens}-token text")));
+        section.commands.push(Wrk::command(
+            1,
+            bench.args.seconds,
+            &format!("{url}   # body: {tokens}-token text"),
+        ));
         // Warm both sides, then alternate native and HTTP runs.
-        bench.native.measure(text, std::time::Duration::from_millis(500))?;
-        bench.wrk.run(&target, 1, std::time::Duration::from_secs(1))?;
+        bench
+            .native
+            .measure(text, std::time::Duration::from_millis(500))?;
+        bench
+            .wrk
+            .run(&target, 1, std::time::Duration::from_secs(1))?;
         let (mut native, mut http) = (Vec::new(), Vec::new());
         for _ in 0..bench.args.rounds {
-            native.push(Latency::of(&bench.native.measure(text, bench.run_length())?));
+            native.push(Latency::of(
+                &bench.native.measure(text, bench.run_length())?,
+            ));
             http.push(bench.wrk.run(&target, 1, bench.run_length())?);
         }
         let native_p50 = median(native.iter().map(|l| l.p50_us));
@@ -55,11 +72,30 @@ pub fn run(bench: &Bench) -> Result<Section> {
             num(p99_ratio),
             num(added_ms),
         ]);
-        let suffix = if tokens == 32 { String::new() } else { format!("_{tokens}") };
+        let suffix = if tokens == 32 {
+            String::new()
+        } else {
+            format!("_{tokens}")
+        };
         section.records.extend([
-            Record::against(&format!("pipeline_overhead_p50_ratio{suffix}"), p50_ratio, "ratio", Bar::AtMost(1.10)),
-            Record::against(&format!("pipeline_overhead_added_ms{suffix}"), added_ms, "ms", Bar::AtMost(0.5)),
-            Record::against(&format!("pipeline_overhead_p99_ratio{suffix}"), p99_ratio, "ratio", Bar::AtMost(1.25)),
+            Record::against(
+                &format!("pipeline_overhead_p50_ratio{suffix}"),
+                p50_ratio,
+                "ratio",
+                Bar::AtMost(1.10),
+            ),
+            Record::against(
+                &format!("pipeline_overhead_added_ms{suffix}"),
+                added_ms,
+                "ms",
+                Bar::AtMost(0.5),
+            ),
+            Record::against(
+                &format!("pipeline_overhead_p99_ratio{suffix}"),
+                p99_ratio,
+                "ratio",
+                Bar::AtMost(1.25),
+            ),
             Record::info(&format!("native_embed_p50_us{suffix}"), native_p50, "us"),
             Record::info(&format!("http_embed_p50_us{suffix}"), http_p50, "us"),
         ]);

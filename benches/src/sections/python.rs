@@ -37,9 +37,17 @@ pub fn run(bench: &Bench) -> Result<Section> {
         bench.args.python.display()
     ));
     section.table.push(
-        ["function", "concurrency", "Cascade req/s", "Python req/s", "req/s ×", "Cascade p99 ms", "Python p99 ms"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "function",
+            "concurrency",
+            "Cascade req/s",
+            "Python req/s",
+            "req/s ×",
+            "Cascade p99 ms",
+            "Python p99 ms",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     for (function, content_type, file) in [
         ("embed", "text/plain", "text_32.txt"),
@@ -63,9 +71,11 @@ fn compare(
     cascade: &Target,
     python: &Target,
 ) -> Result<()> {
-    section
-        .commands
-        .push(Wrk::command(c, bench.args.seconds, &format!("{}   # and the Python URL", cascade.url)));
+    section.commands.push(Wrk::command(
+        c,
+        bench.args.seconds,
+        &format!("{}   # and the Python URL", cascade.url),
+    ));
     let runs = bench.side_by_side(&[cascade, python], c)?;
     let (ours, theirs) = (&runs[0], &runs[1]);
     let ratio = median_rps(ours) / median_rps(theirs);
@@ -85,8 +95,18 @@ fn compare(
         format!("vs_python_ort_{function}")
     };
     section.records.extend([
-        Record::against(&format!("{prefix}_rps_ratio_c{c}"), ratio, "ratio", Bar::AtLeast(1.2)),
-        Record::against(&format!("{prefix}_p99_ratio_c{c}"), our_p99 / their_p99, "ratio", Bar::AtMost(1.0)),
+        Record::against(
+            &format!("{prefix}_rps_ratio_c{c}"),
+            ratio,
+            "ratio",
+            Bar::AtLeast(1.2),
+        ),
+        Record::against(
+            &format!("{prefix}_p99_ratio_c{c}"),
+            our_p99 / their_p99,
+            "ratio",
+            Bar::AtMost(1.0),
+        ),
     ]);
     Ok(())
 }
@@ -100,13 +120,21 @@ fn start_python(python: &Path, models: &Path, port: u16, workers: usize) -> Resu
             .args(["-m", "uvicorn", "server:app", "--app-dir"])
             .arg(&app_dir)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--workers", &workers.to_string(), "--no-access-log", "--log-level", "warning"])
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ])
             .env("CASCADE_MODELS", models)
             .env("ORT_THREADS", "1")
             .stdout(Stdio::null()),
     )?;
     let url = format!("http://127.0.0.1:{port}/embed");
-    server.wait_until(Duration::from_secs(120), || answers(&url, "text/plain", b"ready?"))?;
+    server.wait_until(Duration::from_secs(120), || {
+        answers(&url, "text/plain", b"ready?")
+    })?;
     Ok(server)
 }
 
@@ -119,11 +147,19 @@ fn check_same_answers(bench: &Bench, python: &str, cascade: &str) -> Result<()> 
             .header("content-type", content_type)
             .body(body)
             .send()?;
-        ensure!(response.status().is_success(), "{url}: {}", response.status());
+        ensure!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
         Ok(response.json()?)
     };
     let text = bench.bodies.text_32.as_bytes().to_vec();
-    let ours = post(format!("{cascade}/v1/functions/embed/invoke"), "text/plain", text.clone())?;
+    let ours = post(
+        format!("{cascade}/v1/functions/embed/invoke"),
+        "text/plain",
+        text.clone(),
+    )?;
     let theirs = post(format!("{python}/embed"), "text/plain", text)?;
     let vector = |v: &serde_json::Value| -> Vec<f64> {
         v["embeddings"][0]
@@ -132,12 +168,23 @@ fn check_same_answers(bench: &Bench, python: &str, cascade: &str) -> Result<()> 
             .unwrap_or_default()
     };
     let (a, b) = (vector(&ours), vector(&theirs));
-    ensure!(a.len() == 384 && b.len() == 384, "embeddings of 384 numbers expected");
+    ensure!(
+        a.len() == 384 && b.len() == 384,
+        "embeddings of 384 numbers expected"
+    );
     let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-    ensure!(dot > 0.999, "Cascade and Python embeddings differ (cosine {dot})");
+    ensure!(
+        dot > 0.999,
+        "Cascade and Python embeddings differ (cosine {dot})"
+    );
     let png = bench.bodies.line_png.clone();
-    let label = |v: &serde_json::Value| v["predictions"][0][0]["label"].as_str().map(str::to_string);
-    let ours = post(format!("{cascade}/v1/functions/orientation/invoke"), "image/png", png.clone())?;
+    let label =
+        |v: &serde_json::Value| v["predictions"][0][0]["label"].as_str().map(str::to_string);
+    let ours = post(
+        format!("{cascade}/v1/functions/orientation/invoke"),
+        "image/png",
+        png.clone(),
+    )?;
     let theirs = post(format!("{python}/orientation"), "image/png", png)?;
     ensure!(
         label(&ours).is_some() && label(&ours) == label(&theirs),

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 const CONNECTIONS: u32 = 16;
 
 /// Manifest tables of the trivial `echo` function.
-pub const ECHO_SCALING: &str =
-    "[scaling]\nmin_instances = 1\nmax_instances = 8\n[triggers]\nhttp = true\nnats = { subject = \"echo.requests\" }\n";
+pub const ECHO_SCALING: &str = "[scaling]\nmin_instances = 1\nmax_instances = 8\n[triggers]\nhttp = true\nnats = { subject = \"echo.requests\" }\n";
 
 /// Runs the section.
 pub fn run(bench: &Bench) -> Result<Section> {
@@ -33,7 +32,12 @@ pub fn run(bench: &Bench) -> Result<Section> {
     );
     let (instantiate, call, release) = instantiate_call(bench)?;
     section.records.extend([
-        Record::against("instantiate_us_p50", instantiate.p50_us + call.p50_us, "us", Bar::AtMost(10.0)),
+        Record::against(
+            "instantiate_us_p50",
+            instantiate.p50_us + call.p50_us,
+            "us",
+            Bar::AtMost(10.0),
+        ),
         Record::info("instantiate_only_us_p50", instantiate.p50_us, "us"),
         Record::info("instantiate_call_only_us_p50", call.p50_us, "us"),
         Record::info("instance_drop_us_p50", release.p50_us, "us"),
@@ -43,22 +47,44 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let port = free_port();
     let serve = start_wasmtime_serve(bench, port)?;
     let ours = bench.target(invoke_url(&host, "echo"), "text/plain", "echo.txt");
-    let theirs = bench.target(format!("http://127.0.0.1:{port}/"), "text/plain", "echo.txt");
+    let theirs = bench.target(
+        format!("http://127.0.0.1:{port}/"),
+        "text/plain",
+        "echo.txt",
+    );
     section.commands.extend([
         format!(
             "{} serve --addr 127.0.0.1:{port} -O pooling-allocator=y -S cli=y http_echo.wasm",
             bench.args.wasmtime.display()
         ),
-        Wrk::command(CONNECTIONS, bench.args.seconds, &format!("{}   # and wasmtime serve", ours.url)),
-        Wrk::command(1, bench.args.seconds, "…   # the same pair at concurrency 1"),
+        Wrk::command(
+            CONNECTIONS,
+            bench.args.seconds,
+            &format!("{}   # and wasmtime serve", ours.url),
+        ),
+        Wrk::command(
+            1,
+            bench.args.seconds,
+            "…   # the same pair at concurrency 1",
+        ),
     ]);
     let busy = bench.side_by_side(&[&ours, &theirs], CONNECTIONS)?;
     let single = bench.side_by_side(&[&ours, &theirs], 1)?;
     drop(serve);
     section.table = vec![
-        ["server", "req/s at c16", "p50 µs at c1"].map(String::from).to_vec(),
-        vec!["Cascade `echo`".into(), num(median_rps(&busy[0])), num(median_p50(&single[0]))],
-        vec!["`wasmtime serve` `http-echo`".into(), num(median_rps(&busy[1])), num(median_p50(&single[1]))],
+        ["server", "req/s at c16", "p50 µs at c1"]
+            .map(String::from)
+            .to_vec(),
+        vec![
+            "Cascade `echo`".into(),
+            num(median_rps(&busy[0])),
+            num(median_p50(&single[0])),
+        ],
+        vec![
+            "`wasmtime serve` `http-echo`".into(),
+            num(median_rps(&busy[1])),
+            num(median_p50(&single[1])),
+        ],
     ];
     section.records.extend([
         Record::against(
@@ -105,7 +131,11 @@ fn instantiate_call(bench: &Bench) -> Result<(Latency, Latency, Latency)> {
         }
         round += 1;
     }
-    Ok((Latency::of(&made), Latency::of(&called), Latency::of(&dropped)))
+    Ok((
+        Latency::of(&made),
+        Latency::of(&called),
+        Latency::of(&dropped),
+    ))
 }
 
 fn start_wasmtime_serve(bench: &Bench, port: u16) -> Result<Spawned> {
@@ -121,6 +151,8 @@ fn start_wasmtime_serve(bench: &Bench, port: u16) -> Result<Spawned> {
             .stderr(Stdio::null()),
     )?;
     let url = format!("http://127.0.0.1:{port}/");
-    serve.wait_until(Duration::from_secs(60), || answers(&url, "text/plain", b"ready?"))?;
+    serve.wait_until(Duration::from_secs(60), || {
+        answers(&url, "text/plain", b"ready?")
+    })?;
     Ok(serve)
 }

@@ -46,7 +46,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "application/toml",
             scaled(name, instances, queue),
         );
-        ensure!(response.status().is_success(), "publishing {name}: {}", response.status());
+        ensure!(
+            response.status().is_success(),
+            "publishing {name}: {}",
+            response.status()
+        );
     }
     let one = bench.target(invoke_url(&host, "embed-1"), "text/plain", "text_32.txt");
     let two = bench.target(invoke_url(&host, "embed-2"), "text/plain", "text_32.txt");
@@ -57,18 +61,40 @@ pub fn run(bench: &Bench) -> Result<Section> {
     ));
     let runs = bench.side_by_side(&[&one, &two], CONNECTIONS)?;
     let ratio = median_rps(&runs[1]) / median_rps(&runs[0]);
-    let bounded = bench.target(invoke_url(&host, "embed-bounded"), "text/plain", "text_32.txt");
+    let bounded = bench.target(
+        invoke_url(&host, "embed-bounded"),
+        "text/plain",
+        "text_32.txt",
+    );
     section
         .commands
         .push(Wrk::command(OVERLOAD, bench.args.seconds, &bounded.url));
     let overload = bench.wrk.run(&bounded, OVERLOAD, bench.run_length())?;
     let share_503 = overload.non2xx as f64 / overload.requests as f64;
     section.table = vec![
-        ["function", "connections", "ok req/s", "p99 ms", "rejected (503) share"]
-            .map(String::from)
-            .to_vec(),
-        vec!["embed-1".into(), CONNECTIONS.to_string(), num(median_rps(&runs[0])), num(median_p99(&runs[0]) / 1000.0), "0".into()],
-        vec!["embed-2".into(), CONNECTIONS.to_string(), num(median_rps(&runs[1])), num(median_p99(&runs[1]) / 1000.0), "0".into()],
+        [
+            "function",
+            "connections",
+            "ok req/s",
+            "p99 ms",
+            "rejected (503) share",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![
+            "embed-1".into(),
+            CONNECTIONS.to_string(),
+            num(median_rps(&runs[0])),
+            num(median_p99(&runs[0]) / 1000.0),
+            "0".into(),
+        ],
+        vec![
+            "embed-2".into(),
+            CONNECTIONS.to_string(),
+            num(median_rps(&runs[1])),
+            num(median_p99(&runs[1]) / 1000.0),
+            "0".into(),
+        ],
         vec![
             "embed-bounded".into(),
             OVERLOAD.to_string(),
@@ -80,14 +106,20 @@ pub fn run(bench: &Bench) -> Result<Section> {
     section.records.extend([
         Record::against("scaling_2_vs_1_ratio", ratio, "ratio", Bar::AtLeast(1.8)),
         Record::info("scaling_1_instance_rps", median_rps(&runs[0]), "rps"),
-        Record::against("overload_p99_ms", overload.p99_us / 1000.0, "ms", Bar::AtMost(250.0)),
+        Record::against(
+            "overload_p99_ms",
+            overload.p99_us / 1000.0,
+            "ms",
+            Bar::AtMost(250.0),
+        ),
         Record::info("overload_503_share", share_503, "share"),
         Record::info("overload_ok_rps", overload.ok_rps(), "rps"),
     ]);
     if overload.socket_errors > 0 {
-        section
-            .notes
-            .push(format!("The overload run saw {} socket errors.", overload.socket_errors));
+        section.notes.push(format!(
+            "The overload run saw {} socket errors.",
+            overload.socket_errors
+        ));
     }
     Ok(section)
 }

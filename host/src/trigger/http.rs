@@ -352,7 +352,7 @@ async fn route(
         (&Method::POST, ["v1", "functions", name, "invoke"]) => invoke(state, name, request).await,
         (&Method::GET, ["v1", "functions", name, "status"]) => Ok(json(
             StatusCode::OK,
-            &state.runtime.function(name)?.status(),
+            &state.runtime.function_when_loaded(name).await?.status(),
         )),
         (_, ["v1", kind, rest @ ..]) => api::route(state, &method, kind, rest, request).await,
         _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
@@ -425,7 +425,7 @@ async fn invoke_inner(
     name: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let function = state.runtime.function(name)?;
+    let function = state.runtime.function_when_loaded(name).await?;
     if !function.manifest.triggers.http {
         return Err(ApiError::not_found(format!(
             "function {name} has no HTTP trigger"

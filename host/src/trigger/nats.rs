@@ -339,7 +339,7 @@ impl NatsTrigger {
         name: &str,
         message: &async_nats::Message,
     ) -> Result<GuestMessage, InvokeError> {
-        let function = self.runtime.function(name)?;
+        let function = self.runtime.function_when_loaded(name).await?;
         let limit = function.max_body();
         if message.payload.len() as u64 > limit {
             return Err(InvokeError::TooLarge {
