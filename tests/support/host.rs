@@ -133,11 +133,15 @@ impl Host {
         self.wait_ready();
     }
 
+    /// Waits until the host is alive and has prepared the functions its
+    /// registry held at start (`/readyz`'s `functions` check; the other
+    /// checks, such as NATS, are left to the tests that care).
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = client().get(format!("{}/healthz", self.url)).send()
-                && r.status().is_success()
+            if let Ok(r) = client().get(format!("{}/readyz", self.url)).send()
+                && let Ok(body) = r.json::<serde_json::Value>()
+                && body["checks"]["functions"] == true
             {
                 return;
             }
