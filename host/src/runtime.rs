@@ -78,6 +78,10 @@ impl Runtime {
         &self,
         name: &str,
     ) -> Result<Arc<PreparedFunction>, InvokeError> {
+        // The common case first: no waiter registration on the hot path.
+        if let Ok(function) = self.function(name) {
+            return Ok(function);
+        }
         loop {
             let changed = self.changes.notified();
             tokio::pin!(changed);

@@ -16,9 +16,16 @@ const WASMTIME_FEATURES: &str =
 /// Installs wrk, the venv and wasmtime-cli when missing; returns (python, wasmtime).
 pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf)> {
     setup::wrk()?;
-    let python = python_venv(root)?;
-    let wasmtime = wasmtime_cli(root)?;
-    Ok((python, wasmtime))
+    // pip mostly waits on downloads and the wasmtime-cli compile on the
+    // CPU, so on a fresh machine they run side by side.
+    std::thread::scope(|scope| {
+        let venv = scope.spawn(|| python_venv(root));
+        let wasmtime = wasmtime_cli(root);
+        let python = venv
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the venv set-up panicked")));
+        Ok((python?, wasmtime?))
+    })
 }
 
 /// A venv with `benches/python/requirements.txt`, rebuilt when they change.
