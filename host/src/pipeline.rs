@@ -28,6 +28,8 @@ pub enum PreparedStage {
         world: World,
         /// Its warm instances.
         pool: Arc<InstancePool>,
+        /// For a postprocessor: the tensors it receives (`None`: all).
+        inputs: Option<Vec<String>>,
     },
     /// A model run natively.
     Model {
@@ -300,7 +302,12 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
         return Err(StageError::DeadlineExceeded);
     }
     match stage {
-        PreparedStage::Component { world, pool, .. } => {
+        PreparedStage::Component {
+            world,
+            pool,
+            inputs: selection,
+            ..
+        } => {
             let mut instance = pool.checkout()?;
             instance.set_timeout(remaining);
             let result = match (*world, flow) {
@@ -318,7 +325,11 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
                     },
                 ) => {
                     inputs.extend(outputs);
-                    instance.postprocess(inputs).map(Flow::Message)
+                    match selection {
+                        Some(names) => select(names, inputs),
+                        None => Ok(inputs),
+                    }
+                    .and_then(|tensors| instance.postprocess(tensors).map(Flow::Message))
                 }
                 (
                     World::Inferencer,
@@ -352,6 +363,29 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
             Ok(Flow::Tensors { inputs, outputs })
         }
     }
+}
+
+/// The tensors a postprocessor asked for in its stage's `inputs`, in that
+/// order; a name both stages produced resolves to the later stage's tensor.
+fn select(names: &[String], mut tensors: Vec<Tensor>) -> Result<Vec<Tensor>, StageError> {
+    if let Some(missing) = names
+        .iter()
+        .find(|name| !tensors.iter().any(|t| &t.name == *name))
+    {
+        let produced: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        return Err(StageError::Internal(format!(
+            "the stage's `inputs` names tensor {missing:?}, which the stages before did not \
+             produce (they produced [{}])",
+            produced.join(", ")
+        )));
+    }
+    Ok(names
+        .iter()
+        .filter_map(|name| {
+            let at = tensors.iter().rposition(|t| &t.name == name)?;
+            Some(tensors.swap_remove(at))
+        })
+        .collect())
 }
 
 /// What `GET /v1/functions/{name}/status` returns.

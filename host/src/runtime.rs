@@ -170,6 +170,7 @@ impl Runtime {
                     files,
                     config,
                     models,
+                    inputs,
                 } => {
                     let label = component.to_string();
                     let record = self
@@ -223,6 +224,7 @@ impl Runtime {
                         label,
                         world,
                         pool: Arc::new(pool),
+                        inputs,
                     }
                 }
                 Stage::Model { model, outputs } => {

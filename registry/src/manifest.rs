@@ -13,6 +13,7 @@
 //! [[stages]]
 //! component = "mean-pool@0.1.0"
 //! config = { normalize = "true" }
+//! inputs = ["onnx::Shape_422", "attention_mask"]  # what it receives (default: all)
 //! [scaling]
 //! min_instances = 0
 //! max_instances = 4
@@ -69,6 +70,10 @@ pub struct StageSpec {
     pub models: Vec<Reference>,
     /// For a model: which outputs to compute (default: all).
     pub outputs: Option<Vec<String>>,
+    /// For a postprocessor: the tensors it receives, by name and in this
+    /// order (default: every input of the stage before, then its outputs).
+    /// Naming only what it reads spares copying the rest into the sandbox.
+    pub inputs: Option<Vec<String>>,
 }
 
 /// Scaling of a function's instance pools.
@@ -160,6 +165,8 @@ pub enum Stage {
         config: BTreeMap<String, String>,
         /// Models granted to `wasi:nn` `load-by-name`.
         models: Vec<Reference>,
+        /// For a postprocessor: the tensors it receives; `None` means all.
+        inputs: Option<Vec<String>>,
     },
     /// A model run natively.
     Model {
@@ -244,17 +251,31 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
             if spec.outputs.is_some() {
                 return invalid("sets `outputs`, which only model stages take");
             }
+            if let Some(inputs) = &spec.inputs {
+                if inputs.is_empty() || inputs.iter().any(String::is_empty) {
+                    return invalid("sets `inputs` to an empty list or an empty name");
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(twice) = inputs.iter().find(|name| !seen.insert(*name)) {
+                    return invalid(&format!("names tensor {twice:?} twice in `inputs`"));
+                }
+            }
             Ok(Stage::Component {
                 component: component.clone(),
                 files: spec.files.clone(),
                 config: spec.config.clone(),
                 models: spec.models.clone(),
+                inputs: spec.inputs.clone(),
             })
         }
         (None, Some(model)) => {
-            if spec.files.is_some() || !spec.config.is_empty() || !spec.models.is_empty() {
+            if spec.files.is_some()
+                || !spec.config.is_empty()
+                || !spec.models.is_empty()
+                || spec.inputs.is_some()
+            {
                 return invalid(
-                    "sets `files`, `config` or `models`, which only component stages take",
+                    "sets `files`, `config`, `models` or `inputs`, which only component stages take",
                 );
             }
             Ok(Stage::Model {
@@ -330,5 +351,14 @@ nats = { subject = "embed.requests" }
         assert!(error_of(scaling).contains("`scaling.min_instances` exceeds"));
         let version = "name = \"e\"\n[[stages]]\nmodel = \"m@one\"";
         assert!(error_of(version).contains("invalid version \"one\""));
+        let model_inputs = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\ninputs = [\"x\"]";
+        assert!(
+            error_of(model_inputs)
+                .contains("`stages[0]` sets `files`, `config`, `models` or `inputs`")
+        );
+        let twice = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\ninputs = [\"a\", \"a\"]";
+        assert!(error_of(twice).contains("`stages[0]` names tensor \"a\" twice in `inputs`"));
+        let empty = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\ninputs = []";
+        assert!(error_of(empty).contains("`stages[0]` sets `inputs` to an empty list"));
     }
 }

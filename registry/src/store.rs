@@ -303,6 +303,7 @@ impl Registry {
                     component,
                     files,
                     models,
+                    inputs,
                     ..
                 } => {
                     let found =
@@ -332,6 +333,12 @@ impl Registry {
                     if !models.is_empty() && record.world != "inferencer" {
                         return Err(RegistryError::Invalid(format!(
                             "`stages[{at}].models`: {component} is a {}; only inferencers load models",
+                            record.world
+                        )));
+                    }
+                    if inputs.is_some() && record.world != "postprocessor" {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}].inputs`: {component} is a {}; only postprocessors take `inputs`",
                             record.world
                         )));
                     }

@@ -91,6 +91,59 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
         .map(|v| v.as_f64().expect("f"))
         .collect();
     assert!(cosine(&single, &rows[0]) > 0.99999);
+    postprocessors_receive_only_the_tensors_they_name(&host);
+}
+
+/// `embed`'s manifest names mean-pool's tensors (`inputs`); the reference
+/// figures above went through that selection. Here: what it leaves out is
+/// really gone, a name nothing produced is a clear error, and only
+/// postprocessors take the field.
+fn postprocessors_receive_only_the_tensors_they_name(host: &Host) {
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
+    )
+    .expect("embed.toml");
+    let named = "inputs = [\"onnx::Shape_422\", \"attention_mask\"]";
+    assert!(manifest.contains(named), "embed.toml names its tensors");
+    let variant = |name: &str, inputs: &str| {
+        manifest
+            .replace("name = \"embed\"", &format!("name = \"{name}\""))
+            .replace(named, inputs)
+    };
+    let publish = |name: &str, text: String| {
+        host.put(&format!("/v1/functions/{name}"), "application/toml", text)
+    };
+
+    let no_mask = variant("embed-no-mask", "inputs = [\"onnx::Shape_422\"]");
+    assert_eq!(publish("embed-no-mask", no_mask).status(), 201);
+    let (status, message) = error_of(host.invoke("embed-no-mask", "text/plain", "a text"));
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("attention_mask"),
+        "mean-pool no longer sees the mask: {message}"
+    );
+
+    let unknown = variant("embed-unknown", "inputs = [\"onnx::Shape_422\", \"nope\"]");
+    assert_eq!(publish("embed-unknown", unknown).status(), 201);
+    let (status, message) = error_of(host.invoke("embed-unknown", "text/plain", "a text"));
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains("mean-pool@0.1.0")
+            && message.contains("names tensor \"nope\"")
+            && message.contains("attention_mask, onnx::Shape_422"),
+        "{message}"
+    );
+
+    let on_tokenizer = variant("embed-misplaced", "").replace(
+        "config = { max_length = \"128\" }",
+        "config = { max_length = \"128\" }\ninputs = [\"x\"]",
+    );
+    let (status, message) = error_of(publish("embed-misplaced", on_tokenizer));
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("`stages[0].inputs`: bert-tokenizer@0.1.0 is a preprocessor; only postprocessors take `inputs`"),
+        "{message}"
+    );
 }
 
 fn top_label(host: &Host, png: Vec<u8>) -> (String, f64) {
