@@ -14,6 +14,7 @@
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::{Config, Failure, le};
 use serde::Serialize;
+use std::sync::OnceLock;
 
 wit_bindgen::generate!({ world: "postprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
@@ -77,12 +78,36 @@ fn top_k(row: &[f32], k: usize, labels: Option<&[String]>) -> Vec<Prediction> {
         .collect()
 }
 
-fn classify(tensors: Vec<Tensor>) -> Result<Message, Failure> {
+/// What the configuration and the labels file say; read once per instance
+/// (they cannot change while it lives), not on every call.
+struct Settings {
+    scores: Option<String>,
+    labels: Option<Vec<String>>,
+    softmax: bool,
+    top_k: usize,
+}
+
+static SETTINGS: OnceLock<Result<Settings, Failure>> = OnceLock::new();
+
+fn prepare() -> Result<Settings, Failure> {
     let config = load_config(KEYS)?;
-    let scores = match config.get("scores") {
+    Ok(Settings {
+        scores: config.get("scores").map(str::to_string),
+        labels: labels(&config)?,
+        softmax: config.flag("softmax", false)?,
+        top_k: config.parse("top_k", 1)?,
+    })
+}
+
+fn classify(tensors: Vec<Tensor>) -> Result<Message, Failure> {
+    let settings = SETTINGS
+        .get_or_init(prepare)
+        .as_ref()
+        .map_err(Clone::clone)?;
+    let scores = match &settings.scores {
         Some(name) => tensors
             .iter()
-            .find(|t| t.name == name)
+            .find(|t| &t.name == name)
             .ok_or_else(|| Failure::input(format!("no tensor named `{name}`")))?,
         None => tensors
             .iter()
@@ -107,8 +132,8 @@ fn classify(tensors: Vec<Tensor>) -> Result<Message, Failure> {
             scores.dimensions[0] as usize * classes
         )));
     }
-    let labels = labels(&config)?;
-    if let Some(labels) = &labels
+    let labels = settings.labels.as_deref();
+    if let Some(labels) = labels
         && labels.len() != classes
     {
         return Err(Failure::internal(format!(
@@ -117,15 +142,13 @@ fn classify(tensors: Vec<Tensor>) -> Result<Message, Failure> {
             scores.name
         )));
     }
-    let apply_softmax = config.flag("softmax", false)?;
-    let k: usize = config.parse("top_k", 1)?;
     let predictions: Vec<Vec<Prediction>> = values
         .chunks_exact_mut(classes)
         .map(|row| {
-            if apply_softmax {
+            if settings.softmax {
                 softmax(row);
             }
-            top_k(row, k, labels.as_deref())
+            top_k(row, settings.top_k, labels)
         })
         .collect();
     let body = serde_json::to_vec(&serde_json::json!({ "predictions": predictions }))
