@@ -21,7 +21,7 @@ fn surplus_keeps_the_minimum_and_the_fresh() {
     assert_eq!(surplus(&[old], 3, 3, now, timeout), 0);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_gate_bounds_concurrency_and_queue() {
     let gate = Arc::new(Gate::new(1, 1, IntGauge::new("q", "q").expect("gauge")));
     let first = gate.enter(Duration::from_secs(1)).await.expect("free slot");
