@@ -1,7 +1,9 @@
 //! Generated bindings for the `cascade:inference` worlds, kept out of sight.
 //!
-//! Only the exports are used here: imports (`wasi:config`, WASI) are added to
-//! the linker by their own crates in [`crate::sandbox`].
+//! Exports are called asynchronously, so a guest yields to the reactor at
+//! every epoch tick instead of holding a thread. Only the exports are used
+//! here: imports (`wasi:config`, WASI) are added to the linker by their own
+//! crates in [`crate::sandbox`].
 
 #![allow(missing_docs)]
 
@@ -9,6 +11,7 @@ mod preprocessor {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "cascade:inference/preprocessor",
+        exports: { default: async },
     });
 }
 
@@ -17,6 +20,7 @@ mod postprocessor {
         path: "../wit",
         world: "cascade:inference/postprocessor",
         with: { "cascade:inference/types": super::preprocessor::cascade::inference::types },
+        exports: { default: async },
     });
 }
 
@@ -25,6 +29,7 @@ mod inferencer {
         path: "../wit",
         world: "cascade:inference/inferencer",
         with: { "cascade:inference/types": super::preprocessor::cascade::inference::types },
+        exports: { default: async },
     });
 }
 

@@ -14,7 +14,8 @@ use wasmtime::component::Component;
 use wasmtime::error::Context;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// How often the epoch advances: the granularity of call deadlines.
+/// How often the epoch advances: the granularity of call deadlines, and how
+/// long a guest runs before it yields to the reactor.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Capacity of the engine, fixed at start-up.
@@ -70,11 +71,6 @@ impl ServingEngine {
     /// The wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-
-    /// Epoch ticks that cover `timeout` (at least one).
-    pub fn ticks_for(timeout: Duration) -> u64 {
-        (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
     }
 }
 

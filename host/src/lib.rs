@@ -9,11 +9,11 @@
 //!
 //! ```no_run
 //! use cascade_host::{engine, stage::{ComponentStage, Grant}};
-//! # fn main() -> anyhow::Result<()> {
+//! # async fn example() -> anyhow::Result<()> {
 //! let engine = engine::ServingEngine::new(&engine::EngineSettings::default())?;
 //! let stage = ComponentStage::from_file(&engine, "mean_pool.wasm")?;
-//! let mut instance = stage.instantiate(&Grant::default())?;
-//! let message = instance.postprocess(vec![])?; // an invalid-input error: no tensors
+//! let mut instance = stage.instantiate(&Grant::default()).await?;
+//! let message = instance.postprocess(vec![]).await?; // an invalid-input error: no tensors
 //! # let _ = message; Ok(()) }
 //! ```
 #![warn(missing_docs)]

@@ -10,12 +10,11 @@
 use crate::bindings::{Message, Tensor, TensorType};
 use crate::inference::ModelPlan;
 use crate::metrics::Metrics;
-use crate::pool::{Gate, InstancePool, StageStatus};
+use crate::pool::{Gate, InstancePool, Lease, StageStatus};
 use crate::stage::{StageError, World};
 use cascade_registry::manifest::Manifest;
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One prepared stage.
@@ -170,10 +169,10 @@ impl PreparedFunction {
 
     /// Runs one invocation through every stage.
     ///
-    /// All stages of one request run on one blocking thread, one after the
-    /// other: a single hop off the reactor per request instead of one per
-    /// stage, and the tensors a stage hands on are still in that core's
-    /// cache when the next stage reads them.
+    /// Guests run on the reactor as async calls that yield at every epoch
+    /// tick, so a request whose stages are all components never leaves its
+    /// thread; a model (tract cannot yield) runs on the blocking pool, one
+    /// hop there and back.
     pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
         let deadline = Instant::now() + self.timeout();
         let _permit = self
@@ -181,44 +180,13 @@ impl PreparedFunction {
             .enter(self.timeout())
             .await
             .map_err(|_| InvokeError::Overloaded(self.name.clone()))?;
-        // Which stage runs now, so a deadline can be blamed on it.
-        let current = Arc::new(AtomicUsize::new(0));
-        let (function, running) = (self.clone(), current.clone());
-        let task =
-            tokio::task::spawn_blocking(move || function.run_stages(input, deadline, &running));
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let blame = || self.stage_at(current.load(Ordering::SeqCst));
-        match tokio::time::timeout(remaining, task).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => Err(self.stage_error(
-                blame(),
-                StageError::Internal(format!("stage task failed: {e}")),
-            )),
-            // Guests stop at their epoch deadline, but tract cannot be
-            // interrupted: the caller gets 504 now while a model computation
-            // finishes in the background.
-            Err(_) => Err(self.stage_error(blame(), StageError::DeadlineExceeded)),
-        }
-    }
-
-    fn stage_at(&self, index: usize) -> &PreparedStage {
-        &self.stages[index.min(self.stages.len().saturating_sub(1))]
-    }
-
-    /// Carries `input` through the stages; runs where blocking is allowed.
-    fn run_stages(
-        &self,
-        input: Message,
-        deadline: Instant,
-        current: &AtomicUsize,
-    ) -> Result<Invocation, InvokeError> {
         let mut flow = Flow::Message(input);
         let mut timings = Vec::with_capacity(self.stages.len());
-        for (index, stage) in self.stages.iter().enumerate() {
-            current.store(index, Ordering::SeqCst);
+        for stage in &self.stages {
             let stage_started = Instant::now();
-            let remaining = deadline.saturating_duration_since(stage_started);
-            flow = run_stage(stage, flow, remaining).map_err(|e| self.stage_error(stage, e))?;
+            flow = run_stage(stage, flow, deadline)
+                .await
+                .map_err(|e| self.stage_error(stage, e))?;
             let took = stage_started.elapsed();
             self.metrics
                 .stage_latency
@@ -296,8 +264,13 @@ impl PreparedFunction {
     }
 }
 
-/// Runs one stage on the calling (blocking) thread.
-fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<Flow, StageError> {
+/// Runs one stage, holding it to `deadline`.
+async fn run_stage(
+    stage: &PreparedStage,
+    flow: Flow,
+    deadline: Instant,
+) -> Result<Flow, StageError> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
         return Err(StageError::DeadlineExceeded);
     }
@@ -308,11 +281,13 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
             inputs: selection,
             ..
         } => {
-            let mut instance = pool.checkout()?;
-            instance.set_timeout(remaining);
-            let result = match (*world, flow) {
+            let mut lease = pool.checkout().await?;
+            lease.instance().set_timeout(remaining);
+            match (*world, flow) {
                 (World::Preprocessor, Flow::Message(message)) => {
-                    instance.preprocess(message).map(|outputs| Flow::Tensors {
+                    let result = lease.instance().preprocess(message).await;
+                    lease.settle(&result);
+                    result.map(|outputs| Flow::Tensors {
                         inputs: Vec::new(),
                         outputs,
                     })
@@ -325,20 +300,20 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
                     },
                 ) => {
                     inputs.extend(outputs);
-                    match selection {
-                        Some(names) => select(names, inputs),
-                        None => Ok(inputs),
-                    }
-                    .and_then(|tensors| instance.postprocess(tensors).map(Flow::Message))
+                    let tensors = match selection {
+                        Some(names) => select(names, inputs)?,
+                        None => inputs,
+                    };
+                    let result = lease.instance().postprocess(tensors).await;
+                    lease.settle(&result);
+                    result.map(Flow::Message)
                 }
                 (
                     World::Inferencer,
                     Flow::Tensors {
                         outputs: inputs, ..
                     },
-                ) => instance
-                    .infer(&inputs)
-                    .map(|outputs| Flow::Tensors { inputs, outputs }),
+                ) => infer_off_reactor(lease, inputs, remaining).await,
                 (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
                     "this function starts with a postprocessor, which takes tensors, not a message"
                         .into(),
@@ -346,9 +321,7 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
                 _ => Err(StageError::Internal(
                     "stage does not fit its position".into(),
                 )),
-            };
-            pool.checkin(instance, result.as_ref().err());
-            result
+            }
         }
         PreparedStage::Model { plan, .. } => {
             let Flow::Tensors {
@@ -359,9 +332,43 @@ fn run_stage(stage: &PreparedStage, flow: Flow, remaining: Duration) -> Result<F
                     "this function starts with a model, which takes tensors, not a message".into(),
                 ));
             };
-            let outputs = plan.run(&inputs)?;
-            Ok(Flow::Tensors { inputs, outputs })
+            let plan = plan.clone();
+            off_reactor(remaining, move || {
+                let outputs = plan.run(&inputs)?;
+                Ok(Flow::Tensors { inputs, outputs })
+            })
+            .await
         }
+    }
+}
+
+/// An inferencer's guest calls `wasi:nn`, whose `compute` runs tract inside
+/// the call and cannot yield: the whole call runs on the blocking pool.
+async fn infer_off_reactor(
+    mut lease: Lease,
+    inputs: Vec<Tensor>,
+    remaining: Duration,
+) -> Result<Flow, StageError> {
+    let reactor = tokio::runtime::Handle::current();
+    off_reactor(remaining, move || {
+        let result = reactor.block_on(lease.instance().infer(&inputs));
+        lease.settle(&result);
+        result.map(|outputs| Flow::Tensors { inputs, outputs })
+    })
+    .await
+}
+
+/// Runs `work` on the blocking pool. Past `remaining` the caller gets a
+/// deadline error at once while the work finishes in the background (tract
+/// cannot be interrupted).
+async fn off_reactor(
+    remaining: Duration,
+    work: impl FnOnce() -> Result<Flow, StageError> + Send + 'static,
+) -> Result<Flow, StageError> {
+    match tokio::time::timeout(remaining, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(StageError::Internal(format!("stage task failed: {e}"))),
+        Err(_) => Err(StageError::DeadlineExceeded),
     }
 }
 

@@ -2,10 +2,10 @@
 //!
 //! A request first passes the function's [`Gate`] (at most `max_instances`
 //! at once, at most `max_queue` waiting, each for a bounded time), then
-//! borrows one instance per component stage from its [`InstancePool`]: an
-//! idle one, or a new one from the `InstancePre` (a cold start). Instances
-//! that trap are discarded; instances idle past the timeout are reaped down
-//! to `min_instances`.
+//! borrows one instance per component stage from its [`InstancePool`] as a
+//! [`Lease`]: an idle one, or a new one from the `InstancePre` (a cold
+//! start). Instances that trap are discarded; instances idle past the
+//! timeout are reaped down to `min_instances`.
 
 use crate::sandbox::Grant;
 use crate::stage::{ComponentStage, StageError, StageInstance};
@@ -25,7 +25,7 @@ pub struct PoolMetrics {
     pub busy: IntGauge,
     /// Instances created on demand.
     pub cold_starts: IntCounter,
-    /// Instances discarded after a trap.
+    /// Instances discarded after a trap, a missed deadline or an abandoned call.
     pub traps: IntCounter,
 }
 
@@ -83,39 +83,44 @@ impl InstancePool {
         }
     }
 
-    /// Creates instances up to `min_instances` (blocking).
-    pub fn warm(&self) -> Result<(), StageError> {
+    /// Creates instances up to `min_instances`.
+    pub async fn warm(&self) -> Result<(), StageError> {
         while self.live.load(Ordering::SeqCst) < self.min {
-            let instance = self.create()?;
+            let instance = self.create().await?;
             self.put_idle(instance);
         }
         Ok(())
     }
 
-    /// An idle instance, or a new one (blocking: instantiation runs guest code).
-    pub fn checkout(&self) -> Result<StageInstance, StageError> {
+    /// An idle instance, or a new one (a cold start), lent until the
+    /// [`Lease`] is dropped.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, StageError> {
         let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let instance = match reused {
             Some(idle) => idle.instance,
             None => {
                 self.metrics.cold_starts.inc();
-                self.create()?
+                self.create().await?
             }
         };
         self.busy.fetch_add(1, Ordering::SeqCst);
         self.metrics.busy.inc();
-        Ok(instance)
+        Ok(Lease {
+            pool: self.clone(),
+            instance: Some(instance),
+            reusable: false,
+        })
     }
 
-    /// Returns an instance after a call; one that trapped is dropped instead.
-    pub fn checkin(&self, instance: StageInstance, outcome: Option<&StageError>) {
+    /// Takes an instance back; one that may not serve again is dropped.
+    fn checkin(&self, instance: StageInstance, reusable: bool) {
         self.busy.fetch_sub(1, Ordering::SeqCst);
         self.metrics.busy.dec();
-        if outcome.is_some_and(StageError::poisons_instance) {
+        if reusable {
+            self.put_idle(instance);
+        } else {
             self.metrics.traps.inc();
             self.drop_instance(instance);
-        } else {
-            self.put_idle(instance);
         }
     }
 
@@ -153,11 +158,11 @@ impl InstancePool {
         }
     }
 
-    fn create(&self) -> Result<StageInstance, StageError> {
-        let instance = self
-            .stage
-            .instantiate(&self.grant)
-            .map_err(|e| StageError::Internal(format!("instantiating {}: {e:#}", self.label)))?;
+    async fn create(&self) -> Result<StageInstance, StageError> {
+        let instance =
+            self.stage.instantiate(&self.grant).await.map_err(|e| {
+                StageError::Internal(format!("instantiating {}: {e:#}", self.label))
+            })?;
         self.live.fetch_add(1, Ordering::SeqCst);
         self.metrics.instances.inc();
         Ok(instance)
@@ -184,6 +189,39 @@ impl Drop for InstancePool {
     fn drop(&mut self) {
         let idle = self.idle.get_mut().map(std::mem::take).unwrap_or_default();
         self.metrics.instances.sub(idle.len() as i64);
+    }
+}
+
+/// An instance borrowed from its pool for one call.
+///
+/// Dropped, it goes back to the pool if [`Lease::settle`] said the call
+/// left it fit to serve; otherwise (a trap, a deadline, or a call abandoned
+/// half-way because its request was dropped) the instance is discarded.
+pub struct Lease {
+    pool: Arc<InstancePool>,
+    instance: Option<StageInstance>,
+    reusable: bool,
+}
+
+impl Lease {
+    /// The borrowed instance.
+    pub fn instance(&mut self) -> &mut StageInstance {
+        self.instance
+            .as_mut()
+            .expect("a lease holds its instance until dropped")
+    }
+
+    /// Records how the call ended, which decides the instance's fate.
+    pub fn settle<T>(&mut self, outcome: &Result<T, StageError>) {
+        self.reusable = !outcome.as_ref().is_err_and(StageError::poisons_instance);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            self.pool.checkin(instance, self.reusable);
+        }
     }
 }
 

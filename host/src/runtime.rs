@@ -157,8 +157,12 @@ impl Runtime {
         Ok(())
     }
 
-    /// Compiles, links and optimises what a revision needs (blocking).
+    /// Compiles, links and optimises what a revision needs, and starts its
+    /// `min_instances`. Blocking: call it on a blocking thread of the host's
+    /// tokio runtime, whose reactor the guests' asynchronous calls need.
     pub fn prepare(&self, record: &FunctionRecord) -> Result<PreparedFunction, String> {
+        let reactor = tokio::runtime::Handle::try_current()
+            .map_err(|_| "preparing a function needs the host's tokio runtime".to_string())?;
         let validated = manifest::parse(&record.manifest).map_err(|e| e.to_string())?;
         let manifest = validated.manifest;
         let name = record.name.clone();
@@ -219,11 +223,12 @@ impl Runtime {
                         Duration::from_millis(manifest.scaling.idle_timeout_ms),
                         metrics,
                     );
-                    pool.warm().map_err(|e| e.to_string())?;
+                    let pool = Arc::new(pool);
+                    reactor.block_on(pool.warm()).map_err(|e| e.to_string())?;
                     PreparedStage::Component {
                         label,
                         world,
-                        pool: Arc::new(pool),
+                        pool,
                         inputs,
                     }
                 }

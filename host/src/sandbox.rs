@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
 use tokio::io::AsyncWrite;
 use wasmtime::Result;
 use wasmtime::component::{Linker, ResourceTable};
@@ -56,6 +57,9 @@ pub struct StageState {
     config: WasiConfigVariables,
     limits: StoreLimits,
     nn: wasmtime_wasi_nn::wit::WasiNnCtx,
+    /// When the running call (or instantiation) must stop; checked at every
+    /// epoch tick, between which the guest yields to the reactor.
+    deadline: Instant,
 }
 
 impl StageState {
@@ -86,7 +90,18 @@ impl StageState {
                 .trap_on_grow_failure(true)
                 .build(),
             nn: crate::nn::context(&grant.models),
+            deadline: Instant::now(),
         })
+    }
+
+    /// Sets when the next call must stop.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// Whether the current call ran past its deadline.
+    pub fn past_deadline(&self) -> bool {
+        Instant::now() >= self.deadline
     }
 
     /// The store limiter (registered with `Store::limiter`).
@@ -107,7 +122,7 @@ impl WasiView for StageState {
 /// A linker holding every import a Cascade stage may use.
 pub fn linker(engine: &Engine) -> Result<Linker<StageState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("adding WASI to the linker")?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("adding WASI to the linker")?;
     wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut StageState| {
         WasiConfig::from(&s.config)
     })

@@ -13,10 +13,10 @@ use crate::engine::ServingEngine;
 pub use crate::sandbox::Grant;
 use crate::sandbox::{StageState, linker};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::error::Context;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime::{Result, format_err};
 
 /// The Cascade world a component implements, told by its exports.
@@ -154,19 +154,35 @@ impl ComponentStage {
     }
 
     /// A fresh instance in its own store, sandboxed by `grant`.
-    pub fn instantiate(&self, grant: &Grant) -> Result<StageInstance> {
+    ///
+    /// Instantiation runs guest code (its start functions), so it is held to
+    /// [`INSTANTIATE_TIMEOUT`] like a call is held to its deadline.
+    pub async fn instantiate(&self, grant: &Grant) -> Result<StageInstance> {
         let mut store = Store::new(&self.engine, StageState::new(grant)?);
         store.limiter(|state| state.limits());
-        // No deadline while instantiating; each call sets its own.
-        store.set_epoch_deadline(u64::MAX / 2);
-        store.epoch_deadline_trap();
+        // At every tick: stop a guest past its deadline, else let the
+        // reactor run other tasks before it goes on.
+        store.epoch_deadline_callback(|store| {
+            Ok(if store.data().past_deadline() {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        store.set_epoch_deadline(1);
+        store
+            .data_mut()
+            .set_deadline(Instant::now() + INSTANTIATE_TIMEOUT);
+        let failed = "instantiating";
         let bound = match &self.prepared {
-            Prepared::Pre(pre) => Bound::Pre(pre.instantiate(&mut store).context("instantiating")?),
+            Prepared::Pre(pre) => {
+                Bound::Pre(pre.instantiate_async(&mut store).await.context(failed)?)
+            }
             Prepared::Post(pre) => {
-                Bound::Post(pre.instantiate(&mut store).context("instantiating")?)
+                Bound::Post(pre.instantiate_async(&mut store).await.context(failed)?)
             }
             Prepared::Infer(pre) => {
-                Bound::Infer(pre.instantiate(&mut store).context("instantiating")?)
+                Bound::Infer(pre.instantiate_async(&mut store).await.context(failed)?)
             }
         };
         Ok(StageInstance {
@@ -176,6 +192,9 @@ impl ComponentStage {
         })
     }
 }
+
+/// How long a guest's start functions may run.
+pub const INSTANTIATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Bound {
     Pre(Preprocessor),
@@ -197,42 +216,45 @@ impl StageInstance {
     }
 
     /// Runs `preprocess`.
-    pub fn preprocess(&mut self, input: Message) -> Result<Vec<Tensor>, StageError> {
+    pub async fn preprocess(&mut self, input: Message) -> Result<Vec<Tensor>, StageError> {
         self.arm_deadline();
         let Bound::Pre(bound) = &self.bound else {
             return Err(StageError::Internal("stage is not a preprocessor".into()));
         };
         let result = bound
             .cascade_inference_preprocess()
-            .call_preprocess(&mut self.store, &input);
+            .call_preprocess(&mut self.store, &input)
+            .await;
         result
             .map_err(StageError::from_trap)?
             .map_err(StageError::from_guest)
     }
 
     /// Runs `postprocess`.
-    pub fn postprocess(&mut self, tensors: Vec<Tensor>) -> Result<Message, StageError> {
+    pub async fn postprocess(&mut self, tensors: Vec<Tensor>) -> Result<Message, StageError> {
         self.arm_deadline();
         let Bound::Post(bound) = &self.bound else {
             return Err(StageError::Internal("stage is not a postprocessor".into()));
         };
         let result = bound
             .cascade_inference_postprocess()
-            .call_postprocess(&mut self.store, &tensors);
+            .call_postprocess(&mut self.store, &tensors)
+            .await;
         result
             .map_err(StageError::from_trap)?
             .map_err(StageError::from_guest)
     }
 
     /// Runs `infer`.
-    pub fn infer(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+    pub async fn infer(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
         self.arm_deadline();
         let Bound::Infer(bound) = &self.bound else {
             return Err(StageError::Internal("stage is not an inferencer".into()));
         };
         let result = bound
             .cascade_inference_infer()
-            .call_infer(&mut self.store, inputs);
+            .call_infer(&mut self.store, inputs)
+            .await;
         result
             .map_err(StageError::from_trap)?
             .map_err(StageError::from_guest)
@@ -240,6 +262,8 @@ impl StageInstance {
 
     fn arm_deadline(&mut self) {
         self.store
-            .set_epoch_deadline(ServingEngine::ticks_for(self.timeout));
+            .data_mut()
+            .set_deadline(Instant::now() + self.timeout);
+        self.store.set_epoch_deadline(1);
     }
 }

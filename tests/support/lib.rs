@@ -1,8 +1,9 @@
 //! Shared helpers for the end-to-end tests: where the built components and
 //! the real models are, and a shared serving engine to run components in.
 
+use cascade_host::bindings::{Message, Tensor};
 use cascade_host::engine::{EngineSettings, ServingEngine};
-use cascade_host::stage::{ComponentStage, Grant, StageInstance};
+use cascade_host::stage::{ComponentStage, Grant, StageError, StageInstance};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -85,9 +86,37 @@ pub fn stage(name: &str) -> &'static ComponentStage {
     })
 }
 
+/// A tokio runtime for driving guests from plain `#[test]`s: guest calls
+/// are asynchronous (they yield at every epoch tick) and WASI needs a reactor.
+pub fn reactor() -> &'static tokio::runtime::Runtime {
+    static REACTOR: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    REACTOR.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime starts")
+    })
+}
+
+/// A stage instance whose calls block the test's thread until they return.
+pub struct BlockingInstance(StageInstance);
+
+impl BlockingInstance {
+    /// Runs `preprocess`.
+    pub fn preprocess(&mut self, input: Message) -> Result<Vec<Tensor>, StageError> {
+        reactor().block_on(self.0.preprocess(input))
+    }
+
+    /// Runs `postprocess`.
+    pub fn postprocess(&mut self, tensors: Vec<Tensor>) -> Result<Message, StageError> {
+        reactor().block_on(self.0.postprocess(tensors))
+    }
+}
+
 /// A fresh instance of `name` configured with `config`, seeing the models
 /// cache as its `/model` directory.
-pub fn instance(name: &str, config: &[(&str, &str)]) -> StageInstance {
+pub fn instance(name: &str, config: &[(&str, &str)]) -> BlockingInstance {
     let grant = Grant {
         config: config
             .iter()
@@ -96,9 +125,10 @@ pub fn instance(name: &str, config: &[(&str, &str)]) -> StageInstance {
         model_dir: Some(models_dir()),
         ..Grant::default()
     };
-    stage(name)
-        .instantiate(&grant)
-        .unwrap_or_else(|e| panic!("instantiating {name}: {e:#}"))
+    let instance = reactor()
+        .block_on(stage(name).instantiate(&grant))
+        .unwrap_or_else(|e| panic!("instantiating {name}: {e:#}"));
+    BlockingInstance(instance)
 }
 
 /// Renders one line of text in DejaVu Sans, black on white, as PNG bytes.
