@@ -271,6 +271,40 @@ fn misbehaving_guests_cannot_hurt_the_host() {
     assert_eq!(host.get("/healthz").status(), 200);
 }
 
+#[test]
+fn a_request_abandoned_mid_call_gives_its_instance_back() {
+    let host = misbehave_host();
+    assert_eq!(echo(&host), "still here");
+    // The client hangs up long before the 1 s deadline while the guest loops.
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("client");
+    let gave_up = impatient
+        .post(format!("{}/v1/functions/misbehave/invoke", host.url))
+        .header("content-type", "text/plain")
+        .body("loop")
+        .send();
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    // Whether the host noticed the hang-up or the deadline stopped the guest,
+    // the instance must leave the busy count, and the pool must add up.
+    let settled_by = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status: Value = host
+            .get("/v1/functions/misbehave/status")
+            .json()
+            .expect("status JSON");
+        let stage = &status["stages"][0];
+        if stage["busy"] == 0 {
+            assert_eq!(stage["instances"], stage["idle"], "{status}");
+            break;
+        }
+        assert!(Instant::now() < settled_by, "still busy: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(echo(&host), "still here");
+}
+
 fn pooled() -> String {
     cascade_tests::embed_manifest(
         "pooled",
