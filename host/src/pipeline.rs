@@ -282,10 +282,11 @@ async fn run_stage(
             ..
         } => {
             let mut lease = pool.checkout().await?;
-            lease.instance().set_timeout(remaining);
             match (*world, flow) {
                 (World::Preprocessor, Flow::Message(message)) => {
-                    let result = lease.instance().preprocess(message).await;
+                    let instance = lease.instance();
+                    instance.set_timeout(remaining);
+                    let result = instance.preprocess(message).await;
                     lease.settle(&result);
                     result.map(|outputs| Flow::Tensors {
                         inputs: Vec::new(),
@@ -304,7 +305,9 @@ async fn run_stage(
                         Some(names) => select(names, inputs)?,
                         None => inputs,
                     };
-                    let result = lease.instance().postprocess(tensors).await;
+                    let instance = lease.instance();
+                    instance.set_timeout(remaining);
+                    let result = instance.postprocess(tensors).await;
                     lease.settle(&result);
                     result.map(Flow::Message)
                 }
@@ -351,7 +354,9 @@ async fn infer_off_reactor(
 ) -> Result<Flow, StageError> {
     let reactor = tokio::runtime::Handle::current();
     off_reactor(remaining, move || {
-        let result = reactor.block_on(lease.instance().infer(&inputs));
+        let instance = lease.instance();
+        instance.set_timeout(remaining);
+        let result = reactor.block_on(instance.infer(&inputs));
         lease.settle(&result);
         result.map(|outputs| Flow::Tensors { inputs, outputs })
     })

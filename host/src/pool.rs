@@ -108,7 +108,7 @@ impl InstancePool {
         Ok(Lease {
             pool: self.clone(),
             instance: Some(instance),
-            reusable: false,
+            reusable: true,
         })
     }
 
@@ -194,9 +194,10 @@ impl Drop for InstancePool {
 
 /// An instance borrowed from its pool for one call.
 ///
-/// Dropped, it goes back to the pool if [`Lease::settle`] said the call
-/// left it fit to serve; otherwise (a trap, a deadline, or a call abandoned
-/// half-way because its request was dropped) the instance is discarded.
+/// Dropped, it goes back to the pool unless a call was started on it and
+/// either left it unfit to serve (a trap, a deadline) or never settled (a
+/// call abandoned half-way because its request was dropped): then the
+/// instance is discarded.
 pub struct Lease {
     pool: Arc<InstancePool>,
     instance: Option<StageInstance>,
@@ -204,8 +205,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The borrowed instance.
+    /// The borrowed instance, for a call: until [`Lease::settle`] records
+    /// how the call ended, the instance counts as unfit to serve again.
     pub fn instance(&mut self) -> &mut StageInstance {
+        self.reusable = false;
         self.instance
             .as_mut()
             .expect("a lease holds its instance until dropped")
