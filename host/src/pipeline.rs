@@ -171,8 +171,8 @@ impl PreparedFunction {
     ///
     /// Guests run on the reactor as async calls that yield at every epoch
     /// tick, so a request whose stages are all components never leaves its
-    /// thread; a model (tract cannot yield) runs on the blocking pool, one
-    /// hop there and back.
+    /// thread; a model, or a guest granted models through `wasi:nn` (tract
+    /// cannot yield), runs on the blocking pool, one hop there and back.
     pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
         let deadline = Instant::now() + self.timeout();
         let _permit = self
@@ -282,49 +282,23 @@ async fn run_stage(
             ..
         } => {
             let mut lease = pool.checkout().await?;
-            match (*world, flow) {
-                (World::Preprocessor, Flow::Message(message)) => {
-                    let instance = lease.instance();
-                    instance.set_timeout(remaining);
-                    let result = instance.preprocess(message).await;
-                    lease.settle(&result);
-                    result.map(|outputs| Flow::Tensors {
-                        inputs: Vec::new(),
-                        outputs,
-                    })
-                }
-                (
-                    World::Postprocessor,
-                    Flow::Tensors {
-                        mut inputs,
-                        outputs,
-                    },
-                ) => {
-                    inputs.extend(outputs);
-                    let tensors = match selection {
-                        Some(names) => select(names, inputs)?,
-                        None => inputs,
-                    };
-                    let instance = lease.instance();
-                    instance.set_timeout(remaining);
-                    let result = instance.postprocess(tensors).await;
-                    lease.settle(&result);
-                    result.map(Flow::Message)
-                }
-                (
-                    World::Inferencer,
-                    Flow::Tensors {
-                        outputs: inputs, ..
-                    },
-                ) => infer_off_reactor(lease, inputs, remaining).await,
-                (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
-                    "this function starts with a postprocessor, which takes tensors, not a message"
-                        .into(),
-                )),
-                _ => Err(StageError::Internal(
-                    "stage does not fit its position".into(),
-                )),
+            if !pool.grants_models() {
+                return call_guest(&mut lease, *world, flow, selection.as_deref(), remaining).await;
             }
+            // A guest granted models may call `wasi:nn` compute, which runs
+            // tract inside the call and cannot yield: off the reactor.
+            let (world, selection) = (*world, selection.clone());
+            let reactor = tokio::runtime::Handle::current();
+            off_reactor(remaining, move || {
+                reactor.block_on(call_guest(
+                    &mut lease,
+                    world,
+                    flow,
+                    selection.as_deref(),
+                    remaining,
+                ))
+            })
+            .await
         }
         PreparedStage::Model { plan, .. } => {
             let Flow::Tensors {
@@ -345,22 +319,62 @@ async fn run_stage(
     }
 }
 
-/// An inferencer's guest calls `wasi:nn`, whose `compute` runs tract inside
-/// the call and cannot yield: the whole call runs on the blocking pool.
-async fn infer_off_reactor(
-    mut lease: Lease,
-    inputs: Vec<Tensor>,
+/// Calls the guest export of `world` with what flowed in, settling the lease.
+async fn call_guest(
+    lease: &mut Lease,
+    world: World,
+    flow: Flow,
+    selection: Option<&[String]>,
     remaining: Duration,
 ) -> Result<Flow, StageError> {
-    let reactor = tokio::runtime::Handle::current();
-    off_reactor(remaining, move || {
-        let instance = lease.instance();
-        instance.set_timeout(remaining);
-        let result = reactor.block_on(instance.infer(&inputs));
-        lease.settle(&result);
-        result.map(|outputs| Flow::Tensors { inputs, outputs })
-    })
-    .await
+    match (world, flow) {
+        (World::Preprocessor, Flow::Message(message)) => {
+            let instance = lease.instance();
+            instance.set_timeout(remaining);
+            let result = instance.preprocess(message).await;
+            lease.settle(&result);
+            result.map(|outputs| Flow::Tensors {
+                inputs: Vec::new(),
+                outputs,
+            })
+        }
+        (
+            World::Postprocessor,
+            Flow::Tensors {
+                mut inputs,
+                outputs,
+            },
+        ) => {
+            inputs.extend(outputs);
+            let tensors = match selection {
+                Some(names) => select(names, inputs)?,
+                None => inputs,
+            };
+            let instance = lease.instance();
+            instance.set_timeout(remaining);
+            let result = instance.postprocess(tensors).await;
+            lease.settle(&result);
+            result.map(Flow::Message)
+        }
+        (
+            World::Inferencer,
+            Flow::Tensors {
+                outputs: inputs, ..
+            },
+        ) => {
+            let instance = lease.instance();
+            instance.set_timeout(remaining);
+            let result = instance.infer(&inputs).await;
+            lease.settle(&result);
+            result.map(|outputs| Flow::Tensors { inputs, outputs })
+        }
+        (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
+            "this function starts with a postprocessor, which takes tensors, not a message".into(),
+        )),
+        _ => Err(StageError::Internal(
+            "stage does not fit its position".into(),
+        )),
+    }
 }
 
 /// Runs `work` on the blocking pool. Past `remaining` the caller gets a

@@ -83,6 +83,11 @@ impl InstancePool {
         }
     }
 
+    /// Whether its guests may run models through `wasi:nn` (which blocks).
+    pub fn grants_models(&self) -> bool {
+        !self.grant.models.is_empty()
+    }
+
     /// Creates instances up to `min_instances`.
     pub async fn warm(&self) -> Result<(), StageError> {
         while self.live.load(Ordering::SeqCst) < self.min {
