@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use cascade_host::client::{RegistryClient, pack_model};
 use cascade_host::config::ServeConfig;
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -147,13 +148,31 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(error) = run(Cli::parse()) {
+        if closed_stdout(&error) {
+            // `cascade list | head` closed the pipe: the reader has what it wanted.
+            return;
+        }
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }
 }
 
+/// Whether `error` is a write to a stdout whose reader has gone away.
+fn closed_stdout(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes through a returned error rather than `println!`, which panics when the pipe is closed.
 fn print(value: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(value)?
+    )?;
     Ok(())
 }
 
@@ -169,7 +188,12 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(anyhow::Error::from)?;
         let stage = cascade_host::stage::ComponentStage::from_file(&engine, component)
             .map_err(anyhow::Error::from)?;
-        println!("{}: {}", component.display(), stage.world().name());
+        writeln!(
+            std::io::stdout().lock(),
+            "{}: {}",
+            component.display(),
+            stage.world().name()
+        )?;
         return Ok(());
     }
     let client = RegistryClient::new(&cli.registry, cli.token.clone())?;
@@ -223,9 +247,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(kind) => vec![kind],
                 None => vec![Kind::Components, Kind::Models, Kind::Functions],
             };
+            let mut out = std::io::stdout().lock();
             for kind in kinds {
                 let listed = client.get_json(&format!("/v1/{}", kind.path()))?;
-                println!("{}:", kind.path());
+                writeln!(out, "{}:", kind.path())?;
                 for item in listed.as_array().into_iter().flatten() {
                     let version = item
                         .get("version")
@@ -237,11 +262,12 @@ fn run(cli: Cli) -> Result<()> {
                         .map(str::to_string)
                         .unwrap_or_else(|| version.to_string());
                     let digest = item["digest"].as_str().unwrap_or("");
-                    println!(
+                    writeln!(
+                        out,
                         "  {}@{version}  {}",
                         item["name"].as_str().unwrap_or("?"),
                         &digest[..digest.len().min(12)]
-                    );
+                    )?;
                 }
             }
             Ok(())
@@ -286,7 +312,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let reply = client.invoke(&name, &content_type, body)?;
-            println!("{}", String::from_utf8_lossy(&reply));
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                String::from_utf8_lossy(&reply)
+            )?;
             Ok(())
         }
         Command::Serve(_) | Command::Inspect { .. } => Ok(()),

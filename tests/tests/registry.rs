@@ -1,6 +1,6 @@
 //! The registry end to end: the real binary, a real redb file, real uploads.
 
-use cascade_tests::host::{Host, client, error_of};
+use cascade_tests::host::{Host, cascade_binary, client, error_of};
 use cascade_tests::{component_path, model_file};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -75,6 +75,19 @@ fn publish_list_show_and_content_round_trip_with_verified_digests() {
     }
     let functions: Value = host.get("/v1/functions").json().expect("JSON");
     assert_eq!(functions.as_array().expect("list").len(), 2);
+
+    // `cascade list | head -0`: the reader is gone before the first line is written.
+    let mut piped = std::process::Command::new(cascade_binary())
+        .args(["--registry", &host.url, "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cascade runs");
+    drop(piped.stdout.take());
+    let out = piped.wait_with_output().expect("cascade exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
 
 #[test]
