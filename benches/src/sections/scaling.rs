@@ -3,6 +3,7 @@
 
 use crate::context::{Bench, invoke_url, median_p99, median_rps};
 use crate::report::{Bar, Record, Section, num};
+use crate::stats::median;
 use crate::wrk::Wrk;
 use anyhow::{Result, ensure};
 
@@ -61,6 +62,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
     ));
     let runs = bench.side_by_side(&[&one, &two], CONNECTIONS)?;
     let ratio = median_rps(&runs[1]) / median_rps(&runs[0]);
+    let ceiling = native_ceiling(bench)?;
     let bounded = bench.target(
         invoke_url(&host, "embed-bounded"),
         "text/plain",
@@ -106,6 +108,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
     section.records.extend([
         Record::against("scaling_2_vs_1_ratio", ratio, "ratio", Bar::AtLeast(1.8)),
         Record::info("scaling_1_instance_rps", median_rps(&runs[0]), "rps"),
+        Record::info("scaling_native_2_vs_1_ratio", ceiling, "ratio"),
         Record::against(
             "overload_p99_ms",
             overload.p99_us / 1000.0,
@@ -115,6 +118,13 @@ pub fn run(bench: &Bench) -> Result<Section> {
         Record::info("overload_503_share", share_503, "share"),
         Record::info("overload_ok_rps", overload.ok_rps(), "rps"),
     ]);
+    section.notes.push(format!(
+        "The machine's own ceiling: the native pipeline (section 1) embedding on two threads at \
+         once gives {}× the embeddings/s of one thread (same text, alternating rounds, no HTTP), \
+         so `embed-2` reaches {:.0} % of what two cores give here.",
+        num(ceiling),
+        100.0 * ratio / ceiling
+    ));
     if overload.socket_errors > 0 {
         section.notes.push(format!(
             "The overload run saw {} socket errors.",
@@ -122,4 +132,34 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ));
     }
     Ok(section)
+}
+
+/// Embeddings/s of the native pipeline on two threads at once over one
+/// thread, in alternating rounds: how far two cores scale tract on this
+/// machine with no platform in the way (shared caches and memory
+/// bandwidth, and vCPUs that may be siblings, keep it under 2).
+fn native_ceiling(bench: &Bench) -> Result<f64> {
+    let rate = |threads: usize| -> Result<f64> {
+        let length = bench.run_length();
+        let counts = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(|| bench.native.measure(&bench.bodies.text_32, length)))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .map_err(|_| anyhow::anyhow!("a native embedding thread panicked"))?
+                        .map(|samples| samples.len())
+                })
+                .collect::<Result<Vec<usize>>>()
+        })?;
+        Ok(counts.iter().sum::<usize>() as f64 / length.as_secs_f64())
+    };
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..bench.args.rounds {
+        one.push(rate(1)?);
+        two.push(rate(2)?);
+    }
+    Ok(median(two.into_iter()) / median(one.into_iter()))
 }
