@@ -43,11 +43,29 @@ impl Spawned {
 }
 
 impl Drop for Spawned {
+    /// Asks the process to stop (SIGTERM) and gives it a moment before
+    /// SIGKILL: a killed uvicorn master would leave its worker processes
+    /// running, orphaned, through the rest of the run.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signals our own child, which has not been reaped yet
+            // (it is only waited for below), so the pid is still its own.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
+
+/// How long a stopped server may take to shut down its workers.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Whether a POST of `body` to `url` answers 200.
 pub fn answers(url: &str, content_type: &str, body: &[u8]) -> bool {
