@@ -14,8 +14,7 @@
 //! `token_type_ids` (also emit `token_type_ids`, default false).
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
-use cascade_guest::{Failure, le};
-use std::sync::OnceLock;
+use cascade_guest::{Failure, PerInstance, le};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
@@ -31,7 +30,7 @@ struct Prepared {
     token_type_ids: bool,
 }
 
-static PREPARED: OnceLock<Result<Prepared, Failure>> = OnceLock::new();
+static PREPARED: PerInstance<Prepared> = PerInstance::new();
 
 fn prepare() -> Result<Prepared, Failure> {
     let config = load_config(KEYS)?;
@@ -100,10 +99,7 @@ fn texts(input: &Message) -> Result<Vec<String>, Failure> {
 }
 
 fn tokenize(input: Message) -> Result<Vec<Tensor>, Failure> {
-    let prepared = PREPARED
-        .get_or_init(prepare)
-        .as_ref()
-        .map_err(Clone::clone)?;
+    let prepared = PREPARED.get(prepare)?;
     let texts = texts(&input)?;
     if texts.len() > prepared.max_batch {
         return Err(Failure::input(format!(

@@ -5,7 +5,8 @@
 //! - [`Failure`]: the two ways a stage fails, mirroring the WIT `error` variant;
 //! - [`Config`]: the stage's `wasi:config/store` values, parsed with messages
 //!   that name the key;
-//! - [`le`]: little-endian tensor payload encoding and decoding.
+//! - [`le`]: little-endian tensor payload encoding and decoding;
+//! - [`PerInstance`]: what a stage prepares once per instance.
 
 pub mod config;
 pub mod le;
@@ -30,6 +31,32 @@ impl Failure {
     /// Shorthand for [`Failure::Internal`].
     pub fn internal(message: impl Into<String>) -> Self {
         Failure::Internal(message.into())
+    }
+}
+
+/// What a stage prepares once per instance (its parsed configuration, a
+/// tokenizer, labels). An instance's configuration and files cannot change
+/// while it lives, and reading them through WASI on every call cost up to
+/// 0.4 ms a call (benches/optimisations.md, entry 7). Instances are never
+/// shared between threads, so a `static` of this is per instance.
+pub struct PerInstance<T>(std::sync::OnceLock<Result<T, Failure>>);
+
+impl<T> PerInstance<T> {
+    /// An empty cell, for a `static`.
+    pub const fn new() -> Self {
+        PerInstance(std::sync::OnceLock::new())
+    }
+
+    /// The prepared value, made by `prepare` on first use; a failure is kept
+    /// and returned again on every call.
+    pub fn get(&self, prepare: impl FnOnce() -> Result<T, Failure>) -> Result<&T, Failure> {
+        self.0.get_or_init(prepare).as_ref().map_err(Clone::clone)
+    }
+}
+
+impl<T> Default for PerInstance<T> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -12,9 +12,8 @@
 //! the label.
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
-use cascade_guest::{Config, Failure, le};
+use cascade_guest::{Config, Failure, PerInstance, le};
 use serde::Serialize;
-use std::sync::OnceLock;
 
 wit_bindgen::generate!({ world: "postprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
@@ -87,7 +86,7 @@ struct Settings {
     top_k: usize,
 }
 
-static SETTINGS: OnceLock<Result<Settings, Failure>> = OnceLock::new();
+static SETTINGS: PerInstance<Settings> = PerInstance::new();
 
 fn prepare() -> Result<Settings, Failure> {
     let config = load_config(KEYS)?;
@@ -100,10 +99,7 @@ fn prepare() -> Result<Settings, Failure> {
 }
 
 fn classify(tensors: Vec<Tensor>) -> Result<Message, Failure> {
-    let settings = SETTINGS
-        .get_or_init(prepare)
-        .as_ref()
-        .map_err(Clone::clone)?;
+    let settings = SETTINGS.get(prepare)?;
     let scores = match &settings.scores {
         Some(name) => tensors
             .iter()

@@ -19,7 +19,7 @@
 //! default 4096 × 4096).
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
-use cascade_guest::{Config, Failure, le};
+use cascade_guest::{Config, Failure, PerInstance, le};
 use image::imageops::{self, FilterType};
 use image::{ImageReader, Limits, RgbImage};
 use std::io::Cursor;
@@ -206,11 +206,14 @@ fn to_nchw(image: &RgbImage, filled: u32, recipe: &Recipe) -> Vec<f32> {
     out
 }
 
+/// The recipe, parsed from the configuration once per instance.
+static RECIPE: PerInstance<Recipe> = PerInstance::new();
+
 fn preprocess(input: Message) -> Result<Vec<Tensor>, Failure> {
-    let recipe = Recipe::from_config(&load_config(KEYS)?)?;
+    let recipe = RECIPE.get(|| Recipe::from_config(&load_config(KEYS)?))?;
     let image = decode(&input.body, recipe.max_pixels)?;
-    let (shaped, filled) = reshape(&image, &recipe);
-    let values = to_nchw(&shaped, filled, &recipe);
+    let (shaped, filled) = reshape(&image, recipe);
+    let values = to_nchw(&shaped, filled, recipe);
     Ok(vec![Tensor {
         name: recipe.tensor.clone(),
         dimensions: vec![1, 3, recipe.height, recipe.width],

@@ -9,7 +9,7 @@
 //! `normalize` (L2, default false).
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
-use cascade_guest::{Failure, le};
+use cascade_guest::{Config, Failure, PerInstance, le};
 
 wit_bindgen::generate!({ world: "postprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
@@ -78,8 +78,11 @@ fn mean_pool(
         .collect()
 }
 
+/// The configuration, read once per instance.
+static CONFIG: PerInstance<Config> = PerInstance::new();
+
 fn pool(tensors: Vec<Tensor>) -> Result<Message, Failure> {
-    let config = load_config(KEYS)?;
+    let config = CONFIG.get(|| load_config(KEYS))?;
     let embeddings = match config.get("embeddings") {
         Some(name) => find(&tensors, name)?,
         None => tensors
