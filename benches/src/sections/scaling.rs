@@ -136,8 +136,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
 
 /// Embeddings/s of the native pipeline on two threads at once over one
 /// thread, in alternating rounds: how far two cores scale tract on this
-/// machine with no platform in the way (shared caches and memory
-/// bandwidth, and vCPUs that may be siblings, keep it under 2).
+/// machine with no platform in the way (shared caches, memory bandwidth or
+/// vCPUs on one physical core would hold it under 2).
 fn native_ceiling(bench: &Bench) -> Result<f64> {
     let rate = |threads: usize| -> Result<f64> {
         let length = bench.run_length();

@@ -37,8 +37,8 @@ impl Failure {
 /// What a stage prepares once per instance (its parsed configuration, a
 /// tokenizer, labels). An instance's configuration and files cannot change
 /// while it lives, and reading them through WASI on every call cost up to
-/// 0.4 ms a call (benches/optimisations.md, entry 7). Instances are never
-/// shared between threads, so a `static` of this is per instance.
+/// 0.4 ms a call (benches/optimisations.md, entry 7). A `static` lives in
+/// the instance's own linear memory, so a `static` of this is per instance.
 pub struct PerInstance<T>(std::sync::OnceLock<Result<T, Failure>>);
 
 impl<T> PerInstance<T> {
