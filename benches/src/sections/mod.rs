@@ -114,7 +114,7 @@ fn header(args: &RunArgs, seconds: f64) -> String {
          the optimisation log at the end comes from `benches/optimisations.md`).\n\n\
          - Machine: {cores} cores, {cpu}, {memory} RAM, {kernel}\n\
          - Toolchain: {rustc}; wasmtime 48, tract-onnx 0.23.9; host built in the dev profile \
-         with dependencies at opt-level 2 (the profile the tests use)\n\
+         with dependencies at opt-level 2 without their debug assertions (the profile the tests use)\n\
          - Load generator: {wrk}, one thread, keep-alive connections; NATS load from \
          `benches/src/nats.rs` (async-nats)\n\
          - Method: every comparison runs its contenders in turn, round after round \
