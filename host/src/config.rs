@@ -46,6 +46,11 @@ pub struct ServeConfig {
     /// Require TLS to NATS.
     #[arg(long)]
     pub nats_tls: bool,
+    /// Input shapes per model that get a plan of their own once seen twice:
+    /// faster kernels for that shape, at the cost of another copy of the
+    /// model's matrix weights each. 0 runs every shape on the general plan.
+    #[arg(long, env = "CASCADE_SHAPE_PLANS", default_value_t = 4)]
+    pub shape_plans: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,

@@ -4,8 +4,10 @@
 //! allowed, never on the async reactor.
 
 use crate::bindings::{Tensor, TensorType};
+use crate::shape_plans::ShapePlans;
 use crate::stage::StageError;
 use cascade_registry::records::{ModelSignature, TensorSpec};
+use prometheus::{IntGauge, IntGaugeVec};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -22,23 +24,36 @@ pub type InputShapes = BTreeMap<String, Vec<String>>;
 
 /// Reads a model's inputs and outputs, proving it parses and optimises.
 pub fn inspect(path: &Path, shapes: &InputShapes) -> Result<ModelSignature, String> {
-    let typed = optimise(load(path, shapes)?, shapes)?;
+    let typed = optimise(declutter(load(path, shapes)?, shapes)?, shapes)?;
     Ok(ModelSignature {
         inputs: input_specs(&typed)?,
         outputs: output_specs(&typed)?,
     })
 }
 
-fn optimise(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, String> {
-    model.into_optimized().map_err(|e| {
-        let hint = if shapes.is_empty() {
-            "; if its inputs have dynamic dimensions, fix them when publishing \
-             (e.g. `cascade publish model --input-shape x=N,3,48,192`)"
-        } else {
-            ""
-        };
-        format!("the model does not optimise: {e:#}{hint}")
-    })
+/// Translates to tract's typed graph and simplifies it: the form a plan is
+/// optimised from, for the general plan and for each specialised one.
+fn declutter(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, String> {
+    model
+        .into_typed()
+        .and_then(|typed| typed.into_decluttered())
+        .map_err(|e| not_optimisable(e, shapes))
+}
+
+fn optimise(model: TypedModel, shapes: &InputShapes) -> Result<TypedModel, String> {
+    model
+        .into_optimized()
+        .map_err(|e| not_optimisable(e, shapes))
+}
+
+fn not_optimisable(e: tract_onnx::prelude::TractError, shapes: &InputShapes) -> String {
+    let hint = if shapes.is_empty() {
+        "; if its inputs have dynamic dimensions, fix them when publishing \
+         (e.g. `cascade publish model --input-shape x=N,3,48,192`)"
+    } else {
+        ""
+    };
+    format!("the model does not optimise: {e:#}{hint}")
 }
 
 /// Parses the model, applies `shapes`, and names every remaining unnamed
@@ -144,9 +159,22 @@ where
 
 /// An optimised, runnable model.
 pub struct ModelPlan {
+    /// The plan for any shape the model accepts.
     plan: Arc<TypedRunnableModel>,
+    /// Plans for the shapes seen most, when the model has dynamic dimensions.
+    shaped: Option<Arc<ShapePlans>>,
     inputs: Vec<(String, DatumType)>,
     outputs: Vec<String>,
+}
+
+/// Whether and how a [`ModelPlan`] specialises itself to concrete shapes.
+pub struct Specialisation {
+    /// Most shapes given a plan of their own (0: none).
+    pub limit: usize,
+    /// The model, as logs name it.
+    pub label: String,
+    /// Counts the specialised plans alive.
+    pub built: IntGauge,
 }
 
 impl std::fmt::Debug for ModelPlan {
@@ -160,8 +188,13 @@ impl std::fmt::Debug for ModelPlan {
 
 impl ModelPlan {
     /// Loads and optimises the model, computing only `outputs` (all when empty).
-    pub fn load(path: &Path, shapes: &InputShapes, outputs: &[String]) -> Result<Self, String> {
-        Self::prepare(load(path, shapes)?, shapes, outputs)
+    pub fn load(
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+        specialisation: Option<Specialisation>,
+    ) -> Result<Self, String> {
+        Self::prepare(load(path, shapes)?, shapes, outputs, specialisation)
     }
 
     /// Loads and optimises an ONNX model given as bytes (what `wasi:nn`'s
@@ -171,13 +204,14 @@ impl ModelPlan {
             .model_for_read(&mut std::io::Cursor::new(bytes))
             .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
         let shapes = InputShapes::new();
-        Self::prepare(with_shapes(model, &shapes)?, &shapes, &[])
+        Self::prepare(with_shapes(model, &shapes)?, &shapes, &[], None)
     }
 
     fn prepare(
         mut model: InferenceModel,
         shapes: &InputShapes,
         outputs: &[String],
+        specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
         if !outputs.is_empty() {
             let outlets = outputs
@@ -193,7 +227,8 @@ impl ModelPlan {
                 .select_output_outlets(&outlets)
                 .map_err(|e| e.to_string())?;
         }
-        let typed = optimise(model, shapes)?;
+        let template = declutter(model, shapes)?;
+        let typed = optimise(template.clone(), shapes)?;
         let names: Vec<String> = typed
             .outputs
             .iter()
@@ -209,8 +244,16 @@ impl ModelPlan {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let plan = typed.into_runnable().map_err(|e| e.to_string())?;
+        let shaped = match specialisation {
+            Some(s) => {
+                let names: Vec<String> = inputs.iter().map(|(name, _)| name.clone()).collect();
+                ShapePlans::new(template, &names, s.limit, &s.label, s.built)?
+            }
+            None => None,
+        };
         Ok(ModelPlan {
             plan,
+            shaped,
             inputs,
             outputs: names,
         })
@@ -232,8 +275,13 @@ impl ModelPlan {
                 to_tract(tensor, *datum).map(TValue::from)
             })
             .collect::<Result<Vec<TValue>, StageError>>()?;
-        let outputs = self
-            .plan
+        let plan = match &self.shaped {
+            Some(shaped) => shaped
+                .plan_for(&inputs)
+                .unwrap_or_else(|| self.plan.clone()),
+            None => self.plan.clone(),
+        };
+        let outputs = plan
             .run(inputs.into_iter().collect())
             .map_err(|e| StageError::Internal(format!("inference failed: {e}")))?;
         outputs
@@ -315,15 +363,28 @@ fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, StageError> {
 type PlanKey = (String, Vec<String>);
 
 /// Plans shared across functions, keyed by model digest and output selection.
-#[derive(Default)]
 pub struct PlanCache {
     plans: Mutex<HashMap<PlanKey, Arc<ModelPlan>>>,
+    shape_plans: usize,
+    built: IntGaugeVec,
 }
 
 impl PlanCache {
-    /// The plan for `digest` with `outputs`, loading it from `path` on first use.
+    /// An empty cache whose plans specialise themselves to at most
+    /// `shape_plans` shapes each, counted in `built` by model.
+    pub fn new(shape_plans: usize, built: IntGaugeVec) -> Self {
+        PlanCache {
+            plans: Mutex::new(HashMap::new()),
+            shape_plans,
+            built,
+        }
+    }
+
+    /// The plan for `digest` (known as `label`) with `outputs`, loading it
+    /// from `path` on first use.
     pub fn get(
         &self,
+        label: &str,
         digest: &str,
         path: &Path,
         shapes: &InputShapes,
@@ -333,7 +394,17 @@ impl PlanCache {
         if let Some(plan) = self.plans.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(plan.clone());
         }
-        let plan = Arc::new(ModelPlan::load(path, shapes, outputs)?);
+        let specialisation = Specialisation {
+            limit: self.shape_plans,
+            label: label.to_string(),
+            built: self.built.with_label_values(&[label]),
+        };
+        let plan = Arc::new(ModelPlan::load(
+            path,
+            shapes,
+            outputs,
+            Some(specialisation),
+        )?);
         self.plans
             .lock()
             .map_err(|e| e.to_string())?

@@ -32,5 +32,6 @@ pub mod pool;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;
+pub mod shape_plans;
 pub mod stage;
 pub mod trigger;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     /// `cascade_compiled_artifacts_total{source}`: `cache` or `compiled`.
     pub compiled: IntCounterVec,
+    /// `cascade_shape_plans{model}`: model plans specialised to one input shape.
+    pub shape_plans: IntGaugeVec,
 }
 
 impl Metrics {
@@ -108,6 +110,11 @@ impl Metrics {
                 "cascade_compiled_artifacts_total",
                 "Components loaded, by source.",
                 &["source"],
+            )?,
+            shape_plans: gauge(
+                "cascade_shape_plans",
+                "Model plans specialised to one input shape.",
+                &["model"],
             )?,
             registry,
         })

@@ -36,18 +36,21 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime over `registry`, caching compiled components in `compiled_dir`.
+    /// A runtime over `registry`, caching compiled components in
+    /// `compiled_dir` and specialising each model's plan to at most
+    /// `shape_plans` input shapes.
     pub fn new(
         engine: ServingEngine,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         compiled_dir: PathBuf,
+        shape_plans: usize,
     ) -> Self {
         Runtime {
             engine,
             registry,
+            plans: PlanCache::new(shape_plans, metrics.shape_plans.clone()),
             metrics,
-            plans: PlanCache::default(),
             compiled_dir,
             components: Mutex::new(HashMap::new()),
             functions: RwLock::new(HashMap::new()),
@@ -195,9 +198,13 @@ impl Runtime {
                             let record =
                                 self.registry.model(reference).map_err(|e| e.to_string())?;
                             let path = self.registry.blob_path(&record.digest);
-                            let plan =
-                                self.plans
-                                    .get(&record.digest, &path, &record.input_shapes, &[])?;
+                            let plan = self.plans.get(
+                                &reference.to_string(),
+                                &record.digest,
+                                &path,
+                                &record.input_shapes,
+                                &[],
+                            )?;
                             Ok((reference.to_string(), plan))
                         })
                         .collect::<Result<Vec<_>, String>>()?;
@@ -235,9 +242,13 @@ impl Runtime {
                 Stage::Model { model, outputs } => {
                     let record = self.registry.model(&model).map_err(|e| e.to_string())?;
                     let path = self.registry.blob_path(&record.digest);
-                    let plan =
-                        self.plans
-                            .get(&record.digest, &path, &record.input_shapes, &outputs)?;
+                    let plan = self.plans.get(
+                        &model.to_string(),
+                        &record.digest,
+                        &path,
+                        &record.input_shapes,
+                        &outputs,
+                    )?;
                     PreparedStage::Model {
                         label: model.to_string(),
                         plan,

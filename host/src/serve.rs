@@ -34,6 +34,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         Arc::new(registry),
         metrics,
         config.data.join("compiled"),
+        config.shape_plans,
     ));
     let mirror = match &config.registry_url {
         Some(url) => Some(Arc::new(start_mirror(&config, url, &runtime).await?)),

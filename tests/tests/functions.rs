@@ -94,6 +94,35 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
     postprocessors_receive_only_the_tensors_they_name(&host);
 }
 
+#[test]
+fn a_repeated_input_shape_gets_a_specialised_plan_with_the_same_answers() {
+    let host = Host::start_with(&["--shape-plans", "1"]);
+    host.publish_examples();
+    let gauge = "cascade_shape_plans{model=\"minilm-l3@1.0.0\"}";
+    let text = "A man is eating food.";
+    let general = embed(&host, &[text]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.metric(gauge) < 1.0 {
+        assert!(Instant::now() < deadline, "no plan was specialised");
+        embed(&host, &[text]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let specialised = embed(&host, &[text]);
+    let worst = general[0]
+        .iter()
+        .zip(&specialised[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "specialised plan differs by {worst}");
+    // Another length stays on the general plan: the limit is one.
+    let longer = "A man is eating food, and the food is a piece of bread.";
+    let first = embed(&host, &[longer]);
+    for _ in 0..5 {
+        assert_eq!(embed(&host, &[longer]), first);
+    }
+    assert_eq!(host.metric(gauge), 1.0);
+}
+
 /// `embed`'s manifest names mean-pool's tensors (`inputs`); the reference
 /// figures above went through that selection. Here: what it leaves out is
 /// really gone, a name nothing produced is a clear error, and only
