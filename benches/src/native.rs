@@ -1,15 +1,19 @@
 //! The baseline of the pipeline-overhead figure: `embed`'s three steps
 //! compiled natively into this process — the `tokenizers` crate (the same
-//! code the `bert-tokenizer` guest runs), tract's three-step API on the same
-//! ONNX file and output, and mean pooling — with no sandbox, no copies
-//! between stages and no HTTP.
+//! code the `bert-tokenizer` guest runs), tract on the same ONNX file and
+//! output, and mean pooling — with no sandbox, no copies between stages and
+//! no HTTP. Like the host, it runs a plan optimised for the input's exact
+//! shape, so the comparison isolates what the platform adds.
 
 use anyhow::{Context, Result, anyhow, bail};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-use tract_onnx::prelude::{Framework, InferenceModelExt, IntoTValue, Tensor, TypedRunnableModel};
+use tract_onnx::prelude::{
+    Framework, InferenceModelExt, IntoTValue, TDim, Tensor, TypedModel, TypedRunnableModel,
+};
 
 /// The output `embed` selects: MiniLM's token embeddings.
 pub const TOKEN_EMBEDDINGS: &str = "onnx::Shape_422";
@@ -18,10 +22,12 @@ pub const MODEL_FILE: &str = "paraphrase-MiniLM-L3-v2.onnx";
 /// Truncation, as in the `embed` manifest.
 const MAX_LENGTH: usize = 128;
 
-/// Tokenizer, optimised plan, and the plan's input names.
+/// Tokenizer, decluttered model, its plans by sequence length, and the
+/// model's input names.
 pub struct NativeEmbed {
     tokenizer: Tokenizer,
-    plan: Arc<TypedRunnableModel>,
+    model: TypedModel,
+    plans: Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
     inputs: Vec<String>,
 }
 
@@ -43,18 +49,41 @@ impl NativeEmbed {
         let model = tract_onnx::onnx()
             .model_for_path(models.join(MODEL_FILE))?
             .with_outputs_by_name([TOKEN_EMBEDDINGS])?
-            .into_optimized()?;
+            .into_typed()?
+            .into_decluttered()?;
         let inputs = model
             .inputs
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect();
-        let plan = tract_onnx::prelude::IntoRunnable::into_runnable(model)?;
         Ok(NativeEmbed {
             tokenizer,
-            plan,
+            model,
+            plans: Mutex::new(HashMap::new()),
             inputs,
         })
+    }
+
+    /// The plan for one text of `seq` tokens, optimised on first use.
+    fn plan(&self, seq: usize) -> Result<Arc<TypedRunnableModel>> {
+        let mut plans = self.plans.lock().map_err(|e| anyhow!("{e}"))?;
+        if let Some(plan) = plans.get(&seq) {
+            return Ok(plan.clone());
+        }
+        // Every input is [batch, sequence]: bind what their dimensions name.
+        let mut bindings = HashMap::new();
+        for input in 0..self.model.inputs.len() {
+            for (dim, value) in self.model.input_fact(input)?.shape.iter().zip([1, seq]) {
+                if let TDim::Sym(symbol) = dim {
+                    bindings.insert(symbol.clone(), TDim::Val(value as i64));
+                }
+            }
+        }
+        let plan = tract_onnx::prelude::IntoRunnable::into_runnable(
+            self.model.set_symbols(&bindings)?.into_optimized()?,
+        )?;
+        plans.insert(seq, plan.clone());
+        Ok(plan)
     }
 
     /// Number of tokens `text` becomes (with `[CLS]` and `[SEP]`).
@@ -137,7 +166,7 @@ impl NativeEmbed {
             })
             .map(|t| t.map(IntoTValue::into_tvalue))
             .collect::<Result<tract_onnx::prelude::TVec<_>, _>>()?;
-        let outputs = self.plan.run(inputs)?;
+        let outputs = self.plan(seq)?.run(inputs)?;
         let tokens = outputs
             .first()
             .context("the plan has no output")?

@@ -123,6 +123,7 @@ fn optimise_ms(models: &Path) -> Result<f64> {
         &models.join(MODEL_FILE),
         &InputShapes::new(),
         &[TOKEN_EMBEDDINGS.to_string()],
+        None,
     )
     .map_err(anyhow::Error::msg)?;
     Ok(started.elapsed().as_secs_f64() * 1000.0)
