@@ -4,10 +4,10 @@
 //! allowed, never on the async reactor.
 
 use crate::bindings::{Tensor, TensorType};
-use crate::shape_plans::ShapePlans;
+use crate::shape_plans::{ShapePlans, Specialisation};
 use crate::stage::StageError;
 use cascade_registry::records::{ModelSignature, TensorSpec};
-use prometheus::{IntGauge, IntGaugeVec};
+use prometheus::IntGaugeVec;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -110,6 +110,30 @@ fn with_shapes(mut model: InferenceModel, shapes: &InputShapes) -> Result<Infere
     Ok(model)
 }
 
+/// Selects `outputs` (all when empty) and declutters: the model a general
+/// plan, and each plan specialised to a shape, is optimised from.
+fn template(
+    mut model: InferenceModel,
+    shapes: &InputShapes,
+    outputs: &[String],
+) -> Result<TypedModel, String> {
+    if !outputs.is_empty() {
+        let outlets = outputs
+            .iter()
+            .map(|name| {
+                model
+                    .find_outlet_label(name)
+                    .or_else(|| model.node_by_name(name).ok().map(|n| n.id.into()))
+                    .ok_or_else(|| format!("the model has no output {name:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        model
+            .select_output_outlets(&outlets)
+            .map_err(|e| e.to_string())?;
+    }
+    declutter(model, shapes)
+}
+
 fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
     (0..model.inputs.len())
         .map(|i| {
@@ -167,16 +191,6 @@ pub struct ModelPlan {
     outputs: Vec<String>,
 }
 
-/// Whether and how a [`ModelPlan`] specialises itself to concrete shapes.
-pub struct Specialisation {
-    /// Most shapes given a plan of their own (0: none).
-    pub limit: usize,
-    /// The model, as logs name it.
-    pub label: String,
-    /// Counts the specialised plans alive.
-    pub built: IntGauge,
-}
-
 impl std::fmt::Debug for ModelPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelPlan")
@@ -194,7 +208,8 @@ impl ModelPlan {
         outputs: &[String],
         specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
-        Self::prepare(load(path, shapes)?, shapes, outputs, specialisation)
+        let model = template(load(path, shapes)?, shapes, outputs)?;
+        Self::prepare(model, shapes, specialisation)
     }
 
     /// Loads and optimises an ONNX model given as bytes (what `wasi:nn`'s
@@ -204,30 +219,15 @@ impl ModelPlan {
             .model_for_read(&mut std::io::Cursor::new(bytes))
             .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
         let shapes = InputShapes::new();
-        Self::prepare(with_shapes(model, &shapes)?, &shapes, &[], None)
+        let template = template(with_shapes(model, &shapes)?, &shapes, &[])?;
+        Self::prepare(template, &shapes, None)
     }
 
     fn prepare(
-        mut model: InferenceModel,
+        template: TypedModel,
         shapes: &InputShapes,
-        outputs: &[String],
         specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
-        if !outputs.is_empty() {
-            let outlets = outputs
-                .iter()
-                .map(|name| {
-                    model
-                        .find_outlet_label(name)
-                        .or_else(|| model.node_by_name(name).ok().map(|n| n.id.into()))
-                        .ok_or_else(|| format!("the model has no output {name:?}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            model
-                .select_output_outlets(&outlets)
-                .map_err(|e| e.to_string())?;
-        }
-        let template = declutter(model, shapes)?;
         let typed = optimise(template.clone(), shapes)?;
         let names: Vec<String> = typed
             .outputs
@@ -246,8 +246,9 @@ impl ModelPlan {
         let plan = typed.into_runnable().map_err(|e| e.to_string())?;
         let shaped = match specialisation {
             Some(s) => {
-                let names: Vec<String> = inputs.iter().map(|(name, _)| name.clone()).collect();
-                ShapePlans::new(template, &names, s.limit, &s.label, s.built)?
+                let input_names: Vec<String> =
+                    inputs.iter().map(|(name, _)| name.clone()).collect();
+                ShapePlans::new(template, &input_names, s)?
             }
             None => None,
         };
@@ -417,5 +418,17 @@ impl PlanCache {
         if let Ok(mut plans) = self.plans.lock() {
             plans.retain(|(key, _), _| live(key.get(..64).unwrap_or(key)));
         }
+    }
+}
+
+/// Hands memory freed by a one-off burst of work (compiling components,
+/// parsing and optimising a model: hundreds of MB in small pieces) back to
+/// the system; glibc keeps it otherwise, and the host's resident size would
+/// count it for as long as the host runs.
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and returns the allocator's free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

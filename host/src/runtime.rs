@@ -151,7 +151,9 @@ impl Runtime {
         if current.is_some_and(|c| c.revision == record.revision) {
             return Ok(());
         }
-        let prepared = Arc::new(self.prepare(record)?);
+        let prepared = self.prepare(record);
+        crate::inference::release_freed_memory();
+        let prepared = Arc::new(prepared?);
         if let Ok(mut functions) = self.functions.write() {
             functions.insert(record.name.clone(), prepared);
         }

@@ -7,7 +7,10 @@
 //! 4.7 (benches/optimisations.md, entry 15). Each specialised plan packs
 //! its own copy of the matrix weights (22 MB for MiniLM-L3), so only shapes
 //! seen more than once are specialised, at most `limit` per model, on a
-//! background thread while the general plan keeps answering.
+//! background thread while the general plan keeps answering. The
+//! decluttered model they are optimised from stays in memory: it shares its
+//! constants with the general plan, where re-reading the file for each
+//! would copy MiniLM's 47 MB embedding table into every plan.
 
 use prometheus::IntGauge;
 use std::collections::{HashMap, HashSet};
@@ -24,6 +27,16 @@ const MAX_COUNTED: usize = 4096;
 
 /// Values of a model's symbols, in [`ShapePlans::symbols`] order.
 type SymbolValues = Vec<usize>;
+
+/// Whether and how a [`ModelPlan`] specialises itself to concrete shapes.
+pub struct Specialisation {
+    /// Most shapes given a plan of their own (0: none).
+    pub limit: usize,
+    /// The model, as logs name it.
+    pub label: String,
+    /// Counts the specialised plans alive.
+    pub built: IntGauge,
+}
 
 /// The specialised plans of one model and the counts that choose them.
 pub struct ShapePlans {
@@ -50,16 +63,14 @@ struct State {
 
 impl ShapePlans {
     /// Specialisation for `template` (decluttered, not optimised) whose
-    /// inputs are taken in `inputs` order; `None` when `limit` is 0 or no
+    /// inputs are taken in `inputs` order; `None` when the limit is 0 or no
     /// input dimension is a bare symbol.
     pub fn new(
         template: TypedModel,
         inputs: &[String],
-        limit: usize,
-        label: &str,
-        built: IntGauge,
+        specialisation: Specialisation,
     ) -> Result<Option<Arc<ShapePlans>>, String> {
-        if limit == 0 {
+        if specialisation.limit == 0 {
             return Ok(None);
         }
         let mut symbols: Vec<Symbol> = Vec::new();
@@ -93,10 +104,10 @@ impl ShapePlans {
             template,
             symbols,
             axes,
-            limit,
-            label: label.to_string(),
+            limit: specialisation.limit,
+            label: specialisation.label,
             state: Mutex::new(State::default()),
-            built,
+            built: specialisation.built,
         })))
     }
 
@@ -165,6 +176,13 @@ impl ShapePlans {
             .set_symbols(&bindings)
             .and_then(|model| model.into_optimized())
             .and_then(|model| model.into_runnable());
+        let shape: Vec<String> = self
+            .symbols
+            .iter()
+            .zip(&values)
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        crate::inference::release_freed_memory();
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -173,7 +191,7 @@ impl ShapePlans {
             Ok(plan) => {
                 tracing::info!(
                     model = %self.label,
-                    shape = ?bindings,
+                    shape = %shape.join(","),
                     ms = started.elapsed().as_millis() as u64,
                     "plan specialised to a shape"
                 );
@@ -182,7 +200,11 @@ impl ShapePlans {
                 self.built.inc();
             }
             Err(e) => {
-                tracing::warn!(model = %self.label, shape = ?bindings, "cannot specialise the plan: {e:#}");
+                tracing::warn!(
+                    model = %self.label,
+                    shape = %shape.join(","),
+                    "cannot specialise the plan: {e:#}"
+                );
                 state.failed.insert(values);
             }
         }
@@ -203,14 +225,28 @@ mod tests {
     use tract_onnx::prelude::{DatumType, IntoTValue, Tensor, TypedFact};
 
     /// A model that returns its `[batch, 3]` input, with `batch` a symbol.
-    fn identity(limit: usize) -> Arc<ShapePlans> {
+    fn identity_model() -> Result<TypedModel, String> {
         let mut model = TypedModel::default();
         let batch = model.symbols.sym("batch");
         let fact = TypedFact::dt_shape(DatumType::F32, [TDim::Sym(batch), TDim::Val(3)]);
-        let x = model.add_source("x", fact).expect("source");
-        model.select_output_outlets(&[x]).expect("output");
-        let gauge = IntGauge::new("shape_plans_test", "test").expect("gauge");
-        ShapePlans::new(model, &["x".to_string()], limit, "identity", gauge)
+        let x = model.add_source("x", fact).map_err(|e| e.to_string())?;
+        model
+            .select_output_outlets(&[x])
+            .map_err(|e| e.to_string())?;
+        Ok(model)
+    }
+
+    fn specialisation(limit: usize) -> Specialisation {
+        Specialisation {
+            limit,
+            label: "test".into(),
+            built: IntGauge::new("shape_plans_test", "test").expect("gauge"),
+        }
+    }
+
+    fn identity(limit: usize) -> Arc<ShapePlans> {
+        let model = identity_model().expect("model");
+        ShapePlans::new(model, &["x".to_string()], specialisation(limit))
             .expect("valid")
             .expect("has a symbol")
     }
@@ -269,29 +305,14 @@ mod tests {
         let scalar = vec![Tensor::from(1f32).into_tvalue()];
         assert_eq!(plans.values_of(&scalar), None, "wrong rank");
         assert_eq!(plans.values_of(&rows(3)), Some(vec![3]));
-        let none = ShapePlans::new(
-            TypedModel::default(),
-            &[],
-            4,
-            "empty",
-            IntGauge::new("g", "h").expect("gauge"),
+        let none = ShapePlans::new(TypedModel::default(), &[], specialisation(4)).expect("valid");
+        assert!(none.is_none(), "no symbol, nothing to specialise");
+        let off = ShapePlans::new(
+            identity_model().expect("model"),
+            &["x".into()],
+            specialisation(0),
         )
         .expect("valid");
-        assert!(none.is_none(), "no symbol, nothing to specialise");
-        let off = {
-            let mut model = TypedModel::default();
-            let n = model.symbols.sym("n");
-            let fact = TypedFact::dt_shape(DatumType::F32, [TDim::Sym(n)]);
-            model.add_source("x", fact).expect("source");
-            ShapePlans::new(
-                model,
-                &["x".into()],
-                0,
-                "off",
-                IntGauge::new("g", "h").expect("g"),
-            )
-            .expect("valid")
-        };
         assert!(off.is_none(), "limit 0 turns specialisation off");
     }
 }
