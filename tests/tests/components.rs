@@ -427,6 +427,48 @@ fn image_preprocess_center_crops_like_imagenet() {
 }
 
 #[test]
+fn image_preprocess_resizes_with_the_chosen_filter() {
+    // 8×4 (left half red, right half blue) stretched to 4×2.
+    let stretch = |filter| {
+        let config = [
+            ("resize", "stretch"),
+            ("width", "4"),
+            ("height", "2"),
+            ("filter", filter),
+        ];
+        let mut pre = instance("image-preprocess", &config);
+        f32s(&pre.preprocess(png()).expect("preprocesses")[0])
+    };
+    let nearest = stretch("nearest");
+    let (red, blue) = (&nearest[0..8], &nearest[16..24]);
+    for y in 0..2 {
+        assert_eq!(
+            &red[y * 4..y * 4 + 4],
+            &[1.0, 1.0, 0.0, 0.0],
+            "nearest, row {y}"
+        );
+        assert_eq!(
+            &blue[y * 4..y * 4 + 4],
+            &[0.0, 0.0, 1.0, 1.0],
+            "nearest, row {y}"
+        );
+    }
+    // Triangle blends across the edge: pure at the borders, red + blue = 1 throughout.
+    let triangle = stretch("triangle");
+    let (red, blue) = (&triangle[0..8], &triangle[16..24]);
+    for i in 0..8 {
+        assert!(
+            (red[i] + blue[i] - 1.0).abs() <= 2.0 / 255.0,
+            "pixel {i}: {} + {}",
+            red[i],
+            blue[i]
+        );
+    }
+    assert_eq!((red[0], blue[3]), (1.0, 1.0));
+    assert!(red[1] > red[2] && red[2] > 0.0 && red[2] < 1.0, "{red:?}");
+}
+
+#[test]
 fn image_preprocess_rejects_undecodable_images() {
     let mut pre = instance("image-preprocess", &[]);
     let cases: &[(&[u8], &str)] = &[

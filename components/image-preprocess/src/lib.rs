@@ -20,7 +20,9 @@
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::{Config, Failure, PerInstance, le};
-use image::imageops::{self, FilterType};
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::imageops;
 use image::{ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 
@@ -53,7 +55,7 @@ struct Recipe {
     width: u32,
     height: u32,
     geometry: Geometry,
-    filter: FilterType,
+    filter: ResizeAlg,
     scale: f32,
     mean: Vec<f32>,
     std: Vec<f32>,
@@ -86,9 +88,9 @@ impl Recipe {
             }
         };
         let filter = match config.string("filter", "triangle").as_str() {
-            "triangle" => FilterType::Triangle,
-            "nearest" => FilterType::Nearest,
-            "catmull-rom" => FilterType::CatmullRom,
+            "triangle" => ResizeAlg::Convolution(FilterType::Bilinear),
+            "nearest" => ResizeAlg::Nearest,
+            "catmull-rom" => ResizeAlg::Convolution(FilterType::CatmullRom),
             other => {
                 return Err(Failure::internal(format!(
                     "config `filter`: {other:?} is not triangle, nearest or catmull-rom"
@@ -155,18 +157,18 @@ fn decode(body: &[u8], max_pixels: u64) -> Result<RgbImage, Failure> {
 
 /// Applies the geometry; returns the image and how many columns hold pixels
 /// (the rest, in `pad` mode, are padding).
-fn reshape(image: &RgbImage, recipe: &Recipe) -> (RgbImage, u32) {
+fn reshape(image: &RgbImage, recipe: &Recipe) -> Result<(RgbImage, u32), Failure> {
     let (w, h) = image.dimensions();
-    match recipe.geometry {
+    Ok(match recipe.geometry {
         Geometry::Stretch => (
-            imageops::resize(image, recipe.width, recipe.height, recipe.filter),
+            resize(image, recipe.width, recipe.height, recipe.filter)?,
             recipe.width,
         ),
         Geometry::Pad => {
             let scaled = (f64::from(recipe.height) * f64::from(w) / f64::from(h)).ceil() as u32;
             let resized_w = scaled.clamp(1, recipe.width);
             (
-                imageops::resize(image, resized_w, recipe.height, recipe.filter),
+                resize(image, resized_w, recipe.height, recipe.filter)?,
                 resized_w,
             )
         }
@@ -179,14 +181,36 @@ fn reshape(image: &RgbImage, recipe: &Recipe) -> (RgbImage, u32) {
             let resized = if (rw, rh) == (w, h) {
                 image.clone()
             } else {
-                imageops::resize(image, rw, rh, recipe.filter)
+                resize(image, rw, rh, recipe.filter)?
             };
             let (x, y) = ((rw - recipe.width) / 2, (rh - recipe.height) / 2);
             let cropped =
                 imageops::crop_imm(&resized, x, y, recipe.width, recipe.height).to_image();
             (cropped, recipe.width)
         }
-    }
+    })
+}
+
+/// Resizes RGB8 pixels with fixed-point convolution.
+fn resize(
+    image: &RgbImage,
+    width: u32,
+    height: u32,
+    filter: ResizeAlg,
+) -> Result<RgbImage, Failure> {
+    let failed = |e: &dyn std::fmt::Display| Failure::internal(format!("resizing: {e}"));
+    let (w, h) = image.dimensions();
+    let source = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3).map_err(|e| failed(&e))?;
+    let mut target = Image::new(width, height, PixelType::U8x3);
+    Resizer::new()
+        .resize(
+            &source,
+            &mut target,
+            &ResizeOptions::new().resize_alg(filter),
+        )
+        .map_err(|e| failed(&e))?;
+    RgbImage::from_raw(width, height, target.into_vec())
+        .ok_or_else(|| failed(&"the resized buffer has the wrong size"))
 }
 
 /// Normalises into planar channels of `width` × `height`, zero beyond `filled` columns.
@@ -212,7 +236,7 @@ static RECIPE: PerInstance<Recipe> = PerInstance::new();
 fn preprocess(input: Message) -> Result<Vec<Tensor>, Failure> {
     let recipe = RECIPE.get(|| Recipe::from_config(&load_config(KEYS)?))?;
     let image = decode(&input.body, recipe.max_pixels)?;
-    let (shaped, filled) = reshape(&image, recipe);
+    let (shaped, filled) = reshape(&image, recipe)?;
     let values = to_nchw(&shaped, filled, recipe);
     Ok(vec![Tensor {
         name: recipe.tensor.clone(),
