@@ -227,8 +227,12 @@ fn misbehave_on(host: Host) -> Host {
 }
 
 fn echo(host: &Host) -> String {
-    let response = host.invoke("misbehave", "text/plain", "echo:still here");
-    assert_eq!(response.status(), 200);
+    misbehave_says(host, "echo:still here")
+}
+
+fn misbehave_says(host: &Host, command: &str) -> String {
+    let response = host.invoke("misbehave", "text/plain", command.to_string());
+    assert_eq!(response.status(), 200, "{command}");
     let value: Value = response.json().expect("JSON");
     let bytes: Vec<u8> = value["tensors"][0]["data"]
         .as_array()
@@ -237,6 +241,33 @@ fn echo(host: &Host) -> String {
         .map(|v| v.as_u64().expect("u8") as u8)
         .collect();
     String::from_utf8(bytes).expect("utf-8")
+}
+
+#[test]
+fn an_instance_starts_clean_in_a_slot_a_trapped_instance_left() {
+    let host = Host::start();
+    host.publish_component("misbehave");
+    let one_instance = MISBEHAVE.replace("max_instances = 2", "max_instances = 1");
+    let response = host.put("/v1/functions/misbehave", "application/toml", one_instance);
+    assert_eq!(response.status(), 201);
+    let secret = "scan:the-previous-tenant-wrote-this";
+    assert_eq!(misbehave_says(&host, secret), "clean");
+    assert_eq!(
+        misbehave_says(&host, &secret.replace("scan", "keep")),
+        "kept"
+    );
+    assert_eq!(
+        misbehave_says(&host, secret),
+        "found",
+        "the scan sees its own instance"
+    );
+    let (status, _) = error_of(host.invoke("misbehave", "text/plain", "panic"));
+    assert_eq!(status, 500);
+    assert_eq!(
+        misbehave_says(&host, secret),
+        "clean",
+        "a fresh instance after the trap"
+    );
 }
 
 #[test]

@@ -9,10 +9,16 @@
 //! - `panic`: panics (a trap);
 //! - `read:PATH`: tries to read PATH; `connect:ADDR`: tries to open a TCP
 //!   connection; `env`: lists environment variables. Each answers what it
-//!   could see, or an invalid-input error saying what failed.
+//!   could see, or an invalid-input error saying what failed;
+//! - `keep:SECRET`: keeps SECRET, masked, in this instance's memory;
+//!   `scan:SECRET`: answers `found` if the masked SECRET is anywhere in this
+//!   instance's linear memory, else `clean` (the masked form is compared on
+//!   the fly, so only `keep` ever writes it), proving an instance starts
+//!   with nothing an earlier one in its slot left behind.
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::Failure;
+use std::sync::Mutex;
 
 wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
@@ -24,6 +30,25 @@ fn answer(text: &str) -> Vec<Tensor> {
         ty: TensorType::U8,
         data: text.as_bytes().to_vec(),
     }]
+}
+
+/// What `keep` writes is SECRET with every byte XORed with this.
+const MASK: u8 = 0x5a;
+
+/// Where `keep` leaves the masked secret (on the heap, pointed to from here).
+static KEPT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Whether SECRET, masked, occurs anywhere in linear memory.
+fn memory_holds(secret: &[u8]) -> bool {
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    (1..size.saturating_sub(secret.len())).any(|at| {
+        secret.iter().enumerate().all(|(offset, byte)| {
+            // SAFETY: every address below memory_size is readable linear
+            // memory; address 0 is skipped.
+            let found = unsafe { std::ptr::read_volatile((at + offset) as *const u8) };
+            found == byte ^ MASK
+        })
+    })
 }
 
 fn misbehave(input: Message) -> Result<Vec<Tensor>, Failure> {
@@ -69,6 +94,13 @@ fn misbehave(input: Message) -> Result<Vec<Tensor>, Failure> {
                 .collect::<Vec<_>>()
                 .join(","),
         )),
+        "keep" => {
+            let masked = argument.bytes().map(|b| b ^ MASK).collect();
+            *KEPT.lock().map_err(|_| Failure::internal("poisoned"))? = masked;
+            Ok(answer("kept"))
+        }
+        "scan" if memory_holds(argument.as_bytes()) => Ok(answer("found")),
+        "scan" => Ok(answer("clean")),
         other => Err(Failure::input(format!("unknown command {other:?}"))),
     }
 }
