@@ -7,7 +7,10 @@
 //! 4.7 (benches/optimisations.md, entry 15). Each specialised plan packs
 //! its own copy of the matrix weights (22 MB for MiniLM-L3), so only shapes
 //! seen more than once are specialised, at most `limit` per model, on a
-//! background thread while the general plan keeps answering. The
+//! background thread while the general plan keeps answering. When the
+//! plans are all taken, a shape clearly more frequent than the least used
+//! one replaces it; counts halve every [`DECAY_EVERY`] calls, so the plans
+//! follow the traffic as it changes. The
 //! decluttered model they are optimised from stays in memory: it shares its
 //! constants with the general plan, where re-reading the file for each
 //! would copy MiniLM's 47 MB embedding table into every plan.
@@ -24,6 +27,8 @@ const SPECIALISE_AFTER: u32 = 2;
 /// Distinct shapes counted before the counts start over, so a stream of
 /// ever-new shapes cannot grow the table without bound.
 const MAX_COUNTED: usize = 4096;
+/// Calls between two halvings of every count.
+const DECAY_EVERY: u32 = 1024;
 
 /// Values of a model's symbols, in [`ShapePlans::symbols`] order.
 type SymbolValues = Vec<usize>;
@@ -55,10 +60,48 @@ pub struct ShapePlans {
 
 #[derive(Default)]
 struct State {
-    ready: HashMap<SymbolValues, Arc<TypedRunnableModel>>,
+    /// Specialised plans and how often each served lately.
+    ready: HashMap<SymbolValues, (Arc<TypedRunnableModel>, u32)>,
+    /// How often each shape without a plan arrived lately.
     seen: HashMap<SymbolValues, u32>,
     failed: HashSet<SymbolValues>,
     building: bool,
+    /// Calls since the counts were last halved.
+    calls: u32,
+}
+
+impl State {
+    /// Counts a call, halving every count each [`DECAY_EVERY`] calls.
+    fn tick(&mut self) {
+        self.calls += 1;
+        if self.calls < DECAY_EVERY {
+            return;
+        }
+        self.calls = 0;
+        self.ready.values_mut().for_each(|(_, hits)| *hits /= 2);
+        self.seen.retain(|_, count| {
+            *count /= 2;
+            *count > 0
+        });
+    }
+
+    /// The plan that served least lately, with its count.
+    fn least_used(&self) -> Option<(&SymbolValues, u32)> {
+        self.ready
+            .iter()
+            .map(|(values, (_, hits))| (values, *hits))
+            .min_by_key(|(_, hits)| *hits)
+    }
+
+    /// Whether a shape seen `count` times deserves a plan of its own, in
+    /// a free place or instead of the least used one.
+    fn deserves_plan(&self, count: u32, limit: usize) -> bool {
+        if self.ready.len() < limit {
+            return count >= SPECIALISE_AFTER;
+        }
+        self.least_used()
+            .is_some_and(|(_, hits)| count >= 2 * hits + SPECIALISE_AFTER)
+    }
 }
 
 impl ShapePlans {
@@ -116,10 +159,12 @@ impl ShapePlans {
     pub fn plan_for(self: &Arc<Self>, inputs: &[TValue]) -> Option<Arc<TypedRunnableModel>> {
         let values = self.values_of(inputs)?;
         let mut state = self.state.lock().ok()?;
-        if let Some(plan) = state.ready.get(&values) {
+        state.tick();
+        if let Some((plan, hits)) = state.ready.get_mut(&values) {
+            *hits += 1;
             return Some(plan.clone());
         }
-        if state.ready.len() >= self.limit || state.failed.contains(&values) {
+        if state.failed.contains(&values) {
             return None;
         }
         if state.seen.len() >= MAX_COUNTED && !state.seen.contains_key(&values) {
@@ -127,7 +172,8 @@ impl ShapePlans {
         }
         let seen = state.seen.entry(values.clone()).or_insert(0);
         *seen += 1;
-        if *seen >= SPECIALISE_AFTER && !state.building {
+        let count = *seen;
+        if !state.building && state.deserves_plan(count, self.limit) {
             state.building = true;
             let plans = self.clone();
             let spawned = std::thread::Builder::new()
@@ -195,9 +241,17 @@ impl ShapePlans {
                     ms = started.elapsed().as_millis() as u64,
                     "plan specialised to a shape"
                 );
-                state.seen.remove(&values);
-                state.ready.insert(values, plan);
-                self.built.inc();
+                if state.ready.len() >= self.limit {
+                    let evicted = state.least_used().map(|(values, _)| values.clone());
+                    if let Some(evicted) = evicted {
+                        state.ready.remove(&evicted);
+                        tracing::info!(model = %self.label, shape = ?evicted, "plan for a less used shape dropped");
+                    }
+                } else {
+                    self.built.inc();
+                }
+                let count = state.seen.remove(&values).unwrap_or(0);
+                state.ready.insert(values, (plan, count));
             }
             Err(e) => {
                 tracing::warn!(
@@ -287,16 +341,47 @@ mod tests {
     }
 
     #[test]
-    fn no_more_plans_than_the_limit() {
+    fn no_more_plans_than_the_limit_and_the_busier_shape_takes_the_place() {
         let plans = identity(1);
         specialised(&plans, 2).expect("first shape specialised");
-        for _ in 0..20 {
+        for _ in 0..5 {
+            plans.plan_for(&rows(2)).expect("ready");
+        }
+        // Three calls of another shape are not enough to displace it ...
+        for _ in 0..3 {
             assert!(plans.plan_for(&rows(5)).is_none(), "over the limit");
         }
+        assert!(plans.plan_for(&rows(2)).is_some());
+        // ... many more are.
+        let plan = specialised(&plans, 5).expect("the busier shape gets the place");
+        assert_eq!(
+            plan.run(rows(5).into_iter().collect()).expect("runs")[0].shape(),
+            &[5, 3]
+        );
+        assert!(
+            plans.plan_for(&rows(2)).is_none(),
+            "the idle shape lost its plan"
+        );
         assert_eq!(plans.built.get(), 1);
         let gauge = plans.built.clone();
         drop(plans);
         assert_eq!(gauge.get(), 0, "dropping the plans forgets them");
+    }
+
+    #[test]
+    fn counts_halve_so_old_traffic_fades() {
+        let mut state = State::default();
+        state.seen.insert(vec![1], 9);
+        state.seen.insert(vec![2], 1);
+        for _ in 0..DECAY_EVERY {
+            state.tick();
+        }
+        assert_eq!(state.seen.get(&vec![1]), Some(&4));
+        assert_eq!(
+            state.seen.get(&vec![2]),
+            None,
+            "a count halved to 0 is forgotten"
+        );
     }
 
     #[test]
