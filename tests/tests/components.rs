@@ -117,6 +117,52 @@ fn bert_tokenizer_matches_python_tokenizers_one_text_at_a_time() {
 }
 
 #[test]
+fn bert_tokenizer_pads_to_a_multiple_when_asked() {
+    let case = &reference_cases()[0];
+    let max_length = case["max_length"].as_u64().expect("max_length");
+    let mut tokenizer = instance(
+        "bert-tokenizer",
+        &[
+            ("max_length", &max_length.to_string()),
+            ("pad_to_multiple_of", "8"),
+        ],
+    );
+    for single in case["single"].as_array().expect("single") {
+        let sentence = single["text"].as_str().expect("text");
+        if sentence.is_empty() {
+            continue;
+        }
+        let tensors = tokenizer
+            .preprocess(text("text/plain", sentence.as_bytes()))
+            .expect("tokenizes");
+        let expected = column(&single["input_ids"]);
+        let padded = expected.len().div_ceil(8) * 8;
+        assert_eq!(
+            tensors[0].dimensions,
+            vec![1, padded as u32],
+            "{sentence:?}"
+        );
+        let (ids, mask) = (i64s(&tensors[0]), i64s(&tensors[1]));
+        assert_eq!(&ids[..expected.len()], &expected[..], "{sentence:?}");
+        assert!(ids[expected.len()..].iter().all(|&id| id == 0), "{ids:?}");
+        assert_eq!(mask.iter().sum::<i64>(), expected.len() as i64, "{mask:?}");
+    }
+    let mut bad = instance(
+        "bert-tokenizer",
+        &[("max_length", "128"), ("pad_to_multiple_of", "48")],
+    );
+    match bad.preprocess(text("text/plain", b"a text")) {
+        Err(StageError::Internal(message)) => {
+            assert!(
+                message.contains("`pad_to_multiple_of` (48) must divide"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
+#[test]
 fn bert_tokenizer_pads_a_json_batch_to_the_longest_input() {
     for case in reference_cases() {
         let max_length = case["max_length"].to_string();

@@ -127,6 +127,46 @@ fn a_repeated_input_shape_gets_a_specialised_plan_with_the_same_answers() {
     assert_eq!(host.metric(gauge), 1.0);
 }
 
+#[test]
+fn padding_to_a_multiple_leaves_embeddings_unchanged() {
+    let host = Host::start();
+    host.publish_examples();
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
+    )
+    .expect("embed.toml");
+    let plain = r#"config = { max_length = "128" }"#;
+    assert!(
+        manifest.contains(plain),
+        "embed.toml configures the tokenizer"
+    );
+    let padded = manifest
+        .replace("name = \"embed\"", "name = \"embed-padded\"")
+        .replace("embed.requests", "embed-padded.requests")
+        .replace(
+            plain,
+            r#"config = { max_length = "128", pad_to_multiple_of = "16" }"#,
+        );
+    let response = host.put("/v1/functions/embed-padded", "application/toml", padded);
+    assert_eq!(response.status(), 201, "{:?}", response.text());
+    let texts = [
+        "Hi.",
+        "A man is eating food.",
+        "The girl is carrying a baby on her back today.",
+    ];
+    let want = embed(&host, &texts);
+    let body = serde_json::json!({ "inputs": texts }).to_string();
+    let response = host.invoke("embed-padded", "application/json", body);
+    assert_eq!(response.status(), 200);
+    let got: Value = response.json().expect("JSON");
+    for (row, want) in want.iter().enumerate() {
+        for (i, w) in want.iter().enumerate() {
+            let g = got["embeddings"][row][i].as_f64().expect("number");
+            assert!((g - w).abs() < 1e-5, "text {row}, value {i}: {g} vs {w}");
+        }
+    }
+}
+
 /// `embed`'s manifest names mean-pool's tensors (`inputs`); the reference
 /// figures above went through that selection. Here: what it leaves out is
 /// really gone, a name nothing produced is a clear error, and only

@@ -11,7 +11,11 @@
 //!
 //! Config: `tokenizer` (path, default `/model/tokenizer.json`),
 //! `max_length` (default 128), `max_batch` (default 64),
-//! `token_type_ids` (also emit `token_type_ids`, default false).
+//! `token_type_ids` (also emit `token_type_ids`, default false),
+//! `pad_to_multiple_of` (pad the sequence up to a multiple of this, which
+//! must divide `max_length`; default 1: no extra padding). Padding to a few
+//! lengths lets the host reuse a model plan made for each length; the
+//! attention mask keeps the padding out of the result.
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::{Failure, PerInstance, le};
@@ -20,7 +24,13 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
 
-const KEYS: &[&str] = &["tokenizer", "max_length", "max_batch", "token_type_ids"];
+const KEYS: &[&str] = &[
+    "tokenizer",
+    "max_length",
+    "max_batch",
+    "token_type_ids",
+    "pad_to_multiple_of",
+];
 
 /// What one instance keeps between calls: loading tokenizer.json is the
 /// expensive part, so it happens once per instance.
@@ -39,11 +49,18 @@ fn prepare() -> Result<Prepared, Failure> {
     if max_length < 2 {
         return Err(Failure::internal("config `max_length` must be at least 2"));
     }
+    let multiple: usize = config.parse("pad_to_multiple_of", 1)?;
+    if multiple == 0 || max_length % multiple != 0 {
+        return Err(Failure::internal(format!(
+            "config `pad_to_multiple_of` ({multiple}) must divide `max_length` ({max_length})"
+        )));
+    }
     let mut tokenizer = Tokenizer::from_file(&path)
         .map_err(|e| Failure::internal(format!("loading tokenizer {path}: {e}")))?;
     let pad = tokenizer.get_padding().cloned().unwrap_or_default();
     tokenizer.with_padding(Some(PaddingParams {
         strategy: PaddingStrategy::BatchLongest,
+        pad_to_multiple_of: (multiple > 1).then_some(multiple),
         ..pad
     }));
     tokenizer
