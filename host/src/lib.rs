@@ -26,6 +26,7 @@ pub mod engine;
 pub mod inference;
 pub mod metrics;
 pub mod mirror;
+pub mod model_threads;
 pub mod nn;
 pub mod pipeline;
 pub mod pool;

@@ -10,6 +10,7 @@
 use crate::bindings::{Message, Tensor, TensorType};
 use crate::inference::ModelPlan;
 use crate::metrics::Metrics;
+use crate::model_threads::ModelThreads;
 use crate::pool::{Gate, InstancePool, Lease, StageStatus};
 use crate::stage::{StageError, World};
 use cascade_registry::manifest::Manifest;
@@ -310,11 +311,17 @@ async fn run_stage(
                 ));
             };
             let plan = plan.clone();
-            off_reactor(remaining, move || {
+            let run = ModelThreads::shared().run(move || {
                 let outputs = plan.run(&inputs)?;
                 Ok(Flow::Tensors { inputs, outputs })
-            })
-            .await
+            });
+            match tokio::time::timeout(remaining, run).await {
+                Ok(Some(outcome)) => outcome,
+                Ok(None) => Err(StageError::Internal(
+                    "the model run ended without a result (it panicked; see the host log)".into(),
+                )),
+                Err(_) => Err(StageError::DeadlineExceeded),
+            }
         }
     }
 }
@@ -377,9 +384,10 @@ async fn call_guest(
     }
 }
 
-/// Runs `work` on the blocking pool. Past `remaining` the caller gets a
-/// deadline error at once while the work finishes in the background (tract
-/// cannot be interrupted).
+/// Runs a guest that may call `wasi:nn` on the blocking pool. Past
+/// `remaining` the caller gets a deadline error at once while the work
+/// finishes in the background (tract cannot be interrupted); model stages
+/// do the same on [`ModelThreads`].
 async fn off_reactor(
     remaining: Duration,
     work: impl FnOnce() -> Result<Flow, StageError> + Send + 'static,
