@@ -5,16 +5,20 @@
 //! its own tract scratch buffers and cold caches. Here the thread that
 //! became idle last takes the next run: at low concurrency one thread does
 //! all the work with its working set warm (32-token `embed` over HTTP:
-//! added latency ~1.1 → ~0.55 ms; benches/optimisations.md entry 19). A run
-//! never waits for a thread: with none idle a new one starts, and threads
-//! idle for [`KEEP_ALIVE`] exit.
+//! added latency ~1.1 → ~0.55 ms; benches/optimisations.md entry 19). With
+//! none idle a new thread starts, up to [`MAX_THREADS`] (as many as tokio's
+//! blocking pool allows; runs beyond wait in order), and threads idle for
+//! [`KEEP_ALIVE`] exit.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 /// How long an idle thread waits for work before it exits.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Most threads alive at once.
+pub const MAX_THREADS: usize = 512;
 
 /// Runs a model and returns how to hand its result over; the thread
 /// lists itself idle before it does, so the next run the result leads to
@@ -24,8 +28,18 @@ type Deliver = Box<dyn FnOnce() + Send>;
 
 /// A set of threads, the most recently idle one first in line.
 pub struct ModelThreads {
-    idle: Mutex<Vec<Arc<Worker>>>,
+    threads: Mutex<Threads>,
     keep_alive: Duration,
+    max_threads: usize,
+}
+
+#[derive(Default)]
+struct Threads {
+    /// Waiting for work, the most recently idle last.
+    idle: Vec<Arc<Worker>>,
+    /// Runs waiting for a thread (only with `max_threads` alive).
+    queued: VecDeque<Job>,
+    alive: usize,
 }
 
 /// One thread's mailbox.
@@ -36,18 +50,19 @@ struct Worker {
 }
 
 impl ModelThreads {
-    /// Threads that exit after `keep_alive` without work.
-    pub fn new(keep_alive: Duration) -> Arc<ModelThreads> {
+    /// At most `max_threads` threads that exit after `keep_alive` without work.
+    pub fn new(keep_alive: Duration, max_threads: usize) -> Arc<ModelThreads> {
         Arc::new(ModelThreads {
-            idle: Mutex::new(Vec::new()),
+            threads: Mutex::new(Threads::default()),
             keep_alive,
+            max_threads: max_threads.max(1),
         })
     }
 
     /// The host's shared set.
     pub fn shared() -> &'static Arc<ModelThreads> {
         static SHARED: OnceLock<Arc<ModelThreads>> = OnceLock::new();
-        SHARED.get_or_init(|| ModelThreads::new(KEEP_ALIVE))
+        SHARED.get_or_init(|| ModelThreads::new(KEEP_ALIVE, MAX_THREADS))
     }
 
     /// Runs `work` on the most recently idle thread, or a new one, and
@@ -70,24 +85,32 @@ impl ModelThreads {
     }
 
     fn execute(self: &Arc<Self>, job: Job) {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        match idle {
-            Some(worker) => {
-                if let Ok(mut slot) = worker.job.lock() {
-                    *slot = Some(job);
-                    worker.ready.notify_one();
-                }
+        let Ok(mut threads) = self.threads.lock() else {
+            return; // the job and its result sender drop: the caller sees `None`
+        };
+        if let Some(worker) = threads.idle.pop() {
+            drop(threads);
+            if let Ok(mut slot) = worker.job.lock() {
+                *slot = Some(job);
+                worker.ready.notify_one();
             }
-            None => {
-                let threads = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("cascade-model".into())
-                    .spawn(move || threads.work(job));
-                if let Err(e) = spawned {
-                    // The job (and its result sender) is gone with the
-                    // closure: the caller sees `None`.
-                    tracing::error!("cannot start a model thread: {e}");
-                }
+            return;
+        }
+        if threads.alive >= self.max_threads {
+            threads.queued.push_back(job);
+            return;
+        }
+        threads.alive += 1;
+        drop(threads);
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cascade-model".into())
+            .spawn(move || pool.work(job));
+        if let Err(e) = spawned {
+            // The job went with the closure: the caller sees `None`.
+            tracing::error!("cannot start a model thread: {e}");
+            if let Ok(mut threads) = self.threads.lock() {
+                threads.alive -= 1;
             }
         }
     }
@@ -103,13 +126,21 @@ impl ModelThreads {
         }
     }
 
-    /// Lists the thread idle, hands the last result over, and waits for
-    /// the next job.
+    /// Takes a queued run, or lists the thread idle; then hands the last
+    /// result over and waits for the next job.
     fn wait_for_job(&self, worker: &Arc<Worker>, deliver: Deliver) -> Option<Job> {
         // Hold the mailbox while joining the idle list, so a job handed
         // over right away is not missed.
         let mut slot = worker.job.lock().ok()?;
-        self.idle.lock().ok()?.push(worker.clone());
+        {
+            let mut threads = self.threads.lock().ok()?;
+            if let Some(job) = threads.queued.pop_front() {
+                drop(threads);
+                deliver();
+                return Some(job);
+            }
+            threads.idle.push(worker.clone());
+        }
         deliver();
         loop {
             if let Some(job) = slot.take() {
@@ -118,11 +149,12 @@ impl ModelThreads {
             let (guard, timeout) = worker.ready.wait_timeout(slot, self.keep_alive).ok()?;
             slot = guard;
             if timeout.timed_out() && slot.is_none() {
-                let mut idle = self.idle.lock().ok()?;
+                let mut threads = self.threads.lock().ok()?;
                 // Still listed: nobody picked it, leave. Not listed: a job
                 // is being handed over; take it.
-                if let Some(at) = idle.iter().position(|w| Arc::ptr_eq(w, worker)) {
-                    idle.remove(at);
+                if let Some(at) = threads.idle.iter().position(|w| Arc::ptr_eq(w, worker)) {
+                    threads.idle.remove(at);
+                    threads.alive -= 1;
                     return None;
                 }
             }
@@ -141,7 +173,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_idle_thread_takes_the_next_run() {
-        let threads = ModelThreads::new(KEEP_ALIVE);
+        let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
         let first = threads.run(thread_id).await.expect("ran");
         for _ in 0..20 {
             assert_eq!(threads.run(thread_id).await, Some(first));
@@ -150,7 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_runs_get_threads_of_their_own() {
-        let threads = ModelThreads::new(KEEP_ALIVE);
+        let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
         let barrier = Arc::new(std::sync::Barrier::new(3));
         let runs = (0..3).map(|_| {
             let barrier = barrier.clone();
@@ -172,8 +204,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn past_the_limit_runs_wait_for_a_thread() {
+        let threads = ModelThreads::new(KEEP_ALIVE, 1);
+        let runs = (0..3).map(|_| {
+            threads.run(|| {
+                std::thread::sleep(Duration::from_millis(10));
+                thread_id()
+            })
+        });
+        let ids: Vec<_> = futures_util::future::join_all(runs).await;
+        assert!(
+            ids.iter().all(|id| id.is_some() && *id == ids[0]),
+            "{ids:?}"
+        );
+        assert_eq!(threads.threads.lock().expect("lock").alive, 1);
+    }
+
+    #[tokio::test]
     async fn a_panic_is_reported_and_the_thread_lives_on() {
-        let threads = ModelThreads::new(KEEP_ALIVE);
+        let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
         let first = threads.run(thread_id).await.expect("ran");
         let panicked: Option<()> = threads.run(|| panic!("a model bug")).await;
         assert_eq!(panicked, None);
@@ -182,13 +231,15 @@ mod tests {
 
     #[tokio::test]
     async fn idle_threads_exit_and_new_ones_start() {
-        let threads = ModelThreads::new(Duration::from_millis(20));
+        let threads = ModelThreads::new(Duration::from_millis(20), MAX_THREADS);
         let first = threads.run(thread_id).await.expect("ran");
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let state = threads.threads.lock().expect("lock");
         assert!(
-            threads.idle.lock().expect("lock").is_empty(),
+            state.idle.is_empty() && state.alive == 0,
             "the idle thread exited"
         );
+        drop(state);
         let second = threads.run(thread_id).await.expect("ran");
         assert_ne!(first, second);
     }
