@@ -234,12 +234,13 @@ mod tests {
         let threads = ModelThreads::new(Duration::from_millis(20), MAX_THREADS);
         let first = threads.run(thread_id).await.expect("ran");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let state = threads.threads.lock().expect("lock");
-        assert!(
-            state.idle.is_empty() && state.alive == 0,
-            "the idle thread exited"
-        );
-        drop(state);
+        {
+            let state = threads.threads.lock().expect("lock");
+            assert!(
+                state.idle.is_empty() && state.alive == 0,
+                "the idle thread exited"
+            );
+        }
         let second = threads.run(thread_id).await.expect("ran");
         assert_ne!(first, second);
     }
