@@ -134,6 +134,15 @@ fn template(
     declutter(model, shapes)
 }
 
+/// Whether some input dimension is a bare symbol (what a shape plan binds).
+fn has_symbolic_input(model: &TypedModel) -> bool {
+    (0..model.inputs.len()).any(|i| {
+        model
+            .input_fact(i)
+            .is_ok_and(|fact| fact.shape.iter().any(|d| matches!(d, TDim::Sym(_))))
+    })
+}
+
 fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
     (0..model.inputs.len())
         .map(|i| {
@@ -228,7 +237,11 @@ impl ModelPlan {
         shapes: &InputShapes,
         specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
-        let typed = optimise(template.clone(), shapes)?;
+        // Keep the decluttered model only where shape plans can use it.
+        let specialisation =
+            specialisation.filter(|s| s.limit > 0 && has_symbolic_input(&template));
+        let kept = specialisation.as_ref().map(|_| template.clone());
+        let typed = optimise(template, shapes)?;
         let names: Vec<String> = typed
             .outputs
             .iter()
@@ -244,13 +257,13 @@ impl ModelPlan {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let plan = typed.into_runnable().map_err(|e| e.to_string())?;
-        let shaped = match specialisation {
-            Some(s) => {
+        let shaped = match (specialisation, kept) {
+            (Some(s), Some(template)) => {
                 let input_names: Vec<String> =
                     inputs.iter().map(|(name, _)| name.clone()).collect();
                 ShapePlans::new(template, &input_names, s)?
             }
-            None => None,
+            _ => None,
         };
         Ok(ModelPlan {
             plan,
