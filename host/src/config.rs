@@ -1,6 +1,8 @@
 //! Configuration of `cascade serve`, from flags or the environment,
 //! validated once.
 
+use crate::inference::Backend;
+use crate::onnxruntime::OrtSettings;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,7 +53,30 @@ pub struct ServeConfig {
     /// model's matrix weights each. 0 runs every shape on the general plan.
     #[arg(long, env = "CASCADE_SHAPE_PLANS", default_value_t = 4)]
     pub shape_plans: usize,
+    /// Run models with ONNX Runtime instead of tract, loaded from this
+    /// shared library (`libonnxruntime.so.1.x.y`, 1.22 or newer, e.g. from
+    /// the `onnxruntime` wheel's `onnxruntime/capi/`).
+    #[arg(long, env = "CASCADE_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
+    /// Threads one ONNX Runtime model run may use.
+    #[arg(long, env = "CASCADE_ONNXRUNTIME_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub onnxruntime_threads: u16,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+}
+
+impl ServeConfig {
+    /// The engine that runs models: ONNX Runtime when given its library,
+    /// else tract.
+    pub fn backend(&self) -> Backend {
+        match &self.onnxruntime {
+            Some(library) => Backend::OnnxRuntime(OrtSettings {
+                library: library.clone(),
+                threads: usize::from(self.onnxruntime_threads),
+            }),
+            None => Backend::Tract,
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! Models run natively with tract: `model_for_path → into_optimized →
 //! into_runnable`, one plan per model digest and output selection, shared
-//! by every invocation. Callers run [`ModelPlan::run`] where blocking is
-//! allowed, never on the async reactor.
+//! by every invocation — or, on a host started with `--onnxruntime`, by
+//! ONNX Runtime (`onnxruntime.rs`). Callers run [`ModelPlan::run`] where
+//! blocking is allowed, never on the async reactor. Publishing always
+//! checks a model with tract.
 
 use crate::bindings::{Tensor, TensorType};
+use crate::onnxruntime::{OrtModel, OrtSettings};
 use crate::shape_plans::{ShapePlans, Specialisation};
 use crate::stage::StageError;
 use cascade_registry::records::{ModelSignature, TensorSpec};
@@ -191,7 +194,106 @@ where
 }
 
 /// An optimised, runnable model.
-pub struct ModelPlan {
+pub enum ModelPlan {
+    /// Run by tract.
+    Tract(TractPlan),
+    /// Run by ONNX Runtime.
+    OnnxRuntime(OrtModel),
+}
+
+impl std::fmt::Debug for ModelPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelPlan::Tract(plan) => f
+                .debug_struct("ModelPlan::Tract")
+                .field("inputs", &plan.inputs)
+                .field("outputs", &plan.outputs)
+                .finish(),
+            ModelPlan::OnnxRuntime(_) => f.write_str("ModelPlan::OnnxRuntime"),
+        }
+    }
+}
+
+impl ModelPlan {
+    /// Loads the model at `path` for `backend`, computing only `outputs`
+    /// (all when empty).
+    pub fn load(
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+        backend: &Backend,
+        specialisation: Option<Specialisation>,
+    ) -> Result<Self, String> {
+        match backend {
+            Backend::Tract => {
+                TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
+            }
+            Backend::OnnxRuntime(settings) => {
+                OrtModel::load(path, outputs, settings).map(ModelPlan::OnnxRuntime)
+            }
+        }
+    }
+
+    /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
+    /// over) with tract, computing every output.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        TractPlan::from_bytes(bytes).map(ModelPlan::Tract)
+    }
+
+    /// Runs the model on the tensors it needs, picked by name from `available`.
+    pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        match self {
+            ModelPlan::Tract(plan) => plan.run(available),
+            ModelPlan::OnnxRuntime(model) => model.run(available),
+        }
+    }
+}
+
+/// Which engine runs a host's models.
+#[derive(Debug, Clone, Default)]
+pub enum Backend {
+    /// tract, in process (the default).
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded from its shared library.
+    OnnxRuntime(OrtSettings),
+}
+
+/// The tensor named `name` in `available`, or an error naming what came.
+pub(crate) fn input_named<'a>(
+    available: &'a [Tensor],
+    name: &str,
+) -> Result<&'a Tensor, StageError> {
+    available.iter().find(|t| t.name == name).ok_or_else(|| {
+        let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
+        StageError::InvalidInput(format!(
+            "the model needs tensor {name:?}; got [{}]",
+            names.join(", ")
+        ))
+    })
+}
+
+/// Checks that `tensor`'s bytes exactly fill its shape, for elements of
+/// `element_bytes` bytes.
+pub(crate) fn check_fills_shape(tensor: &Tensor, element_bytes: usize) -> Result<(), StageError> {
+    let needed = tensor
+        .dimensions
+        .iter()
+        .try_fold(element_bytes, |acc, &d| acc.checked_mul(d as usize));
+    if needed != Some(tensor.data.len()) {
+        return Err(StageError::InvalidInput(format!(
+            "tensor {:?} holds {} bytes but its shape {:?} needs {:?}",
+            tensor.name,
+            tensor.data.len(),
+            tensor.dimensions,
+            needed
+        )));
+    }
+    Ok(())
+}
+
+/// A model optimised by tract.
+pub struct TractPlan {
     /// The plan for any shape the model accepts.
     plan: Arc<TypedRunnableModel>,
     /// Plans for the shapes seen most, when the model has dynamic dimensions.
@@ -200,16 +302,7 @@ pub struct ModelPlan {
     outputs: Vec<String>,
 }
 
-impl std::fmt::Debug for ModelPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelPlan")
-            .field("inputs", &self.inputs)
-            .field("outputs", &self.outputs)
-            .finish()
-    }
-}
-
-impl ModelPlan {
+impl TractPlan {
     /// Loads and optimises the model, computing only `outputs` (all when empty).
     pub fn load(
         path: &Path,
@@ -265,7 +358,7 @@ impl ModelPlan {
             }
             _ => None,
         };
-        Ok(ModelPlan {
+        Ok(TractPlan {
             plan,
             shaped,
             inputs,
@@ -278,16 +371,7 @@ impl ModelPlan {
         let inputs = self
             .inputs
             .iter()
-            .map(|(name, datum)| {
-                let tensor = available.iter().find(|t| &t.name == name).ok_or_else(|| {
-                    let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
-                    StageError::InvalidInput(format!(
-                        "the model needs tensor {name:?}; got [{}]",
-                        names.join(", ")
-                    ))
-                })?;
-                to_tract(tensor, *datum).map(TValue::from)
-            })
+            .map(|(name, datum)| to_tract(input_named(available, name)?, *datum).map(TValue::from))
             .collect::<Result<Vec<TValue>, StageError>>()?;
         let plan = match &self.shaped {
             Some(shaped) => shaped
@@ -339,19 +423,8 @@ fn to_tract(tensor: &Tensor, expected: DatumType) -> Result<TractTensor, StageEr
                 tensor.name, tensor.ty
             ))
         })?;
+    check_fills_shape(tensor, datum.size_of())?;
     let shape: Vec<usize> = tensor.dimensions.iter().map(|&d| d as usize).collect();
-    let needed = shape
-        .iter()
-        .try_fold(datum.size_of(), |acc, &d| acc.checked_mul(d));
-    if needed != Some(tensor.data.len()) {
-        return Err(StageError::InvalidInput(format!(
-            "tensor {:?} holds {} bytes but its shape {:?} needs {:?}",
-            tensor.name,
-            tensor.data.len(),
-            tensor.dimensions,
-            needed
-        )));
-    }
     // SAFETY: `datum` is a plain numeric type for which every bit pattern is
     // valid, and the length was checked against the shape just above.
     unsafe { TractTensor::from_raw_dt(datum, &shape, &tensor.data) }
@@ -379,16 +452,19 @@ type PlanKey = (String, Vec<String>);
 /// Plans shared across functions, keyed by model digest and output selection.
 pub struct PlanCache {
     plans: Mutex<HashMap<PlanKey, Arc<ModelPlan>>>,
+    backend: Backend,
     shape_plans: usize,
     built: IntGaugeVec,
 }
 
 impl PlanCache {
-    /// An empty cache whose plans specialise themselves to at most
-    /// `shape_plans` shapes each, counted in `built` by model.
-    pub fn new(shape_plans: usize, built: IntGaugeVec) -> Self {
+    /// An empty cache of plans run by `backend`; tract plans specialise
+    /// themselves to at most `shape_plans` shapes each, counted in `built`
+    /// by model.
+    pub fn new(backend: Backend, shape_plans: usize, built: IntGaugeVec) -> Self {
         PlanCache {
             plans: Mutex::new(HashMap::new()),
+            backend,
             shape_plans,
             built,
         }
@@ -417,6 +493,7 @@ impl PlanCache {
             path,
             shapes,
             outputs,
+            &self.backend,
             Some(specialisation),
         )?);
         self.plans

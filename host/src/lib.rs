@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod model_threads;
 pub mod nn;
+pub mod onnxruntime;
 pub mod pipeline;
 pub mod pool;
 pub mod runtime;

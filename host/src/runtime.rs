@@ -3,7 +3,7 @@
 //! old one), and reaped of idle instances in the background.
 
 use crate::engine::ServingEngine;
-use crate::inference::PlanCache;
+use crate::inference::{Backend, PlanCache};
 use crate::metrics::Metrics;
 use crate::pipeline::{InvokeError, PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
@@ -37,19 +37,20 @@ pub struct Runtime {
 
 impl Runtime {
     /// A runtime over `registry`, caching compiled components in
-    /// `compiled_dir` and specialising each model's plan to at most
-    /// `shape_plans` input shapes.
+    /// `compiled_dir`, running models with `backend` and specialising each
+    /// tract plan to at most `shape_plans` input shapes.
     pub fn new(
         engine: ServingEngine,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         compiled_dir: PathBuf,
+        backend: Backend,
         shape_plans: usize,
     ) -> Self {
         Runtime {
             engine,
             registry,
-            plans: PlanCache::new(shape_plans, metrics.shape_plans.clone()),
+            plans: PlanCache::new(backend, shape_plans, metrics.shape_plans.clone()),
             metrics,
             compiled_dir,
             components: Mutex::new(HashMap::new()),

@@ -4,6 +4,7 @@
 
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
+use crate::inference::Backend;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::runtime::Runtime;
@@ -29,11 +30,21 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     })
     .map_err(anyhow::Error::from)?;
     let metrics = Arc::new(Metrics::new()?);
+    let backend = config.backend();
+    if let Backend::OnnxRuntime(settings) = &backend {
+        // Fail at start, not at the first model, when the library is wrong.
+        crate::onnxruntime::init(&settings.library).map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            "models run with ONNX Runtime from {}",
+            settings.library.display()
+        );
+    }
     let runtime = Arc::new(Runtime::new(
         engine,
         Arc::new(registry),
         metrics,
         config.data.join("compiled"),
+        backend,
         config.shape_plans,
     ));
     let mirror = match &config.registry_url {

@@ -41,6 +41,12 @@ pub fn model_file(name: &str) -> PathBuf {
     models_dir().join(name)
 }
 
+/// ONNX Runtime's shared library in the models cache (`cascade serve
+/// --onnxruntime`).
+pub fn onnxruntime_library() -> PathBuf {
+    model_file(catalog::ONNXRUNTIME_LIBRARY)
+}
+
 /// A manifest named `name` running the `embed` pipeline (tokenizer,
 /// MiniLM token embeddings, mean pooling) followed by `extra` TOML tables.
 pub fn embed_manifest(name: &str, extra: &str) -> String {

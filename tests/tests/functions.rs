@@ -37,24 +37,8 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 fn embed_matches_the_onnxruntime_reference_and_means_something() {
     let host = Host::start();
     host.publish_examples();
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("embed_reference.json")).expect("fixture"),
-    )
-    .expect("JSON");
-    let texts: Vec<&str> = reference["texts"]
-        .as_array()
-        .expect("texts")
-        .iter()
-        .map(|t| t.as_str().expect("text"))
-        .collect();
-    for (i, text) in texts.iter().enumerate() {
-        let want: Vec<f64> = reference["embeddings"][i]
-            .as_array()
-            .expect("row")
-            .iter()
-            .map(|v| v.as_f64().expect("f"))
-            .collect();
-        let got = embed(&host, &[text]);
+    for (text, want) in embed_reference() {
+        let got = embed(&host, &[&text]);
         assert_eq!(got[0].len(), 384);
         let similarity = cosine(&got[0], &want);
         assert!(
@@ -92,6 +76,91 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
         .collect();
     assert!(cosine(&single, &rows[0]) > 0.99999);
     postprocessors_receive_only_the_tensors_they_name(&host);
+}
+
+/// The reference texts and their embeddings, from `embed_reference.json`.
+fn embed_reference() -> Vec<(String, Vec<f64>)> {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("embed_reference.json")).expect("fixture"),
+    )
+    .expect("JSON");
+    let rows = reference["embeddings"].as_array().expect("embeddings");
+    reference["texts"]
+        .as_array()
+        .expect("texts")
+        .iter()
+        .zip(rows)
+        .map(|(text, row)| {
+            let row = row.as_array().expect("row");
+            (
+                text.as_str().expect("text").to_string(),
+                row.iter().map(|v| v.as_f64().expect("f")).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
+    let library = cascade_tests::onnxruntime_library();
+    let host = Host::start_with(&["--onnxruntime", library.to_str().expect("utf-8 path")]);
+    host.publish_examples();
+    for (text, want) in embed_reference() {
+        let got = embed(&host, &[&text]);
+        let worst = got[0]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-4,
+            "{text:?}: {worst} from the onnxruntime reference"
+        );
+    }
+    // More runs at once than the model has sessions: each gets its own answer.
+    let texts = ["A man is eating food.", "The girl is carrying a baby."];
+    let alone: Vec<Vec<f64>> = texts.iter().map(|t| embed(&host, &[t]).remove(0)).collect();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..8)
+            .map(|i| {
+                let (host, text) = (&host, texts[i % 2]);
+                scope.spawn(move || (i % 2, embed(host, &[text]).remove(0)))
+            })
+            .collect();
+        for run in runs {
+            let (which, got) = run.join().expect("no panic");
+            assert!(
+                cosine(&got, &alone[which]) > 0.99999,
+                "concurrent run {which}"
+            );
+        }
+    });
+    for text in ["Cascade serves models", "The quick brown fox 42"] {
+        let (label, _) = top_label(&host, cascade_tests::render_line(text, false));
+        assert_eq!(label, "0", "upright {text:?}");
+        let (label, _) = top_label(&host, cascade_tests::render_line(text, true));
+        assert_eq!(label, "180", "rotated {text:?}");
+    }
+}
+
+#[test]
+fn a_host_given_no_onnxruntime_library_says_so_and_exits() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let missing = data.path().join("libonnxruntime.so.1.32.0");
+    let output = std::process::Command::new(cascade_tests::host::cascade_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .arg("--onnxruntime")
+        .arg(&missing)
+        .output()
+        .expect("cascade runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot load ONNX Runtime from")
+            && stderr.contains(&*missing.to_string_lossy()),
+        "{stderr}"
+    );
 }
 
 #[test]

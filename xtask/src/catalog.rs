@@ -73,7 +73,22 @@ pub const WHEELS: &[Wheel] = &[
             },
         ],
     },
+    // Not a model: ONNX Runtime's shared library, which a host started with
+    // `--onnxruntime` loads to run models (the tests of that backend and the
+    // benchmarks use it). The same version as benches/python/requirements.txt;
+    // the digest is the x86-64 Linux wheel's.
+    Wheel {
+        requirement: "onnxruntime==1.32.0",
+        files: &[ModelFile {
+            member: "onnxruntime/capi/libonnxruntime.so.1.32.0",
+            sha256: "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f",
+        }],
+    },
 ];
+
+/// File name of ONNX Runtime's shared library in the models cache.
+#[allow(dead_code)] // read by the tests and the benchmarks
+pub const ONNXRUNTIME_LIBRARY: &str = "libonnxruntime.so.1.32.0";
 
 /// Environment variable that moves the cache (default `~/.cache/cascade`).
 pub const CACHE_DIR_VAR: &str = "CASCADE_CACHE_DIR";

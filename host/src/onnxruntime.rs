@@ -1,0 +1,307 @@
+//! ONNX Runtime as a second model backend, chosen per host with
+//! `cascade serve --onnxruntime LIB`: the shared library the `onnxruntime`
+//! wheel ships, loaded at run time, so nothing is linked or downloaded at
+//! build time. tract stays the default; this one runs the models with the
+//! kernels a Python onnxruntime server would use.
+//!
+//! ONNX Runtime sessions are not safe to run from two threads at once, so a
+//! model keeps a few sessions (at most one per core) and lends one to each
+//! run; runs beyond that wait for one to come back.
+
+use crate::bindings::{Tensor, TensorType};
+use crate::stage::StageError;
+use ort::environment::Environment;
+use ort::memory::Allocator;
+use ort::session::builder::PrepackedWeights;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+
+/// How the host runs models with ONNX Runtime.
+#[derive(Debug, Clone)]
+pub struct OrtSettings {
+    /// The shared library (`libonnxruntime.so.1.x.y`).
+    pub library: PathBuf,
+    /// Threads one run may use (ONNX Runtime's intra-op threads).
+    pub threads: usize,
+}
+
+/// Loads the library and creates the process's one ONNX Runtime
+/// environment; later calls reuse it.
+pub fn init(library: &Path) -> Result<(), String> {
+    if ENVIRONMENT.get().is_some() {
+        return Ok(());
+    }
+    let environment = ort::init_from(library)
+        .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+        .with_name("cascade")
+        .build()
+        .map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+    let _ = ENVIRONMENT.set(environment);
+    Ok(())
+}
+
+/// One model file served by ONNX Runtime, with the sessions that run it.
+pub struct OrtModel {
+    path: PathBuf,
+    threads: usize,
+    inputs: Vec<(String, TensorElementType)>,
+    outputs: Vec<String>,
+    /// Packed weights shared by the model's sessions.
+    weights: PrepackedWeights,
+    pool: Mutex<Sessions>,
+    returned: Condvar,
+    limit: usize,
+}
+
+/// Idle sessions, and how many exist.
+struct Sessions {
+    idle: Vec<Runner>,
+    alive: usize,
+}
+
+/// A session with the run options that select the model's outputs.
+struct Runner {
+    session: Session,
+    options: RunOptions<HasSelectedOutputs>,
+}
+
+impl OrtModel {
+    /// Loads the model at `path`, computing only `outputs` (every graph
+    /// output when empty); fails clearly when an output is not one.
+    pub fn load(path: &Path, outputs: &[String], settings: &OrtSettings) -> Result<Self, String> {
+        init(&settings.library)?;
+        let weights = PrepackedWeights::new();
+        let session = new_session(path, settings.threads, &weights)?;
+        let graph_outputs: Vec<String> = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs = if outputs.is_empty() {
+            graph_outputs
+        } else {
+            if let Some(missing) = outputs.iter().find(|o| !graph_outputs.contains(o)) {
+                return Err(format!(
+                    "the model has no output {missing:?}; ONNX Runtime can return its graph outputs [{}]",
+                    graph_outputs.join(", ")
+                ));
+            }
+            outputs.to_vec()
+        };
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|input| match input.dtype() {
+                ValueType::Tensor { ty, .. } => Ok((input.name().to_string(), *ty)),
+                other => Err(format!(
+                    "input {:?} is a {other}, not a tensor",
+                    input.name()
+                )),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let runner = runner(session, &outputs)?;
+        let limit = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(OrtModel {
+            path: path.to_path_buf(),
+            threads: settings.threads,
+            inputs,
+            outputs,
+            weights,
+            pool: Mutex::new(Sessions {
+                idle: vec![runner],
+                alive: 1,
+            }),
+            returned: Condvar::new(),
+            limit,
+        })
+    }
+
+    /// Runs the model on the tensors it needs, picked by name from `available`.
+    pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|(name, ty)| {
+                let tensor = crate::inference::input_named(available, name)?;
+                Ok((name.as_str(), to_ort(tensor, *ty)?))
+            })
+            .collect::<Result<Vec<_>, StageError>>()?;
+        let mut lease = self.lease()?;
+        let runner = lease.runner.as_mut().expect("a lease holds its runner");
+        let mut outputs = runner
+            .session
+            .run_with_options(inputs, &runner.options)
+            .map_err(|e| StageError::Internal(format!("inference failed: {e}")))?;
+        self.outputs
+            .iter()
+            .map(|name| {
+                let value = outputs.remove(name.as_str()).ok_or_else(|| {
+                    StageError::Internal(format!("ONNX Runtime returned no output {name:?}"))
+                })?;
+                from_ort(name, value)
+            })
+            .collect()
+    }
+
+    /// An idle session, a new one while fewer than `limit` exist, or else
+    /// the next one returned.
+    fn lease(&self) -> Result<Lease<'_>, StageError> {
+        let poisoned = |_| StageError::Internal("the model's session pool is poisoned".into());
+        let mut pool = self.pool.lock().map_err(poisoned)?;
+        loop {
+            if let Some(runner) = pool.idle.pop() {
+                return Ok(Lease {
+                    model: self,
+                    runner: Some(runner),
+                });
+            }
+            if pool.alive < self.limit {
+                pool.alive += 1;
+                drop(pool);
+                let made = new_session(&self.path, self.threads, &self.weights)
+                    .and_then(|session| runner(session, &self.outputs));
+                return match made {
+                    Ok(runner) => Ok(Lease {
+                        model: self,
+                        runner: Some(runner),
+                    }),
+                    Err(e) => {
+                        if let Ok(mut pool) = self.pool.lock() {
+                            pool.alive -= 1;
+                        }
+                        Err(StageError::Internal(e))
+                    }
+                };
+            }
+            pool = self.returned.wait(pool).map_err(poisoned)?;
+        }
+    }
+}
+
+/// A session lent to one run; it goes back to the pool when dropped, even
+/// when the run panicked.
+struct Lease<'a> {
+    model: &'a OrtModel,
+    runner: Option<Runner>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let (Some(runner), Ok(mut pool)) = (self.runner.take(), self.model.pool.lock()) {
+            pool.idle.push(runner);
+            self.model.returned.notify_one();
+        }
+    }
+}
+
+fn new_session(path: &Path, threads: usize, weights: &PrepackedWeights) -> Result<Session, String> {
+    let environment = ENVIRONMENT.get().ok_or("ONNX Runtime is not loaded")?;
+    let failed = |e: &dyn std::fmt::Display| format!("ONNX Runtime cannot load the model: {e}");
+    Session::builder(environment)
+        .map_err(|e| failed(&e))?
+        .with_intra_threads(threads.max(1))
+        .and_then(|b| b.with_inter_threads(1))
+        .and_then(|b| b.with_prepacked_weights(weights))
+        .map_err(|e| failed(&e))?
+        .commit_from_file(path)
+        .map_err(|e| failed(&e))
+}
+
+fn runner(session: Session, outputs: &[String]) -> Result<Runner, String> {
+    let selector = outputs
+        .iter()
+        .fold(OutputSelector::no_default(), |s, name| s.with(name.clone()));
+    let options = RunOptions::new()
+        .map_err(|e| format!("ONNX Runtime run options: {e}"))?
+        .with_outputs(selector);
+    Ok(Runner { session, options })
+}
+
+fn element_of(ty: TensorType) -> TensorElementType {
+    match ty {
+        TensorType::Fp16 => TensorElementType::Float16,
+        TensorType::Fp32 => TensorElementType::Float32,
+        TensorType::Fp64 => TensorElementType::Float64,
+        TensorType::Bf16 => TensorElementType::Bfloat16,
+        TensorType::U8 => TensorElementType::Uint8,
+        TensorType::I32 => TensorElementType::Int32,
+        TensorType::I64 => TensorElementType::Int64,
+    }
+}
+
+fn type_of(element: TensorElementType) -> Option<TensorType> {
+    Some(match element {
+        TensorElementType::Float16 => TensorType::Fp16,
+        TensorElementType::Float32 => TensorType::Fp32,
+        TensorElementType::Float64 => TensorType::Fp64,
+        TensorElementType::Bfloat16 => TensorType::Bf16,
+        TensorElementType::Uint8 => TensorType::U8,
+        TensorElementType::Int32 => TensorType::I32,
+        TensorElementType::Int64 => TensorType::I64,
+        _ => return None,
+    })
+}
+
+/// Copies `tensor` into a tensor ONNX Runtime allocated, after checking its
+/// type and that its bytes fill its shape.
+fn to_ort(tensor: &Tensor, expected: TensorElementType) -> Result<DynTensor, StageError> {
+    let element = element_of(tensor.ty);
+    if element != expected {
+        return Err(StageError::InvalidInput(format!(
+            "tensor {:?} is {:?}; the model needs {expected:?}",
+            tensor.name, tensor.ty
+        )));
+    }
+    let shape: Vec<i64> = tensor.dimensions.iter().map(|&d| i64::from(d)).collect();
+    let element_bytes = element.byte_size(1).unwrap_or(0);
+    crate::inference::check_fills_shape(tensor, element_bytes)?;
+    let mut value = DynTensor::new(&Allocator::default(), element, shape)
+        .map_err(|e| StageError::Internal(format!("tensor {:?}: {e}", tensor.name)))?;
+    if !tensor.data.is_empty() {
+        // SAFETY: ONNX Runtime allocated `value` on the CPU for exactly this
+        // element type and shape, which was checked above to be
+        // `tensor.data.len()` bytes; the regions cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                tensor.data.as_ptr(),
+                value.data_ptr_mut().cast::<u8>(),
+                tensor.data.len(),
+            );
+        }
+    }
+    Ok(value)
+}
+
+fn from_ort(name: &str, value: ort::value::DynValue) -> Result<Tensor, StageError> {
+    let tensor = value
+        .downcast::<DynTensorValueType>()
+        .map_err(|e| StageError::Internal(format!("output {name:?} is not a tensor: {e}")))?;
+    let element = *tensor.data_type();
+    let ty = type_of(element).ok_or_else(|| {
+        StageError::Internal(format!("output {name:?} has unsupported type {element:?}"))
+    })?;
+    let dimensions = tensor
+        .shape()
+        .iter()
+        .map(|&d| u32::try_from(d))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| StageError::Internal(format!("output {name:?} has a dimension over 2^32")))?;
+    let len = tensor.size().unwrap_or(0);
+    let data = if len == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: the CPU execution provider left the output in CPU memory,
+        // `size` bytes long, and `tensor` keeps it alive while it is copied.
+        unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), len) }.to_vec()
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        dimensions,
+        ty,
+        data,
+    })
+}
