@@ -1,11 +1,14 @@
 //! 2. Against what users would pick instead: a FastAPI + uvicorn +
-//! onnxruntime + `tokenizers` server serving the same two functions.
+//! onnxruntime + `tokenizers` server serving the same two functions, against
+//! Cascade running its models with ONNX Runtime (`--onnxruntime`, the same
+//! engine and library, so the ratio is what each platform adds) and, for
+//! reference, with tract (the default).
 
 use crate::context::{Bench, invoke_url, median_p99, median_rps};
 use crate::process::{Spawned, answers};
 use crate::report::{Bar, Record, Section, num};
 use crate::wrk::{Target, Wrk};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use cascade_tests::host::free_port;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -24,14 +27,27 @@ pub fn run(bench: &Bench) -> Result<Section> {
              served by FastAPI + uvicorn (`uvicorn[standard]`: uvloop and httptools) with {workers} \
              worker processes (one per core), onnxruntime with one intra-op thread per session, \
              the `tokenizers` package, numpy and Pillow (`benches/python/server.py`, versions in \
-             `benches/python/requirements.txt`), against Cascade, both loaded by wrk at each concurrency."
+             `benches/python/requirements.txt`), against Cascade, all loaded by wrk at each concurrency \
+             in turn. The targets are Cascade's with its ONNX Runtime backend (`cascade serve \
+             --onnxruntime` on the same wheel's library, one thread per run): the same kernels as the \
+             Python server, so the ratio is what each platform adds around them. Cascade with its \
+             default tract backend is measured in the same rounds, for reference (`_tract` figures)."
         ),
     );
     let python_port = free_port();
     let python = start_python(&bench.args.python, &bench.models, python_port, workers)?;
     let python_base = format!("http://127.0.0.1:{python_port}");
-    let host = bench.host_with_examples(&[]);
+    let library = cascade_tests::onnxruntime_library();
+    let library = library
+        .to_str()
+        .context("the library's path is not UTF-8")?;
+    let host = bench.host_with_examples(&["--onnxruntime", library]);
+    let tract = bench.host_with_examples(&[]);
     check_same_answers(bench, &python_base, &host.url)?;
+    check_same_answers(bench, &python_base, &tract.url)?;
+    section.commands.push(format!(
+        "cascade serve --onnxruntime {library}   # the other host: cascade serve"
+    ));
     section.commands.push(format!(
         "{} -m uvicorn server:app --app-dir benches/python --host 127.0.0.1 --port {python_port} --workers {workers} --no-access-log",
         bench.args.python.display()
@@ -45,6 +61,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "req/s ×",
             "Cascade p99 ms",
             "Python p99 ms",
+            "Cascade (tract) req/s",
+            "tract req/s ×",
+            "Cascade (tract) p99 ms",
         ]
         .map(String::from)
         .to_vec(),
@@ -53,14 +72,24 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ("embed", "text/plain", "text_32.txt"),
         ("orientation", "image/png", "line.png"),
     ] {
-        let cascade = bench.target(invoke_url(&host, function), content_type, file);
-        let python = bench.target(format!("{python_base}/{function}"), content_type, file);
+        let contenders = Contenders {
+            cascade: bench.target(invoke_url(&host, function), content_type, file),
+            tract: bench.target(invoke_url(&tract, function), content_type, file),
+            python: bench.target(format!("{python_base}/{function}"), content_type, file),
+        };
         for c in CONCURRENCY {
-            compare(bench, &mut section, function, c, &cascade, &python)?;
+            compare(bench, &mut section, function, c, &contenders)?;
         }
     }
     drop(python);
     Ok(section)
+}
+
+/// The servers loaded in turn: Cascade with ONNX Runtime, with tract, Python.
+struct Contenders {
+    cascade: Target,
+    tract: Target,
+    python: Target,
 }
 
 fn compare(
@@ -68,18 +97,25 @@ fn compare(
     section: &mut Section,
     function: &str,
     c: u32,
-    cascade: &Target,
-    python: &Target,
+    contenders: &Contenders,
 ) -> Result<()> {
     section.commands.push(Wrk::command(
         c,
         bench.args.seconds,
-        &format!("{}   # and the Python URL", cascade.url),
+        &format!(
+            "{}   # and the tract host's and Python's URLs",
+            contenders.cascade.url
+        ),
     ));
-    let runs = bench.side_by_side(&[cascade, python], c)?;
-    let (ours, theirs) = (&runs[0], &runs[1]);
+    let runs = bench.side_by_side(
+        &[&contenders.cascade, &contenders.tract, &contenders.python],
+        c,
+    )?;
+    let (ours, tract, theirs) = (&runs[0], &runs[1], &runs[2]);
     let ratio = median_rps(ours) / median_rps(theirs);
-    let (our_p99, their_p99) = (median_p99(ours) / 1000.0, median_p99(theirs) / 1000.0);
+    let tract_ratio = median_rps(tract) / median_rps(theirs);
+    let p99_ms = |runs| median_p99(runs) / 1000.0;
+    let (our_p99, tract_p99, their_p99) = (p99_ms(ours), p99_ms(tract), p99_ms(theirs));
     section.table.push(vec![
         function.into(),
         c.to_string(),
@@ -88,6 +124,9 @@ fn compare(
         num(ratio),
         num(our_p99),
         num(their_p99),
+        num(median_rps(tract)),
+        num(tract_ratio),
+        num(tract_p99),
     ]);
     let prefix = if function == "embed" {
         "vs_python_ort".to_string()
@@ -106,6 +145,16 @@ fn compare(
             our_p99 / their_p99,
             "ratio",
             Bar::AtMost(1.0),
+        ),
+        Record::info(
+            &format!("{prefix}_rps_ratio_c{c}_tract"),
+            tract_ratio,
+            "ratio",
+        ),
+        Record::info(
+            &format!("{prefix}_p99_ratio_c{c}_tract"),
+            tract_p99 / their_p99,
+            "ratio",
         ),
     ]);
     Ok(())
