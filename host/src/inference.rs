@@ -247,6 +247,14 @@ impl ModelPlan {
             ModelPlan::OnnxRuntime(model) => model.run(available),
         }
     }
+
+    /// The names of the tensors the model takes.
+    pub fn input_names(&self) -> Vec<String> {
+        match self {
+            ModelPlan::Tract(plan) => plan.inputs.iter().map(|(name, _)| name.clone()).collect(),
+            ModelPlan::OnnxRuntime(model) => model.input_names(),
+        }
+    }
 }
 
 /// Which engine runs a host's models.

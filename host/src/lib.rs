@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod batching;
 pub mod bindings;
 pub mod client;
 pub mod config;

@@ -34,6 +34,12 @@ pub struct Metrics {
     pub compiled: IntCounterVec,
     /// `cascade_shape_plans{model}`: model plans specialised to one input shape.
     pub shape_plans: IntGaugeVec,
+    /// `cascade_model_batches_total{function, stage}`: model runs that
+    /// served two or more requests (`batch` in the manifest).
+    pub model_batches: IntCounterVec,
+    /// `cascade_model_batched_requests_total{function, stage}`: requests
+    /// those runs served.
+    pub model_batched_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +121,16 @@ impl Metrics {
                 "cascade_shape_plans",
                 "Model plans specialised to one input shape.",
                 &["model"],
+            )?,
+            model_batches: counter(
+                "cascade_model_batches_total",
+                "Model runs that served two or more requests.",
+                &["function", "stage"],
+            )?,
+            model_batched_requests: counter(
+                "cascade_model_batched_requests_total",
+                "Requests served by model runs shared with others.",
+                &["function", "stage"],
             )?,
             registry,
         })

@@ -120,6 +120,11 @@ impl OrtModel {
         })
     }
 
+    /// The names of the tensors the model takes.
+    pub fn input_names(&self) -> Vec<String> {
+        self.inputs.iter().map(|(name, _)| name.clone()).collect()
+    }
+
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
         let inputs = self

@@ -7,6 +7,7 @@
 //! model maps tensors to tensors, a postprocessor receives the previous
 //! stage's inputs followed by its outputs and returns the reply message.
 
+use crate::batching::Batcher;
 use crate::bindings::{Message, Tensor, TensorType};
 use crate::inference::ModelPlan;
 use crate::metrics::Metrics;
@@ -37,6 +38,8 @@ pub enum PreparedStage {
         label: String,
         /// Its plan.
         plan: Arc<ModelPlan>,
+        /// Merges concurrent requests into batches (`batch` > 1).
+        batcher: Option<Arc<Batcher>>,
     },
 }
 
@@ -301,7 +304,7 @@ async fn run_stage(
             })
             .await
         }
-        PreparedStage::Model { plan, .. } => {
+        PreparedStage::Model { plan, batcher, .. } => {
             let Flow::Tensors {
                 outputs: inputs, ..
             } = flow
@@ -310,9 +313,12 @@ async fn run_stage(
                     "this function starts with a model, which takes tensors, not a message".into(),
                 ));
             };
-            let plan = plan.clone();
+            let (plan, batcher) = (plan.clone(), batcher.clone());
             let run = ModelThreads::shared().run(move || {
-                let outputs = plan.run(&inputs)?;
+                let outputs = match batcher {
+                    Some(batcher) => batcher.run(&inputs)?,
+                    None => plan.run(&inputs)?,
+                };
                 Ok(Flow::Tensors { inputs, outputs })
             });
             match tokio::time::timeout(remaining, run).await {

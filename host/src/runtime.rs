@@ -2,6 +2,7 @@
 //! atomically when a revision changes (in-flight requests finish on the
 //! old one), and reaped of idle instances in the background.
 
+use crate::batching::{BatchCounts, Batcher};
 use crate::engine::ServingEngine;
 use crate::inference::{Backend, PlanCache};
 use crate::metrics::Metrics;
@@ -242,19 +243,36 @@ impl Runtime {
                         inputs,
                     }
                 }
-                Stage::Model { model, outputs } => {
+                Stage::Model {
+                    model,
+                    outputs,
+                    batch,
+                } => {
                     let record = self.registry.model(&model).map_err(|e| e.to_string())?;
                     let path = self.registry.blob_path(&record.digest);
+                    let label = model.to_string();
                     let plan = self.plans.get(
-                        &model.to_string(),
+                        &label,
                         &record.digest,
                         &path,
                         &record.input_shapes,
                         &outputs,
                     )?;
+                    let batcher = (batch > 1).then(|| {
+                        let labels = [name.as_str(), label.as_str()];
+                        let counts = BatchCounts {
+                            batches: self.metrics.model_batches.with_label_values(&labels),
+                            requests: self
+                                .metrics
+                                .model_batched_requests
+                                .with_label_values(&labels),
+                        };
+                        Arc::new(Batcher::new(plan.clone(), batch as usize, counts))
+                    });
                     PreparedStage::Model {
-                        label: model.to_string(),
+                        label,
                         plan,
+                        batcher,
                     }
                 }
             });

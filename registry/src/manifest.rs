@@ -10,6 +10,7 @@
 //! [[stages]]
 //! model = "minilm-l3@1.0.0"          # run natively by the host
 //! outputs = ["onnx::Shape_422"]
+//! batch = 8                          # run up to 8 rows of concurrent requests together
 //! [[stages]]
 //! component = "mean-pool@0.1.0"
 //! config = { normalize = "true" }
@@ -70,6 +71,11 @@ pub struct StageSpec {
     pub models: Vec<Reference>,
     /// For a model: which outputs to compute (default: all).
     pub outputs: Option<Vec<String>>,
+    /// For a model whose inputs and outputs all have the batch as
+    /// dimension 0: requests that wait for the model at the same time, with
+    /// the same shapes otherwise, run as one batch of up to this many rows
+    /// (default 1: each request runs alone).
+    pub batch: Option<u32>,
     /// For a postprocessor: the tensors it receives, by name and in this
     /// order (default: every input of the stage before, then its outputs).
     /// Naming only what it reads spares copying the rest into the sandbox.
@@ -174,6 +180,8 @@ pub enum Stage {
         model: Reference,
         /// Outputs to compute; empty means all.
         outputs: Vec<String>,
+        /// Most rows of concurrent requests run together (1: no batching).
+        batch: u32,
     },
 }
 
@@ -195,6 +203,8 @@ pub const MAX_TIMEOUT_MS: u64 = 300_000;
 pub const MAX_MEMORY_MB: u64 = 1024;
 /// Most instances per stage.
 pub const MAX_INSTANCES: u32 = 64;
+/// Largest `batch` a model stage may ask for.
+pub const MAX_BATCH: u32 = 256;
 
 /// Parses and statically validates a manifest.
 pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
@@ -248,8 +258,8 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
     };
     match (&spec.component, &spec.model) {
         (Some(component), None) => {
-            if spec.outputs.is_some() {
-                return invalid("sets `outputs`, which only model stages take");
+            if spec.outputs.is_some() || spec.batch.is_some() {
+                return invalid("sets `outputs` or `batch`, which only model stages take");
             }
             if let Some(inputs) = &spec.inputs {
                 if inputs.is_empty() || inputs.iter().any(String::is_empty) {
@@ -278,9 +288,16 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                     "sets `files`, `config`, `models` or `inputs`, which only component stages take",
                 );
             }
+            let batch = spec.batch.unwrap_or(1);
+            if batch == 0 || batch > MAX_BATCH {
+                return invalid(&format!(
+                    "sets `batch` to {batch}; it must be 1 to {MAX_BATCH}"
+                ));
+            }
             Ok(Stage::Model {
                 model: model.clone(),
                 outputs: spec.outputs.clone().unwrap_or_default(),
+                batch,
             })
         }
         (Some(_), Some(_)) => {
@@ -360,5 +377,17 @@ nats = { subject = "embed.requests" }
         assert!(error_of(twice).contains("`stages[0]` names tensor \"a\" twice in `inputs`"));
         let empty = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\ninputs = []";
         assert!(error_of(empty).contains("`stages[0]` sets `inputs` to an empty list"));
+        let batch_zero = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\nbatch = 0";
+        assert!(
+            error_of(batch_zero).contains("`stages[0]` sets `batch` to 0; it must be 1 to 256")
+        );
+        let batch_on_component = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\nbatch = 4";
+        assert!(
+            error_of(batch_on_component)
+                .contains("`stages[0]` sets `outputs` or `batch`, which only model stages take")
+        );
+        let batched =
+            parse("name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\nbatch = 8").expect("valid");
+        assert!(matches!(&batched.stages[0], Stage::Model { batch: 8, .. }));
     }
 }

@@ -352,6 +352,7 @@ impl Registry {
                 Stage::Model {
                     model: reference,
                     outputs,
+                    ..
                 } => {
                     let record = model(reference, at)?;
                     let known: Vec<&str> = record

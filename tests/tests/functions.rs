@@ -135,12 +135,112 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
             );
         }
     });
+    batched_requests_get_their_own_answers(&host);
     for text in ["Cascade serves models", "The quick brown fox 42"] {
         let (label, _) = top_label(&host, cascade_tests::render_line(text, false));
         assert_eq!(label, "0", "upright {text:?}");
         let (label, _) = top_label(&host, cascade_tests::render_line(text, true));
         assert_eq!(label, "180", "rotated {text:?}");
     }
+}
+
+/// Publishes `embed-batched`: the `embed` example whose model stage merges
+/// up to `rows` rows of concurrent requests.
+fn publish_batched_embed(host: &Host, rows: u32) {
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
+    )
+    .expect("embed.toml")
+    .replace("name = \"embed\"", "name = \"embed-batched\"")
+    .replace("embed.requests", "embed-batched.requests");
+    let batched = with_model_batch(&manifest, rows);
+    let response = host.put("/v1/functions/embed-batched", "application/toml", batched);
+    assert_eq!(response.status(), 201, "{:?}", response.text());
+}
+
+/// `manifest` with the model stage's `batch` set to `rows`.
+fn with_model_batch(manifest: &str, rows: u32) -> String {
+    let mut out = String::new();
+    let mut in_model = false;
+    for line in manifest.lines() {
+        if line.starts_with("batch =") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("[[stages]]") {
+            in_model = false;
+        }
+        if line.starts_with("model =") {
+            in_model = true;
+            out.push_str(&format!("batch = {rows}\n"));
+        }
+    }
+    assert!(
+        in_model || out.contains("batch ="),
+        "embed.toml has a model stage"
+    );
+    out
+}
+
+/// Concurrent requests to `embed-batched` share model runs and each gets
+/// the answer it gets alone.
+fn batched_requests_get_their_own_answers(host: &Host) {
+    publish_batched_embed(host, 8);
+    let texts: Vec<Vec<&str>> = vec![
+        // Different texts of 8 tokens each: any two requests can share a
+        // batch, so a mix-up of rows would show.
+        vec!["A man is eating food."],
+        vec!["A girl is eating fruit."],
+        vec!["The cat sat on mats.", "Two dogs run in parks."],
+        vec!["A boy is reading books."],
+    ];
+    let alone: Vec<Vec<Vec<f64>>> = texts.iter().map(|t| embed(host, t)).collect();
+    let batches = "cascade_model_batches_total{function=\"embed-batched\"";
+    for round in 0.. {
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..16)
+                .map(|i| {
+                    let kind = i % texts.len();
+                    let body = serde_json::json!({ "inputs": texts[kind] }).to_string();
+                    scope.spawn(move || {
+                        let response = host.invoke("embed-batched", "application/json", body);
+                        assert_eq!(response.status(), 200, "{:?}", response.text());
+                        let value: Value = response.json().expect("JSON");
+                        (kind, value)
+                    })
+                })
+                .collect();
+            for run in runs {
+                let (which, got) = run.join().expect("no panic");
+                for (row, want) in alone[which].iter().enumerate() {
+                    let got = got["embeddings"][row].as_array().expect("row");
+                    assert_eq!(got.len(), want.len());
+                    let worst = got
+                        .iter()
+                        .zip(want)
+                        .map(|(g, w)| (g.as_f64().expect("number") - w).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 1e-4,
+                        "request kind {which}, row {row}: off by {worst}"
+                    );
+                }
+            }
+        });
+        if host.metric(batches) > 0.0 {
+            break;
+        }
+        assert!(
+            round < 20,
+            "20 rounds of 16 concurrent requests never shared a model run"
+        );
+    }
+    let shared = host.metric("cascade_model_batched_requests_total{function=\"embed-batched\"");
+    assert!(
+        shared >= 2.0 * host.metric(batches),
+        "{shared} requests in batches"
+    );
 }
 
 #[test]
