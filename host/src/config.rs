@@ -62,6 +62,11 @@ pub struct ServeConfig {
     #[arg(long, env = "CASCADE_ONNXRUNTIME_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub onnxruntime_threads: u16,
+    /// Threads an ONNX Runtime run may use when no other run is in flight,
+    /// for models it proves faster for (default: every core; 1 turns it off).
+    #[arg(long, env = "CASCADE_ONNXRUNTIME_ALONE_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub onnxruntime_alone_threads: Option<u16>,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -75,6 +80,10 @@ impl ServeConfig {
             Some(library) => Backend::OnnxRuntime(OrtSettings {
                 library: library.clone(),
                 threads: usize::from(self.onnxruntime_threads),
+                alone_threads: self.onnxruntime_alone_threads.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    usize::from,
+                ),
             }),
             None => Backend::Tract,
         }

@@ -6,11 +6,11 @@
 //! checks a model with tract.
 
 use crate::bindings::{Tensor, TensorType};
-use crate::onnxruntime::{OrtModel, OrtSettings};
+use crate::onnxruntime::{OrtModel, OrtSettings, RunCounts};
 use crate::shape_plans::{ShapePlans, Specialisation};
 use crate::stage::StageError;
 use cascade_registry::records::{ModelSignature, TensorSpec};
-use prometheus::IntGaugeVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -215,23 +215,15 @@ impl std::fmt::Debug for ModelPlan {
 }
 
 impl ModelPlan {
-    /// Loads the model at `path` for `backend`, computing only `outputs`
+    /// Loads the model at `path` with tract, computing only `outputs`
     /// (all when empty).
     pub fn load(
         path: &Path,
         shapes: &InputShapes,
         outputs: &[String],
-        backend: &Backend,
         specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
-        match backend {
-            Backend::Tract => {
-                TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
-            }
-            Backend::OnnxRuntime(settings) => {
-                OrtModel::load(path, outputs, settings).map(ModelPlan::OnnxRuntime)
-            }
-        }
+        TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
     }
 
     /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
@@ -463,18 +455,25 @@ pub struct PlanCache {
     backend: Backend,
     shape_plans: usize,
     built: IntGaugeVec,
+    ort_runs: IntCounterVec,
 }
 
 impl PlanCache {
     /// An empty cache of plans run by `backend`; tract plans specialise
     /// themselves to at most `shape_plans` shapes each, counted in `built`
-    /// by model.
-    pub fn new(backend: Backend, shape_plans: usize, built: IntGaugeVec) -> Self {
+    /// by model; ONNX Runtime runs are counted in `ort_runs`.
+    pub fn new(
+        backend: Backend,
+        shape_plans: usize,
+        built: IntGaugeVec,
+        ort_runs: IntCounterVec,
+    ) -> Self {
         PlanCache {
             plans: Mutex::new(HashMap::new()),
             backend,
             shape_plans,
             built,
+            ort_runs,
         }
     }
 
@@ -492,18 +491,27 @@ impl PlanCache {
         if let Some(plan) = self.plans.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(plan.clone());
         }
-        let specialisation = Specialisation {
-            limit: self.shape_plans,
-            label: label.to_string(),
-            built: self.built.with_label_values(&[label]),
-        };
-        let plan = Arc::new(ModelPlan::load(
-            path,
-            shapes,
-            outputs,
-            &self.backend,
-            Some(specialisation),
-        )?);
+        let plan = Arc::new(match &self.backend {
+            Backend::Tract => {
+                let specialisation = Specialisation {
+                    limit: self.shape_plans,
+                    label: label.to_string(),
+                    built: self.built.with_label_values(&[label]),
+                };
+                ModelPlan::load(path, shapes, outputs, Some(specialisation))?
+            }
+            Backend::OnnxRuntime(settings) => {
+                let counts = |threads: usize| {
+                    self.ort_runs
+                        .with_label_values(&[label, &threads.to_string()])
+                };
+                let counts = RunCounts {
+                    narrow: counts(settings.threads),
+                    wide: counts(settings.alone_threads),
+                };
+                ModelPlan::OnnxRuntime(OrtModel::load(path, outputs, settings, counts)?)
+            }
+        });
         self.plans
             .lock()
             .map_err(|e| e.to_string())?

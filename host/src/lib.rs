@@ -38,3 +38,4 @@ pub mod serve;
 pub mod shape_plans;
 pub mod stage;
 pub mod trigger;
+pub mod wide_runs;

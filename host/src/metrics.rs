@@ -34,6 +34,9 @@ pub struct Metrics {
     pub compiled: IntCounterVec,
     /// `cascade_shape_plans{model}`: model plans specialised to one input shape.
     pub shape_plans: IntGaugeVec,
+    /// `cascade_onnxruntime_runs_total{model, threads}`: ONNX Runtime runs by
+    /// the threads they used.
+    pub onnxruntime_runs: IntCounterVec,
     /// `cascade_model_batches_total{function, stage}`: model runs that
     /// served two or more requests (`batch` in the manifest).
     pub model_batches: IntCounterVec,
@@ -121,6 +124,11 @@ impl Metrics {
                 "cascade_shape_plans",
                 "Model plans specialised to one input shape.",
                 &["model"],
+            )?,
+            onnxruntime_runs: counter(
+                "cascade_onnxruntime_runs_total",
+                "ONNX Runtime model runs by the threads they used.",
+                &["model", "threads"],
             )?,
             model_batches: counter(
                 "cascade_model_batches_total",

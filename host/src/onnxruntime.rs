@@ -6,17 +6,22 @@
 //!
 //! ONNX Runtime sessions are not safe to run from two threads at once, so a
 //! model keeps a few sessions (at most one per core) and lends one to each
-//! run; runs beyond that wait for one to come back.
+//! run; runs beyond that wait for one to come back. A run that starts while
+//! no other is in flight may instead use one session with more threads
+//! (`wide_runs.rs`).
 
 use crate::bindings::{Tensor, TensorType};
 use crate::stage::StageError;
+use crate::wide_runs::{InFlight, Width, WidthChooser};
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::PrepackedWeights;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
+use prometheus::IntCounter;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
 
@@ -27,6 +32,17 @@ pub struct OrtSettings {
     pub library: PathBuf,
     /// Threads one run may use (ONNX Runtime's intra-op threads).
     pub threads: usize,
+    /// Threads a run may use when no other run is in flight, if that is
+    /// faster for the model (no more than `threads`: never).
+    pub alone_threads: usize,
+}
+
+/// Model runs by width, for `/metrics`.
+pub struct RunCounts {
+    /// Runs on `threads` threads.
+    pub narrow: IntCounter,
+    /// Lone runs on `alone_threads` threads.
+    pub wide: IntCounter,
 }
 
 /// Loads the library and creates the process's one ONNX Runtime
@@ -55,6 +71,16 @@ pub struct OrtModel {
     pool: Mutex<Sessions>,
     returned: Condvar,
     limit: usize,
+    /// The session for lone runs, when `alone_threads` > `threads`.
+    wide: Option<Wide>,
+    counts: RunCounts,
+}
+
+/// One session with more threads, for runs that have the host to themselves.
+struct Wide {
+    /// `None` while a run uses it.
+    runner: Mutex<Option<Runner>>,
+    chooser: WidthChooser,
 }
 
 /// Idle sessions, and how many exist.
@@ -72,7 +98,12 @@ struct Runner {
 impl OrtModel {
     /// Loads the model at `path`, computing only `outputs` (every graph
     /// output when empty); fails clearly when an output is not one.
-    pub fn load(path: &Path, outputs: &[String], settings: &OrtSettings) -> Result<Self, String> {
+    pub fn load(
+        path: &Path,
+        outputs: &[String],
+        settings: &OrtSettings,
+        counts: RunCounts,
+    ) -> Result<Self, String> {
         init(&settings.library)?;
         let weights = PrepackedWeights::new();
         let session = new_session(path, settings.threads, &weights)?;
@@ -103,6 +134,15 @@ impl OrtModel {
                 )),
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let wide = if settings.alone_threads > settings.threads {
+            let session = new_session(path, settings.alone_threads, &weights)?;
+            Some(Wide {
+                runner: Mutex::new(Some(runner(session, &outputs)?)),
+                chooser: WidthChooser::default(),
+            })
+        } else {
+            None
+        };
         let runner = runner(session, &outputs)?;
         let limit = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(OrtModel {
@@ -117,6 +157,8 @@ impl OrtModel {
             }),
             returned: Condvar::new(),
             limit,
+            wide,
+            counts,
         })
     }
 
@@ -127,16 +169,61 @@ impl OrtModel {
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        let in_flight = InFlight::enter();
+        let mut elements = 0usize;
         let inputs = self
             .inputs
             .iter()
             .map(|(name, ty)| {
                 let tensor = crate::inference::input_named(available, name)?;
+                elements += tensor
+                    .dimensions
+                    .iter()
+                    .map(|&d| d as usize)
+                    .product::<usize>();
                 Ok((name.as_str(), to_ort(tensor, *ty)?))
             })
             .collect::<Result<Vec<_>, StageError>>()?;
+        if let (true, Some(wide)) = (in_flight.alone(), &self.wide) {
+            let width = wide.chooser.choose();
+            let taken = match width {
+                Width::Wide => wide.runner.lock().ok().and_then(|mut r| r.take()),
+                Width::Narrow => None,
+            };
+            let started = Instant::now();
+            let (used, outcome) = match taken {
+                Some(mut runner) => {
+                    let outcome = self.run_on(&mut runner, inputs);
+                    if let Ok(mut slot) = wide.runner.lock() {
+                        *slot = Some(runner);
+                    }
+                    self.counts.wide.inc();
+                    (Width::Wide, outcome)
+                }
+                None => (Width::Narrow, self.run_narrow(inputs)),
+            };
+            if outcome.is_ok() {
+                let cost = started.elapsed().as_nanos() as f64 / elements.max(1) as f64;
+                wide.chooser.record(used, cost);
+            }
+            return outcome;
+        }
+        self.run_narrow(inputs)
+    }
+
+    /// Runs on a session of the narrow pool.
+    fn run_narrow(&self, inputs: Vec<(&str, DynTensor)>) -> Result<Vec<Tensor>, StageError> {
         let mut lease = self.lease()?;
         let runner = lease.runner.as_mut().expect("a lease holds its runner");
+        self.counts.narrow.inc();
+        self.run_on(runner, inputs)
+    }
+
+    fn run_on(
+        &self,
+        runner: &mut Runner,
+        inputs: Vec<(&str, DynTensor)>,
+    ) -> Result<Vec<Tensor>, StageError> {
         let mut outputs = runner
             .session
             .run_with_options(inputs, &runner.options)

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::model_threads::ModelThreads;
 use crate::pool::{Gate, InstancePool, Lease, StageStatus};
 use crate::stage::{StageError, World};
+use crate::wide_runs::RequestInFlight;
 use cascade_registry::manifest::Manifest;
 use serde::Serialize;
 use std::sync::Arc;
@@ -179,6 +180,7 @@ impl PreparedFunction {
     /// cannot yield), runs on the blocking pool, one hop there and back.
     pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
         let deadline = Instant::now() + self.timeout();
+        let _counted = RequestInFlight::enter();
         let _permit = self
             .gate
             .enter(self.timeout())

@@ -51,7 +51,12 @@ impl Runtime {
         Runtime {
             engine,
             registry,
-            plans: PlanCache::new(backend, shape_plans, metrics.shape_plans.clone()),
+            plans: PlanCache::new(
+                backend,
+                shape_plans,
+                metrics.shape_plans.clone(),
+                metrics.onnxruntime_runs.clone(),
+            ),
             metrics,
             compiled_dir,
             components: Mutex::new(HashMap::new()),

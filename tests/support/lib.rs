@@ -47,6 +47,36 @@ pub fn onnxruntime_library() -> PathBuf {
     model_file(catalog::ONNXRUNTIME_LIBRARY)
 }
 
+/// The `embed` example's manifest (`xtask/functions/embed.toml`) renamed
+/// to `name`, its model stage merging up to `rows` rows of concurrent
+/// requests (`batch`) and its component stages at most `max_instances`.
+pub fn batched_embed_manifest(name: &str, rows: u32, max_instances: u32) -> String {
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
+    )
+    .expect("xtask/functions/embed.toml");
+    let mut manifest = String::new();
+    for line in example.lines() {
+        let line = line
+            .replace("name = \"embed\"", &format!("name = \"{name}\""))
+            .replace("embed.requests", &format!("{name}.requests"));
+        if line.starts_with("max_instances =") {
+            manifest.push_str(&format!("max_instances = {max_instances}\n"));
+            continue;
+        }
+        manifest.push_str(&line);
+        manifest.push('\n');
+        if line.starts_with("model =") {
+            manifest.push_str(&format!("batch = {rows}\n"));
+        }
+    }
+    assert!(
+        manifest.contains("batch =") && manifest.contains("max_instances ="),
+        "embed.toml has a model stage and a [scaling] table"
+    );
+    manifest
+}
+
 /// A manifest named `name` running the `embed` pipeline (tokenizer,
 /// MiniLM token embeddings, mean pooling) followed by `extra` TOML tables.
 pub fn embed_manifest(name: &str, extra: &str) -> String {

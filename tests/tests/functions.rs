@@ -103,8 +103,15 @@ fn embed_reference() -> Vec<(String, Vec<f64>)> {
 #[test]
 fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
     let library = cascade_tests::onnxruntime_library();
-    let host = Host::start_with(&["--onnxruntime", library.to_str().expect("utf-8 path")]);
+    let host = Host::start_with(&[
+        "--onnxruntime",
+        library.to_str().expect("utf-8 path"),
+        "--onnxruntime-alone-threads",
+        "2",
+    ]);
     host.publish_examples();
+    // One request at a time: lone runs, the first ones alternating between
+    // one thread and two, all giving the reference answers.
     for (text, want) in embed_reference() {
         let got = embed(&host, &[&text]);
         let worst = got[0]
@@ -116,6 +123,12 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
             worst < 1e-4,
             "{text:?}: {worst} from the onnxruntime reference"
         );
+    }
+    for threads in ["1", "2"] {
+        let runs = host.metric(&format!(
+            "cascade_onnxruntime_runs_total{{model=\"minilm-l3@1.0.0\",threads=\"{threads}\"}}"
+        ));
+        assert!(runs > 0.0, "no lone run used {threads} thread(s)");
     }
     // More runs at once than the model has sessions: each gets its own answer.
     let texts = ["A man is eating food.", "The girl is carrying a baby."];
@@ -144,49 +157,12 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
     }
 }
 
-/// Publishes `embed-batched`: the `embed` example whose model stage merges
-/// up to `rows` rows of concurrent requests.
-fn publish_batched_embed(host: &Host, rows: u32) {
-    let manifest = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
-    )
-    .expect("embed.toml")
-    .replace("name = \"embed\"", "name = \"embed-batched\"")
-    .replace("embed.requests", "embed-batched.requests");
-    let batched = with_model_batch(&manifest, rows);
-    let response = host.put("/v1/functions/embed-batched", "application/toml", batched);
-    assert_eq!(response.status(), 201, "{:?}", response.text());
-}
-
-/// `manifest` with the model stage's `batch` set to `rows`.
-fn with_model_batch(manifest: &str, rows: u32) -> String {
-    let mut out = String::new();
-    let mut in_model = false;
-    for line in manifest.lines() {
-        if line.starts_with("batch =") {
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-        if line.starts_with("[[stages]]") {
-            in_model = false;
-        }
-        if line.starts_with("model =") {
-            in_model = true;
-            out.push_str(&format!("batch = {rows}\n"));
-        }
-    }
-    assert!(
-        in_model || out.contains("batch ="),
-        "embed.toml has a model stage"
-    );
-    out
-}
-
 /// Concurrent requests to `embed-batched` share model runs and each gets
 /// the answer it gets alone.
 fn batched_requests_get_their_own_answers(host: &Host) {
-    publish_batched_embed(host, 8);
+    let manifest = cascade_tests::batched_embed_manifest("embed-batched", 8, 4);
+    let response = host.put("/v1/functions/embed-batched", "application/toml", manifest);
+    assert_eq!(response.status(), 201, "{:?}", response.text());
     let texts: Vec<Vec<&str>> = vec![
         // Different texts of 8 tokens each: any two requests can share a
         // batch, so a mix-up of rows would show.

@@ -6,7 +6,7 @@ use crate::native::{MODEL_FILE, TOKEN_EMBEDDINGS};
 use crate::report::{Bar, Record, Section, num};
 use crate::stats::median;
 use anyhow::{Context, Result, bail};
-use cascade_host::inference::{Backend, InputShapes, ModelPlan};
+use cascade_host::inference::{InputShapes, ModelPlan};
 use cascade_tests::host::{Host, cascade_binary, free_port};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -123,7 +123,6 @@ fn optimise_ms(models: &Path) -> Result<f64> {
         &models.join(MODEL_FILE),
         &InputShapes::new(),
         &[TOKEN_EMBEDDINGS.to_string()],
-        &Backend::Tract,
         None,
     )
     .map_err(anyhow::Error::msg)?;
