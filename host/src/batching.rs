@@ -88,7 +88,8 @@ impl Batcher {
             let mut queue = self.lock()?;
             if queue.running < self.runners {
                 queue.running += 1;
-                Some(take_fitting(&mut queue.waiting, &me, self.max_rows))
+                let share = self.share(queue.waiting.len() + 1);
+                Some(take_fitting(&mut queue.waiting, &me, self.max_rows, share))
             } else {
                 queue.waiting.push_back(me.clone());
                 None
@@ -107,6 +108,15 @@ impl Batcher {
             },
         };
         self.lead(&me, companions)
+    }
+
+    /// How many of `queued` requests one batch takes: an even share among
+    /// the runners, for whenever requests queue every runner is busy and
+    /// each will take the next batch when it finishes. (Taking them all
+    /// left the other core idle at 4 connections: 547 req/s against 590
+    /// with no batching.)
+    fn share(&self, queued: usize) -> usize {
+        queued.div_ceil(self.runners)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Queue>, StageError> {
@@ -169,7 +179,8 @@ impl Batcher {
             let mut queue = self.lock()?;
             match queue.waiting.pop_front() {
                 Some(next) => {
-                    let companions = take_fitting(&mut queue.waiting, &next, self.max_rows);
+                    let share = self.share(queue.waiting.len() + 1);
+                    let companions = take_fitting(&mut queue.waiting, &next, self.max_rows, share);
                     Some((next, companions))
                 }
                 None => {
@@ -249,16 +260,19 @@ impl Request {
 }
 
 /// Removes from `waiting`, in order, the requests that fit beside `head`:
-/// the same shapes past dimension 0, within `max_rows` rows in all.
+/// the same shapes past dimension 0, within `max_rows` rows in all and
+/// `share` requests counting `head`.
 fn take_fitting(
     waiting: &mut VecDeque<Arc<Request>>,
     head: &Request,
     max_rows: usize,
+    share: usize,
 ) -> Vec<Arc<Request>> {
     let mut rows = head.rows;
     let mut taken = Vec::new();
     waiting.retain(|request| {
-        let fits = request.key == head.key && rows + request.rows <= max_rows;
+        let fits =
+            taken.len() + 1 < share && request.key == head.key && rows + request.rows <= max_rows;
         if fits {
             rows += request.rows;
             taken.push(request.clone());

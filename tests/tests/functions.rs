@@ -160,7 +160,7 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
 /// Concurrent requests to `embed-batched` share model runs and each gets
 /// the answer it gets alone.
 fn batched_requests_get_their_own_answers(host: &Host) {
-    let manifest = cascade_tests::batched_embed_manifest("embed-batched", 8, 4);
+    let manifest = cascade_tests::batched_embed_manifest("embed-batched", 8, 16);
     let response = host.put("/v1/functions/embed-batched", "application/toml", manifest);
     assert_eq!(response.status(), 201, "{:?}", response.text());
     let texts: Vec<Vec<&str>> = vec![
