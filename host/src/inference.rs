@@ -198,7 +198,7 @@ pub enum ModelPlan {
     /// Run by tract.
     Tract(TractPlan),
     /// Run by ONNX Runtime.
-    OnnxRuntime(OrtModel),
+    OnnxRuntime(Box<OrtModel>),
 }
 
 impl std::fmt::Debug for ModelPlan {
@@ -509,7 +509,7 @@ impl PlanCache {
                     narrow: counts(settings.threads),
                     wide: counts(settings.alone_threads),
                 };
-                ModelPlan::OnnxRuntime(OrtModel::load(path, outputs, settings, counts)?)
+                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(path, outputs, settings, counts)?))
             }
         });
         self.plans

@@ -296,8 +296,10 @@ fn new_session(path: &Path, threads: usize, weights: &PrepackedWeights) -> Resul
     Session::builder(environment)
         .map_err(|e| failed(&e))?
         .with_intra_threads(threads.max(1))
-        .and_then(|b| b.with_inter_threads(1))
-        .and_then(|b| b.with_prepacked_weights(weights))
+        .map_err(|e| failed(&e))?
+        .with_inter_threads(1)
+        .map_err(|e| failed(&e))?
+        .with_prepacked_weights(weights)
         .map_err(|e| failed(&e))?
         .commit_from_file(path)
         .map_err(|e| failed(&e))
