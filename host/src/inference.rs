@@ -215,21 +215,27 @@ impl std::fmt::Debug for ModelPlan {
 }
 
 impl ModelPlan {
-    /// Loads the model at `path` with tract, computing only `outputs`
-    /// (all when empty).
+    /// Loads the model at `path` and optimises it with tract, computing
+    /// only `outputs` (all when empty).
     pub fn load(
         path: &Path,
         shapes: &InputShapes,
         outputs: &[String],
         specialisation: Option<Specialisation>,
     ) -> Result<Self, String> {
-        TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
+        let model = template(load(path, shapes)?, shapes, outputs)?;
+        TractPlan::prepare(model, shapes, specialisation).map(ModelPlan::Tract)
     }
 
     /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
-    /// over) with tract, computing every output.
+    /// over) and optimises it with tract, computing every output.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        TractPlan::from_bytes(bytes).map(ModelPlan::Tract)
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+        let shapes = InputShapes::new();
+        let template = template(with_shapes(model, &shapes)?, &shapes, &[])?;
+        TractPlan::prepare(template, &shapes, None).map(ModelPlan::Tract)
     }
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
@@ -303,28 +309,6 @@ pub struct TractPlan {
 }
 
 impl TractPlan {
-    /// Loads and optimises the model, computing only `outputs` (all when empty).
-    pub fn load(
-        path: &Path,
-        shapes: &InputShapes,
-        outputs: &[String],
-        specialisation: Option<Specialisation>,
-    ) -> Result<Self, String> {
-        let model = template(load(path, shapes)?, shapes, outputs)?;
-        Self::prepare(model, shapes, specialisation)
-    }
-
-    /// Loads and optimises an ONNX model given as bytes (what `wasi:nn`'s
-    /// `load` hands over), computing every output.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut std::io::Cursor::new(bytes))
-            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
-        let shapes = InputShapes::new();
-        let template = template(with_shapes(model, &shapes)?, &shapes, &[])?;
-        Self::prepare(template, &shapes, None)
-    }
-
     fn prepare(
         template: TypedModel,
         shapes: &InputShapes,
