@@ -36,6 +36,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod serve;
 pub mod shape_plans;
+pub mod shared_initializers;
 pub mod stage;
 pub mod trigger;
 pub mod wide_runs;

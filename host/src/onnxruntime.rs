@@ -6,11 +6,14 @@
 //!
 //! ONNX Runtime sessions are not safe to run from two threads at once, so a
 //! model keeps a few sessions (at most one per core) and lends one to each
-//! run; runs beyond that wait for one to come back. A run that starts while
-//! no other is in flight may instead use one session with more threads
-//! (`wide_runs.rs`).
+//! run; runs beyond that wait for one to come back. The sessions share the
+//! model's packed weights and large initializers (`shared_initializers.rs`),
+//! so each extra session costs its working memory, not another copy of the
+//! model. A run that starts while no other is in flight may instead use
+//! one session with more threads (`wide_runs.rs`).
 
 use crate::bindings::{Tensor, TensorType};
+use crate::shared_initializers::SharedInitializers;
 use crate::stage::StageError;
 use crate::wide_runs::{InFlight, Width, WidthChooser};
 use ort::environment::Environment;
@@ -66,14 +69,20 @@ pub struct OrtModel {
     threads: usize,
     inputs: Vec<(String, TensorElementType)>,
     outputs: Vec<String>,
-    /// Packed weights shared by the model's sessions.
-    weights: PrepackedWeights,
+    /// Packed weights and large constants shared by the model's sessions.
+    shared: Shared,
     pool: Mutex<Sessions>,
     returned: Condvar,
     limit: usize,
     /// The session for lone runs, when `alone_threads` > `threads`.
     wide: Option<Wide>,
     counts: RunCounts,
+}
+
+/// What every session of one model shares instead of holding its own.
+struct Shared {
+    weights: PrepackedWeights,
+    initializers: SharedInitializers,
 }
 
 /// One session with more threads, for runs that have the host to themselves.
@@ -105,8 +114,11 @@ impl OrtModel {
         counts: RunCounts,
     ) -> Result<Self, String> {
         init(&settings.library)?;
-        let weights = PrepackedWeights::new();
-        let session = new_session(path, settings.threads, &weights)?;
+        let shared = Shared {
+            weights: PrepackedWeights::new(),
+            initializers: SharedInitializers::read(path)?,
+        };
+        let session = new_session(path, settings.threads, &shared)?;
         let graph_outputs: Vec<String> = session
             .outputs()
             .iter()
@@ -135,7 +147,7 @@ impl OrtModel {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let wide = if settings.alone_threads > settings.threads {
-            let session = new_session(path, settings.alone_threads, &weights)?;
+            let session = new_session(path, settings.alone_threads, &shared)?;
             Some(Wide {
                 runner: Mutex::new(Some(runner(session, &outputs)?)),
                 chooser: WidthChooser::default(),
@@ -150,7 +162,7 @@ impl OrtModel {
             threads: settings.threads,
             inputs,
             outputs,
-            weights,
+            shared,
             pool: Mutex::new(Sessions {
                 idle: vec![runner],
                 alive: 1,
@@ -254,7 +266,7 @@ impl OrtModel {
             if pool.alive < self.limit {
                 pool.alive += 1;
                 drop(pool);
-                let made = new_session(&self.path, self.threads, &self.weights)
+                let made = new_session(&self.path, self.threads, &self.shared)
                     .and_then(|session| runner(session, &self.outputs));
                 return match made {
                     Ok(runner) => Ok(Lease {
@@ -290,16 +302,20 @@ impl Drop for Lease<'_> {
     }
 }
 
-fn new_session(path: &Path, threads: usize, weights: &PrepackedWeights) -> Result<Session, String> {
+fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, String> {
     let environment = ENVIRONMENT.get().ok_or("ONNX Runtime is not loaded")?;
     let failed = |e: &dyn std::fmt::Display| format!("ONNX Runtime cannot load the model: {e}");
-    Session::builder(environment)
+    let builder = Session::builder(environment)
         .map_err(|e| failed(&e))?
         .with_intra_threads(threads.max(1))
         .map_err(|e| failed(&e))?
         .with_inter_threads(1)
         .map_err(|e| failed(&e))?
-        .with_prepacked_weights(weights)
+        .with_prepacked_weights(&shared.weights)
+        .map_err(|e| failed(&e))?;
+    shared
+        .initializers
+        .lend(builder)
         .map_err(|e| failed(&e))?
         .commit_from_file(path)
         .map_err(|e| failed(&e))

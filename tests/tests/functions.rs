@@ -1,6 +1,7 @@
 //! The host runtime end to end: the real `cascade` binary serving the
 //! example functions on real models, misbehaving guests, pools that scale.
 
+use cascade_host::shared_initializers::SharedInitializers;
 use cascade_tests::fixture;
 use cascade_tests::host::{Host, client, error_of};
 use serde_json::Value;
@@ -98,6 +99,33 @@ fn embed_reference() -> Vec<(String, Vec<f64>)> {
             )
         })
         .collect()
+}
+
+#[test]
+fn onnxruntime_sessions_of_a_model_share_its_large_initializers() {
+    cascade_host::onnxruntime::init(&cascade_tests::onnxruntime_library()).expect("loads");
+    let read = |file: &str| SharedInitializers::read(&cascade_tests::model_file(file));
+    let minilm = read("paraphrase-MiniLM-L3-v2.onnx").expect("reads MiniLM");
+    let names: Vec<&str> = minilm.names().collect();
+    // The 30522 x 384 word-embedding table (47 MB), which every session
+    // held a copy of, and the feed-forward weights; nothing small.
+    assert!(
+        names.contains(&"model.0.auto_model.embeddings.word_embeddings.weight"),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("LayerNorm") && !n.contains("bias")),
+        "{names:?}"
+    );
+    let classifier = read("ch_ppocr_mobile_v2.0_cls_infer.onnx").expect("reads the classifier");
+    assert_eq!(classifier.names().count(), 0, "its weights are all small");
+    let error = read("tokenizer.json").err().expect("not a model");
+    assert!(
+        error.contains("reading the model's initializers"),
+        "{error}"
+    );
 }
 
 #[test]
