@@ -236,11 +236,17 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("reading {}", manifest.display()))?;
             let parsed = cascade_registry::manifest::parse(&text)?;
             let name = parsed.manifest.name.to_string();
-            print(&client.put_bytes(
+            let published = client.put_bytes(
                 &format!("/v1/functions/{name}"),
                 "application/toml",
                 text.into_bytes(),
-            )?)
+            )?;
+            // Stored, but this host cannot serve it (say, a model it cannot
+            // load): the record is printed, the problem goes to stderr.
+            if let Some(warning) = published.get("warning").and_then(|w| w.as_str()) {
+                eprintln!("warning: {warning}");
+            }
+            print(&published)
         }
         Command::List { kind } => {
             let kinds = match kind {

@@ -438,3 +438,30 @@ fn kill_9_during_uploads_never_corrupts_the_registry() {
         .count();
     assert_eq!(tmp_left, 0, "abandoned uploads are cleared at open");
 }
+
+#[test]
+fn publishing_a_function_the_host_cannot_serve_warns_on_stderr() {
+    // Valid, but it asks for more warm instances than this host has slots.
+    let host = Host::start_with(&["--max-instances", "2"]);
+    host.publish_component("mean-pool");
+    let manifest = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        manifest.path(),
+        "name = \"greedy\"\n[[stages]]\ncomponent = \"mean-pool@0.1.0\"\n\
+         [scaling]\nmin_instances = 3\nmax_instances = 3\n",
+    )
+    .expect("written");
+    let out = host.cli(&[
+        "publish",
+        "function",
+        manifest.path().to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stored, so not an error: {stderr}");
+    assert!(
+        stderr.starts_with("warning: published, but the host cannot serve it: "),
+        "{stderr}"
+    );
+    let record: Value = serde_json::from_slice(&out.stdout).expect("the record on stdout");
+    assert_eq!(record["revision"], 1);
+}

@@ -79,12 +79,18 @@ pub fn publish(
             .args(&args)
             .output()
             .map_err(|e| format!("running {}: {e}", cascade.display()))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
         if !output.status.success() {
             return Err(format!(
                 "`cascade {}` failed: {}",
                 args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
+                stderr.trim()
             ));
+        }
+        // A function stored but not served (`warning: ...`) is a failure
+        // here: the examples are what `up` and the bench serve.
+        if let Some(warning) = stderr.lines().find(|l| l.starts_with("warning: ")) {
+            return Err(format!("`cascade {}`: {warning}", args.join(" ")));
         }
     }
     Ok(())
