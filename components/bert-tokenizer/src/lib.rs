@@ -19,7 +19,7 @@
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::{Failure, PerInstance, le};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{NormalizerWrapper, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
@@ -36,8 +36,79 @@ const KEYS: &[&str] = &[
 /// expensive part, so it happens once per instance.
 struct Prepared {
     tokenizer: Tokenizer,
+    ascii: Option<AsciiPath>,
     max_batch: usize,
     token_type_ids: bool,
+}
+
+/// A quicker way through a `BertNormalizer` for ASCII texts, where all it
+/// does is drop control characters, turn tabs and line breaks into spaces
+/// and lowercase (Chinese characters, accents and Unicode case cannot
+/// occur). Doing that on the text directly and tokenizing with no
+/// normalizer gives the same tokens without the normalizer's per-character
+/// alignment bookkeeping: at 128 tokens that was 70 of 180 µs natively.
+struct AsciiPath {
+    /// The same tokenizer without its normalizer.
+    tokenizer: Tokenizer,
+    clean_text: bool,
+    lowercase: bool,
+    /// Added tokens (`[CLS]`, `[MASK]`, ...), lowercased: a text holding one
+    /// takes the full path, since they are matched before normalizing.
+    added: Vec<String>,
+}
+
+impl AsciiPath {
+    fn for_tokenizer(tokenizer: &Tokenizer) -> Option<AsciiPath> {
+        let Some(NormalizerWrapper::BertNormalizer(bert)) = tokenizer.get_normalizer() else {
+            return None;
+        };
+        let (clean_text, lowercase) = (bert.clean_text, bert.lowercase);
+        let mut plain = tokenizer.clone();
+        plain.with_normalizer(None::<NormalizerWrapper>);
+        Some(AsciiPath {
+            tokenizer: plain,
+            clean_text,
+            lowercase,
+            added: tokenizer
+                .get_added_tokens_decoder()
+                .values()
+                .map(|token| token.content.to_ascii_lowercase())
+                .collect(),
+        })
+    }
+
+    /// `text` as the `BertNormalizer` would leave it, when it can take this path.
+    fn normalize(&self, text: &str) -> Option<String> {
+        if !text.is_ascii() {
+            return None;
+        }
+        let lowered = text.to_ascii_lowercase();
+        if self
+            .added
+            .iter()
+            .any(|token| lowered.contains(token.as_str()))
+        {
+            return None;
+        }
+        let source = if self.lowercase {
+            lowered
+        } else {
+            text.to_string()
+        };
+        if !self.clean_text {
+            return Some(source);
+        }
+        Some(
+            source
+                .chars()
+                .filter_map(|c| match c {
+                    '\t' | '\n' | '\r' => Some(' '),
+                    c if c.is_ascii_control() => None,
+                    c => Some(c),
+                })
+                .collect(),
+        )
+    }
 }
 
 static PREPARED: PerInstance<Prepared> = PerInstance::new();
@@ -70,6 +141,7 @@ fn prepare() -> Result<Prepared, Failure> {
         }))
         .map_err(|e| Failure::internal(format!("truncation settings: {e}")))?;
     Ok(Prepared {
+        ascii: AsciiPath::for_tokenizer(&tokenizer),
         tokenizer,
         max_batch: config.parse("max_batch", 64)?,
         token_type_ids: config.flag("token_type_ids", false)?,
@@ -125,8 +197,12 @@ fn tokenize(input: Message) -> Result<Vec<Tensor>, Failure> {
             prepared.max_batch
         )));
     }
-    let encodings = prepared
-        .tokenizer
+    let ascii = prepared.ascii.as_ref().and_then(|path| {
+        let normalized: Option<Vec<String>> = texts.iter().map(|t| path.normalize(t)).collect();
+        Some((&path.tokenizer, normalized?))
+    });
+    let (tokenizer, texts) = ascii.unwrap_or((&prepared.tokenizer, texts));
+    let encodings = tokenizer
         .encode_batch(texts, true)
         .map_err(|e| Failure::internal(format!("tokenizing: {e}")))?;
     let batch = encodings.len();
