@@ -172,9 +172,10 @@ fn up(root: &Path) -> Result<()> {
             "{UP_ADDRESS} is already in use: stop what listens there (another `cascade serve`?) and run again"
         );
     }
+    let data = root.join("cascade-data");
     let mut server = Command::new(&cascade)
         .args(["serve", "--listen", UP_ADDRESS, "--data"])
-        .arg(root.join("cascade-data"))
+        .arg(&data)
         .spawn()
         .context("starting cascade serve")?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -191,6 +192,16 @@ fn up(root: &Path) -> Result<()> {
     let registry = format!("http://{UP_ADDRESS}");
     if let Err(e) = examples::publish(&cascade, &registry, root, &components, &models) {
         let _ = server.kill();
+        // Versions are immutable: a data directory from an older checkout
+        // keeps that checkout's builds of the example components.
+        if e.contains("already published with digest") {
+            bail!(
+                "{e}\n\n{} holds example components built by an older checkout under the \
+                 same versions. Move or delete it (it is only this command's scratch \
+                 registry) and run `cargo xtask up` again.",
+                data.display()
+            );
+        }
         bail!(e);
     }
     let png = root.join("tests/fixtures/two_colours.png");
