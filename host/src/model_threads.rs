@@ -118,6 +118,7 @@ impl ModelThreads {
     /// Runs `job`, then whatever it is handed while idle, until it has
     /// waited `keep_alive` for nothing.
     fn work(self: Arc<Self>, job: Job) {
+        run_as_batch_work();
         let worker = Arc::new(Worker::default());
         let mut next = Some(job);
         while let Some(job) = next.take() {
@@ -162,6 +163,31 @@ impl ModelThreads {
     }
 }
 
+/// Puts the calling thread under Linux's `SCHED_BATCH` policy: the same
+/// share of the CPU as any thread (same nice value), but it does not
+/// preempt others when it wakes, while threads that wake to do a moment of
+/// work (the reactor: HTTP, guests) preempt it at once instead of waiting
+/// for its time slice to end. Model runs are exactly such long CPU-bound
+/// work. With the host's cores busy (`embed` and `orientation` at 4
+/// connections, ONNX Runtime host) p99 fell 1–14 % and req/s rose 1–8 %
+/// (benches/optimisations.md entry 26). Needs no privilege; where it is
+/// refused the thread just keeps the default policy.
+fn run_as_batch_work() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `sched_setscheduler` with pid 0 changes only the calling
+        // thread's policy and reads `param`, which lives across the call.
+        let refused = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0;
+        if refused {
+            tracing::debug!(
+                "model thread keeps the default scheduling policy: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +195,20 @@ mod tests {
 
     fn thread_id() -> ThreadId {
         std::thread::current().id()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn model_runs_are_scheduled_as_batch_work() {
+        let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
+        // SAFETY: reads the calling thread's policy; no memory is passed.
+        let policy = threads
+            .run(|| unsafe { libc::sched_getscheduler(0) })
+            .await
+            .expect("ran");
+        assert_eq!(policy, libc::SCHED_BATCH);
+        // SAFETY: as above, on the test's own thread.
+        assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_BATCH);
     }
 
     #[tokio::test]
