@@ -118,10 +118,15 @@ impl ModelThreads {
     /// Runs `job`, then whatever it is handed while idle, until it has
     /// waited `keep_alive` for nothing.
     fn work(self: Arc<Self>, job: Job) {
-        run_as_batch_work();
         let worker = Arc::new(Worker::default());
         let mut next = Some(job);
+        let mut batch_policy = false;
         while let Some(job) = next.take() {
+            let busy = crate::wide_runs::requests_in_flight() > 1;
+            if busy != batch_policy {
+                set_batch_policy(busy);
+                batch_policy = busy;
+            }
             let deliver = job();
             next = self.wait_for_job(&worker, deliver);
         }
@@ -163,29 +168,38 @@ impl ModelThreads {
     }
 }
 
-/// Puts the calling thread under Linux's `SCHED_BATCH` policy: the same
-/// share of the CPU as any thread (same nice value), but it does not
-/// preempt others when it wakes, while threads that wake to do a moment of
-/// work (the reactor: HTTP, guests) preempt it at once instead of waiting
-/// for its time slice to end. Model runs are exactly such long CPU-bound
-/// work. With the host's cores busy (`embed` and `orientation` at 4
-/// connections, ONNX Runtime host) p99 fell 1–14 % and req/s rose 1–8 %
+/// Puts the calling thread under Linux's `SCHED_BATCH` policy (or back
+/// under the default one) for the next run. A batch thread gets the same
+/// share of the CPU (same nice value) but does not preempt others when it
+/// wakes, while threads that wake to do a moment of work (the reactor:
+/// HTTP, guests) preempt it at once instead of waiting for its time slice
+/// to end. That is what runs want while other requests are in flight: at 4
+/// connections (ONNX Runtime host) `embed` p99 fell 5–13 % and req/s rose
+/// 6–10 %. A lone request's run keeps the default policy: there, being
+/// preempted by whatever else wakes on the machine only stretched its tail
 /// (benches/optimisations.md entry 26). Needs no privilege; where it is
-/// refused the thread just keeps the default policy.
-fn run_as_batch_work() {
+/// refused the thread keeps the default policy.
+fn set_batch_policy(batch: bool) {
     #[cfg(target_os = "linux")]
     {
+        let policy = if batch {
+            libc::SCHED_BATCH
+        } else {
+            libc::SCHED_OTHER
+        };
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: `sched_setscheduler` with pid 0 changes only the calling
         // thread's policy and reads `param`, which lives across the call.
-        let refused = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0;
+        let refused = unsafe { libc::sched_setscheduler(0, policy, &param) } != 0;
         if refused {
             tracing::debug!(
-                "model thread keeps the default scheduling policy: {}",
+                "model thread keeps its scheduling policy: {}",
                 std::io::Error::last_os_error()
             );
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = batch;
 }
 
 #[cfg(test)]
@@ -199,16 +213,21 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn model_runs_are_scheduled_as_batch_work() {
+    async fn runs_are_batch_work_while_other_requests_are_in_flight() {
+        use crate::wide_runs::RequestInFlight;
         let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
         // SAFETY: reads the calling thread's policy; no memory is passed.
-        let policy = threads
-            .run(|| unsafe { libc::sched_getscheduler(0) })
-            .await
-            .expect("ran");
-        assert_eq!(policy, libc::SCHED_BATCH);
-        // SAFETY: as above, on the test's own thread.
-        assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_BATCH);
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        assert_eq!(threads.run(policy).await, Some(libc::SCHED_OTHER));
+        let busy = [RequestInFlight::enter(), RequestInFlight::enter()];
+        assert_eq!(threads.run(policy).await, Some(libc::SCHED_BATCH));
+        drop(busy);
+        assert_eq!(threads.run(policy).await, Some(libc::SCHED_OTHER));
+        assert_eq!(
+            policy(),
+            libc::SCHED_OTHER,
+            "the caller's thread is left alone"
+        );
     }
 
     #[tokio::test]
