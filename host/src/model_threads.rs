@@ -175,9 +175,10 @@ impl ModelThreads {
 /// HTTP, guests) preempt it at once instead of waiting for its time slice
 /// to end. That is what runs want while other requests are in flight: at 4
 /// connections (ONNX Runtime host) `embed` p99 fell 5–13 % and req/s rose
-/// 6–10 %. A lone request's run keeps the default policy: there, being
-/// preempted by whatever else wakes on the machine only stretched its tail
-/// (benches/optimisations.md entry 26). Needs no privilege; where it is
+/// 6–10 %. A lone request's run keeps the default policy: nothing of ours
+/// waits to preempt it, and batch there only let other wake-ups on the
+/// machine interrupt it (c1's p99 looked worse in the one comparison;
+/// benches/optimisations.md entry 26). Needs no privilege; where it is
 /// refused the thread keeps the default policy.
 fn set_batch_policy(batch: bool) {
     #[cfg(target_os = "linux")]
