@@ -9,6 +9,7 @@
 //! starts as a process of its own.
 
 mod context;
+mod model_ceiling;
 mod native;
 mod nats;
 mod process;

@@ -142,18 +142,22 @@ impl NativeEmbed {
         bail!("could not build a text of exactly {count} tokens")
     }
 
-    /// One embedding, L2-normalised, as `embed` computes it.
-    pub fn embed(&self, text: &str) -> Result<Vec<f32>> {
+    /// Token ids and attention mask of `text`, as the model takes them.
+    pub fn encode(&self, text: &str) -> Result<(Vec<i64>, Vec<i64>)> {
         let encoding = self
             .tokenizer
             .encode(text, true)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        let ids: Vec<i64> = encoding.get_ids().iter().map(|&v| i64::from(v)).collect();
-        let mask: Vec<i64> = encoding
-            .get_attention_mask()
-            .iter()
-            .map(|&v| i64::from(v))
-            .collect();
+        let widen = |values: &[u32]| values.iter().map(|&v| i64::from(v)).collect();
+        Ok((
+            widen(encoding.get_ids()),
+            widen(encoding.get_attention_mask()),
+        ))
+    }
+
+    /// One embedding, L2-normalised, as `embed` computes it.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>> {
+        let (ids, mask) = self.encode(text)?;
         let seq = ids.len();
         let tensor = |values: &[i64]| Tensor::from_shape(&[1, seq], values);
         let inputs = self

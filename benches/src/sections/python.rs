@@ -5,8 +5,10 @@
 //! reference, with tract (the default).
 
 use crate::context::{Bench, invoke_url, median_p99, median_rps};
+use crate::model_ceiling::ModelCeiling;
 use crate::process::{Spawned, answers};
 use crate::report::{Bar, Record, Section, num};
+use crate::stats::median;
 use crate::wrk::{Target, Wrk};
 use anyhow::{Context, Result, ensure};
 use cascade_tests::host::free_port;
@@ -95,12 +97,79 @@ pub fn run(bench: &Bench) -> Result<Section> {
             tract: bench.target(invoke_url(&tract, function), content_type, file),
             python: bench.target(format!("{python_base}/{function}"), content_type, file),
         };
+        let mut rps = Vec::new();
         for c in CONCURRENCY {
-            compare(bench, &mut section, function, c, &contenders)?;
+            rps.push((c, compare(bench, &mut section, function, c, &contenders)?));
+        }
+        if function == "embed" {
+            ceiling(bench, &mut section, &rps)?;
         }
     }
     drop(python);
     Ok(section)
+}
+
+/// Measures the model-only ceiling of `embed` (`model_ceiling.rs`) in as
+/// many rounds as the comparisons, right after them, and sets both servers'
+/// req/s (`rps`: Cascade's and Python's by concurrency) against it where
+/// there are enough connections to keep every core busy.
+fn ceiling(bench: &Bench, section: &mut Section, rps: &[(u32, Req)]) -> Result<()> {
+    let library = cascade_tests::onnxruntime_library();
+    let ceiling = ModelCeiling::load(
+        &bench.native,
+        &bench.models,
+        &library,
+        crate::native::TOKEN_EMBEDDINGS,
+        &bench.bodies.text_32,
+    )?;
+    ceiling.runs_per_second(Duration::from_secs(1))?;
+    let rounds = (0..bench.args.rounds)
+        .map(|_| ceiling.runs_per_second(bench.run_length()))
+        .collect::<Result<Vec<f64>>>()?;
+    let runs = median(rounds);
+    section
+        .records
+        .push(Record::info("embed_model_only_rps", runs, "req/s"));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut shares = Vec::new();
+    for &(c, Req { cascade, python }) in rps.iter().filter(|(c, _)| *c as usize > cores) {
+        let most = runs / python;
+        section.records.extend([
+            Record::info(&format!("model_only_over_python_rps_c{c}"), most, "ratio"),
+            Record::info(
+                &format!("cascade_share_of_model_only_c{c}"),
+                cascade / runs,
+                "ratio",
+            ),
+        ]);
+        shares.push(format!(
+            "at c{c} Python reached {:.0} % of it and Cascade {:.0} %, so 1.2× Python needs {:.0} %",
+            100.0 * python / runs,
+            100.0 * cascade / runs,
+            120.0 * python / runs
+        ));
+    }
+    section.notes.push(format!(
+        "The ceiling: MiniLM alone on the 32-token input as the ONNX Runtime host runs it (one \
+         thread per run, one run per core, back to back, in this process, no server around it) \
+         ran {} times per second (median of {} rounds of {} s, right after the `embed` rounds). \
+         A server that runs each request's model once cannot answer faster; {}. What is left \
+         between a server and the ceiling is its own CPU per request (HTTP, tokenizing, \
+         pooling, hand-offs between threads) and moments a core waits for work; batching \
+         (`batch`) is the only way past it.",
+        num(runs),
+        bench.args.rounds,
+        bench.args.seconds,
+        shares.join("; ")
+    ));
+    Ok(())
+}
+
+/// Median req/s of one comparison.
+#[derive(Clone, Copy)]
+struct Req {
+    cascade: f64,
+    python: f64,
 }
 
 /// The servers loaded in turn: Cascade with ONNX Runtime, with tract, Python.
@@ -110,13 +179,15 @@ struct Contenders {
     python: Target,
 }
 
+/// Loads the three servers in turn at `c` connections, records the
+/// ratios, and returns Cascade's and Python's req/s.
 fn compare(
     bench: &Bench,
     section: &mut Section,
     function: &str,
     c: u32,
     contenders: &Contenders,
-) -> Result<()> {
+) -> Result<Req> {
     section.commands.push(Wrk::command(
         c,
         bench.args.seconds,
@@ -175,7 +246,10 @@ fn compare(
             "ratio",
         ),
     ]);
-    Ok(())
+    Ok(Req {
+        cascade: median_rps(ours),
+        python: median_rps(theirs),
+    })
 }
 
 /// Starts uvicorn from the venv and waits until it answers.
