@@ -270,13 +270,22 @@ pub(crate) fn input_named<'a>(
     available: &'a [Tensor],
     name: &str,
 ) -> Result<&'a Tensor, StageError> {
-    available.iter().find(|t| t.name == name).ok_or_else(|| {
-        let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
-        StageError::InvalidInput(format!(
-            "the model needs tensor {name:?}; got [{}]",
-            names.join(", ")
-        ))
-    })
+    input_position(available, name).map(|at| &available[at])
+}
+
+/// Where the tensor called `name` is in `available`, or an error naming
+/// what there is instead.
+pub(crate) fn input_position(available: &[Tensor], name: &str) -> Result<usize, StageError> {
+    available
+        .iter()
+        .position(|t| t.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
+            StageError::InvalidInput(format!(
+                "the model needs tensor {name:?}; got [{}]",
+                names.join(", ")
+            ))
+        })
 }
 
 /// Checks that `tensor`'s bytes exactly fill its shape, for elements of

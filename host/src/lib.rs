@@ -19,7 +19,6 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod batching;
 pub mod bindings;
 pub mod client;
 pub mod config;
@@ -27,6 +26,7 @@ pub mod engine;
 pub mod inference;
 pub mod metrics;
 pub mod mirror;
+pub mod model_queue;
 pub mod model_threads;
 pub mod nn;
 pub mod onnxruntime;

@@ -84,21 +84,45 @@ impl ModelThreads {
         result.await.ok()
     }
 
-    fn execute(self: &Arc<Self>, job: Job) {
+    /// Runs `work` on the most recently idle thread, or a new one, without
+    /// waiting for it, then what `work` returns once the thread is listed
+    /// idle again (so work that its result leads to finds it waiting);
+    /// false when no thread could take it (`work` is dropped unrun). A
+    /// panic in `work` is caught and logged.
+    pub fn spawn<D: FnOnce() + Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce() -> D + Send + 'static,
+    ) -> bool {
+        self.execute(Box::new(move || {
+            match catch_unwind(AssertUnwindSafe(work)) {
+                Ok(deliver) => Box::new(deliver),
+                Err(_) => {
+                    tracing::error!("a model thread's work panicked");
+                    Box::new(|| {})
+                }
+            }
+        }))
+    }
+
+    /// Hands `job` to a thread; false when none could take it.
+    fn execute(self: &Arc<Self>, job: Job) -> bool {
         let Ok(mut threads) = self.threads.lock() else {
-            return; // the job and its result sender drop: the caller sees `None`
+            return false; // the job and its result sender drop: the caller sees `None`
         };
         if let Some(worker) = threads.idle.pop() {
             drop(threads);
-            if let Ok(mut slot) = worker.job.lock() {
-                *slot = Some(job);
-                worker.ready.notify_one();
-            }
-            return;
+            return match worker.job.lock() {
+                Ok(mut slot) => {
+                    *slot = Some(job);
+                    worker.ready.notify_one();
+                    true
+                }
+                Err(_) => false,
+            };
         }
         if threads.alive >= self.max_threads {
             threads.queued.push_back(job);
-            return;
+            return true;
         }
         threads.alive += 1;
         drop(threads);
@@ -106,11 +130,15 @@ impl ModelThreads {
         let spawned = std::thread::Builder::new()
             .name("cascade-model".into())
             .spawn(move || pool.work(job));
-        if let Err(e) = spawned {
-            // The job went with the closure: the caller sees `None`.
-            tracing::error!("cannot start a model thread: {e}");
-            if let Ok(mut threads) = self.threads.lock() {
-                threads.alive -= 1;
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                // The job went with the closure: the caller sees `None`.
+                tracing::error!("cannot start a model thread: {e}");
+                if let Ok(mut threads) = self.threads.lock() {
+                    threads.alive -= 1;
+                }
+                false
             }
         }
     }
@@ -120,13 +148,8 @@ impl ModelThreads {
     fn work(self: Arc<Self>, job: Job) {
         let worker = Arc::new(Worker::default());
         let mut next = Some(job);
-        let mut batch_policy = false;
         while let Some(job) = next.take() {
-            let busy = crate::wide_runs::requests_in_flight() > 1;
-            if busy != batch_policy {
-                set_batch_policy(busy);
-                batch_policy = busy;
-            }
+            match_policy_to_load();
             let deliver = job();
             next = self.wait_for_job(&worker, deliver);
         }
@@ -165,6 +188,20 @@ impl ModelThreads {
                 }
             }
         }
+    }
+}
+
+/// Before a model run on a model thread: batch work (below) while other
+/// requests are in flight, the default policy otherwise. Cheap when the
+/// policy already matches.
+pub fn match_policy_to_load() {
+    thread_local! {
+        static BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    let busy = crate::wide_runs::requests_in_flight() > 1;
+    if BATCH.get() != busy {
+        set_batch_policy(busy);
+        BATCH.set(busy);
     }
 }
 

@@ -7,11 +7,9 @@
 //! model maps tensors to tensors, a postprocessor receives the previous
 //! stage's inputs followed by its outputs and returns the reply message.
 
-use crate::batching::Batcher;
 use crate::bindings::{Message, Tensor, TensorType};
-use crate::inference::ModelPlan;
 use crate::metrics::Metrics;
-use crate::model_threads::ModelThreads;
+use crate::model_queue::ModelQueue;
 use crate::pool::{Gate, InstancePool, Lease, StageStatus};
 use crate::stage::{StageError, World};
 use crate::wide_runs::RequestInFlight;
@@ -37,10 +35,8 @@ pub enum PreparedStage {
     Model {
         /// `name@version`.
         label: String,
-        /// Its plan.
-        plan: Arc<ModelPlan>,
-        /// Merges concurrent requests into batches (`batch` > 1).
-        batcher: Option<Arc<Batcher>>,
+        /// Its runs, queued (and batched, with `batch` > 1).
+        queue: Arc<ModelQueue>,
     },
 }
 
@@ -306,7 +302,7 @@ async fn run_stage(
             })
             .await
         }
-        PreparedStage::Model { plan, batcher, .. } => {
+        PreparedStage::Model { queue, .. } => {
             let Flow::Tensors {
                 outputs: inputs, ..
             } = flow
@@ -315,19 +311,14 @@ async fn run_stage(
                     "this function starts with a model, which takes tensors, not a message".into(),
                 ));
             };
-            let (plan, batcher) = (plan.clone(), batcher.clone());
-            let run = ModelThreads::shared().run(move || {
-                let outputs = match batcher {
-                    Some(batcher) => batcher.run(&inputs)?,
-                    None => plan.run(&inputs)?,
-                };
-                Ok(Flow::Tensors { inputs, outputs })
-            });
-            match tokio::time::timeout(remaining, run).await {
-                Ok(Some(outcome)) => outcome,
-                Ok(None) => Err(StageError::Internal(
-                    "the model run ended without a result (it panicked; see the host log)".into(),
-                )),
+            match tokio::time::timeout(remaining, queue.run(inputs)).await {
+                Ok(answer) => {
+                    let (inputs, outputs) = answer?;
+                    Ok(Flow::Tensors {
+                        inputs,
+                        outputs: outputs?,
+                    })
+                }
                 Err(_) => Err(StageError::DeadlineExceeded),
             }
         }

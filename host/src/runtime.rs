@@ -2,10 +2,10 @@
 //! atomically when a revision changes (in-flight requests finish on the
 //! old one), and reaped of idle instances in the background.
 
-use crate::batching::{BatchCounts, Batcher};
 use crate::engine::ServingEngine;
 use crate::inference::{Backend, PlanCache};
 use crate::metrics::Metrics;
+use crate::model_queue::{BatchCounts, ModelQueue};
 use crate::pipeline::{InvokeError, PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
@@ -263,21 +263,19 @@ impl Runtime {
                         &record.input_shapes,
                         &outputs,
                     )?;
-                    let batcher = (batch > 1).then(|| {
+                    let counts = (batch > 1).then(|| {
                         let labels = [name.as_str(), label.as_str()];
-                        let counts = BatchCounts {
+                        BatchCounts {
                             batches: self.metrics.model_batches.with_label_values(&labels),
                             requests: self
                                 .metrics
                                 .model_batched_requests
                                 .with_label_values(&labels),
-                        };
-                        Arc::new(Batcher::new(plan.clone(), batch as usize, counts))
+                        }
                     });
                     PreparedStage::Model {
                         label,
-                        plan,
-                        batcher,
+                        queue: ModelQueue::new(plan, batch as usize, counts),
                     }
                 }
             });
