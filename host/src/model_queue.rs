@@ -161,7 +161,6 @@ impl<M: Model> ModelQueue<M> {
             None => return Delivery(Vec::new()),
         };
         loop {
-            crate::model_threads::match_policy_to_load();
             let outcomes =
                 catch_unwind(AssertUnwindSafe(|| self.execute(&group))).unwrap_or_else(|_| {
                     let failed = || Err(StageError::Internal("the model run panicked".into()));

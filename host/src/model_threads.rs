@@ -149,7 +149,6 @@ impl ModelThreads {
         let worker = Arc::new(Worker::default());
         let mut next = Some(job);
         while let Some(job) = next.take() {
-            match_policy_to_load();
             let deliver = job();
             next = self.wait_for_job(&worker, deliver);
         }
@@ -191,55 +190,6 @@ impl ModelThreads {
     }
 }
 
-/// Before a model run on a model thread: batch work (below) while other
-/// requests are in flight, the default policy otherwise. Cheap when the
-/// policy already matches.
-pub fn match_policy_to_load() {
-    thread_local! {
-        static BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    let busy = crate::wide_runs::requests_in_flight() > 1;
-    if BATCH.get() != busy {
-        set_batch_policy(busy);
-        BATCH.set(busy);
-    }
-}
-
-/// Puts the calling thread under Linux's `SCHED_BATCH` policy (or back
-/// under the default one) for the next run. A batch thread gets the same
-/// share of the CPU (same nice value) but does not preempt others when it
-/// wakes, while threads that wake to do a moment of work (the reactor:
-/// HTTP, guests) preempt it at once instead of waiting for its time slice
-/// to end. That is what runs want while other requests are in flight: at 4
-/// connections (ONNX Runtime host) `embed` p99 fell 5–13 % and req/s rose
-/// 6–10 %. A lone request's run keeps the default policy: nothing of ours
-/// waits to preempt it, and batch there only let other wake-ups on the
-/// machine interrupt it (c1's p99 looked worse in the one comparison;
-/// benches/optimisations.md entry 26). Needs no privilege; where it is
-/// refused the thread keeps the default policy.
-fn set_batch_policy(batch: bool) {
-    #[cfg(target_os = "linux")]
-    {
-        let policy = if batch {
-            libc::SCHED_BATCH
-        } else {
-            libc::SCHED_OTHER
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `sched_setscheduler` with pid 0 changes only the calling
-        // thread's policy and reads `param`, which lives across the call.
-        let refused = unsafe { libc::sched_setscheduler(0, policy, &param) } != 0;
-        if refused {
-            tracing::debug!(
-                "model thread keeps its scheduling policy: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = batch;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,25 +197,6 @@ mod tests {
 
     fn thread_id() -> ThreadId {
         std::thread::current().id()
-    }
-
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn runs_are_batch_work_while_other_requests_are_in_flight() {
-        use crate::wide_runs::RequestInFlight;
-        let threads = ModelThreads::new(KEEP_ALIVE, MAX_THREADS);
-        // SAFETY: reads the calling thread's policy; no memory is passed.
-        let policy = || unsafe { libc::sched_getscheduler(0) };
-        assert_eq!(threads.run(policy).await, Some(libc::SCHED_OTHER));
-        let busy = [RequestInFlight::enter(), RequestInFlight::enter()];
-        assert_eq!(threads.run(policy).await, Some(libc::SCHED_BATCH));
-        drop(busy);
-        assert_eq!(threads.run(policy).await, Some(libc::SCHED_OTHER));
-        assert_eq!(
-            policy(),
-            libc::SCHED_OTHER,
-            "the caller's thread is left alone"
-        );
     }
 
     #[tokio::test]

@@ -65,11 +65,6 @@ impl Drop for RequestInFlight {
     }
 }
 
-/// Invocations in flight now, all functions together.
-pub fn requests_in_flight() -> usize {
-    REQUESTS.load(Ordering::Acquire)
-}
-
 /// How many threads a lone run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Width {
