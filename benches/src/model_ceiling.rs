@@ -21,8 +21,9 @@ pub struct ModelCeiling {
 }
 
 impl ModelCeiling {
-    /// Loads `model_file` from `models` with the library at `library`, and
-    /// prepares the tensors of `text`.
+    /// Loads MiniLM from `models` with the ONNX Runtime library at
+    /// `library`, computing only `output`, and prepares the tensors of
+    /// `text` as `native` tokenizes it.
     pub fn load(
         native: &NativeEmbed,
         models: &Path,
