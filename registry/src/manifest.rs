@@ -69,6 +69,10 @@ pub struct StageSpec {
     /// For an inferencer component: models it may `load-by-name` through `wasi:nn`.
     #[serde(default)]
     pub models: Vec<Reference>,
+    /// For an inferencer component: whether `wasi:nn` `load` may build a
+    /// model from bytes the guest supplies (default false: only granted
+    /// `models`, which the registry has checked, can run).
+    pub nn_load_bytes: Option<bool>,
     /// For a model: which outputs to compute (default: all).
     pub outputs: Option<Vec<String>>,
     /// For a model whose inputs and outputs all have the batch as
@@ -171,6 +175,8 @@ pub enum Stage {
         config: BTreeMap<String, String>,
         /// Models granted to `wasi:nn` `load-by-name`.
         models: Vec<Reference>,
+        /// Whether `wasi:nn` `load` from guest bytes is granted.
+        load_bytes: bool,
         /// For a postprocessor: the tensors it receives; `None` means all.
         inputs: Option<Vec<String>>,
     },
@@ -206,6 +212,38 @@ pub const MAX_INSTANCES: u32 = 64;
 /// Largest `batch` a model stage may ask for.
 pub const MAX_BATCH: u32 = 256;
 
+/// Largest request body a manifest may allow (256 MiB).
+pub const MAX_BODY_KB: u64 = 256 * 1024;
+/// Longest NATS subject a manifest may name.
+pub const MAX_SUBJECT_BYTES: usize = 256;
+
+/// Checks that `subject` is a plain NATS subject a function may use: tokens
+/// of printable characters without spaces, separated by single dots, no
+/// wildcards, and none of the prefixes the host and NATS keep for
+/// themselves (`cascade.`, `$…`, `_INBOX.`), so a function can neither
+/// forge registry events nor answer JetStream or system requests.
+fn check_subject(field: &str, subject: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("`{field}` {subject:?} {why}"));
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_BYTES {
+        return bad(&format!("must be 1 to {MAX_SUBJECT_BYTES} bytes"));
+    }
+    if subject.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return bad("contains a space or a control character (CR, LF, tab, ...)");
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if tokens.iter().any(|t| t.is_empty()) {
+        return bad("has an empty token (a leading, trailing or doubled dot)");
+    }
+    if tokens.iter().any(|t| t.contains(['*', '>'])) {
+        return bad("contains a wildcard (`*` or `>`); a function's subjects are plain");
+    }
+    let first = tokens[0];
+    if first == "cascade" || first.starts_with('$') || first == "_INBOX" {
+        return bad("uses a reserved prefix (`cascade.`, `$`, `_INBOX.`)");
+    }
+    Ok(())
+}
+
 /// Parses and statically validates a manifest.
 pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
     let manifest: Manifest = toml::from_str(text)
@@ -230,16 +268,21 @@ pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
     if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
         return invalid(format!("`limits.memory_mb` must be 1 to {MAX_MEMORY_MB}"));
     }
-    if l.max_body_kb == 0 {
-        return invalid("`limits.max_body_kb` must be at least 1".into());
+    if l.max_body_kb == 0 || l.max_body_kb > MAX_BODY_KB {
+        return invalid(format!("`limits.max_body_kb` must be 1 to {MAX_BODY_KB}"));
     }
-    if let Some(nats) = &manifest.triggers.nats
-        && (nats.subject.is_empty() || nats.subject.contains([' ', '\t', '>', '*']))
-    {
-        return invalid(format!(
-            "`triggers.nats.subject` {:?} is not a plain NATS subject",
-            nats.subject
-        ));
+    if let Some(nats) = &manifest.triggers.nats {
+        let subjects = [
+            ("triggers.nats.subject", Some(&nats.subject)),
+            ("triggers.nats.result_subject", nats.result_subject.as_ref()),
+        ];
+        for (field, subject) in subjects {
+            if let Some(subject) = subject
+                && let Err(why) = check_subject(field, subject)
+            {
+                return invalid(why);
+            }
+        }
     }
     let stages = manifest
         .stages
@@ -276,6 +319,7 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                 config: spec.config.clone(),
                 models: spec.models.clone(),
                 inputs: spec.inputs.clone(),
+                load_bytes: spec.nn_load_bytes.unwrap_or(false),
             })
         }
         (None, Some(model)) => {
@@ -283,9 +327,11 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                 || !spec.config.is_empty()
                 || !spec.models.is_empty()
                 || spec.inputs.is_some()
+                || spec.nn_load_bytes.is_some()
             {
                 return invalid(
-                    "sets `files`, `config`, `models` or `inputs`, which only component stages take",
+                    "sets `files`, `config`, `models`, `inputs` or `nn_load_bytes`, which only \
+                     component stages take",
                 );
             }
             let batch = spec.batch.unwrap_or(1);
@@ -370,8 +416,9 @@ nats = { subject = "embed.requests" }
         assert!(error_of(version).contains("invalid version \"one\""));
         let model_inputs = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\ninputs = [\"x\"]";
         assert!(
-            error_of(model_inputs)
-                .contains("`stages[0]` sets `files`, `config`, `models` or `inputs`")
+            error_of(model_inputs).contains(
+                "`stages[0]` sets `files`, `config`, `models`, `inputs` or `nn_load_bytes`"
+            )
         );
         let twice = "name = \"e\"\n[[stages]]\ncomponent = \"c@1.0.0\"\ninputs = [\"a\", \"a\"]";
         assert!(error_of(twice).contains("`stages[0]` names tensor \"a\" twice in `inputs`"));
@@ -386,8 +433,44 @@ nats = { subject = "embed.requests" }
             error_of(batch_on_component)
                 .contains("`stages[0]` sets `outputs` or `batch`, which only model stages take")
         );
+        let huge_body = "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\n[limits]\nmax_body_kb = 18014398509481984";
+        assert!(error_of(huge_body).contains("`limits.max_body_kb` must be 1 to 262144"));
         let batched =
             parse("name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\nbatch = 8").expect("valid");
         assert!(matches!(&batched.stages[0], Stage::Model { batch: 8, .. }));
+    }
+
+    fn with_nats(subject: &str, result: &str) -> String {
+        format!(
+            "name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\n[triggers]\nnats = {{ subject = {subject:?}, result_subject = {result:?} }}"
+        )
+    }
+
+    #[test]
+    fn nats_subjects_are_plain_and_not_reserved() {
+        assert!(parse(&with_nats("images.in", "images.out")).is_ok());
+        let cases = [
+            (
+                with_nats("cascade.events.registry.function", "x"),
+                "reserved prefix",
+            ),
+            (
+                with_nats("a", "cascade.events.registry.function"),
+                "reserved prefix",
+            ),
+            (with_nats("$JS.API.STREAM.DELETE.X", "x"), "reserved prefix"),
+            (with_nats("a", "_INBOX.abc"), "reserved prefix"),
+            (with_nats("a", "results.>"), "wildcard"),
+            (with_nats("a.*", "x"), "wildcard"),
+            (with_nats("a", "x\r\nPUB evil 1"), "control character"),
+            (with_nats("a..b", "x"), "empty token"),
+            (with_nats("a.", "x"), "empty token"),
+            (with_nats("", "x"), "must be 1 to 256 bytes"),
+        ];
+        for (manifest, expected) in cases {
+            let message = error_of(&manifest);
+            assert!(message.contains(expected), "{manifest}: {message}");
+            assert!(message.contains("`triggers.nats."), "{message}");
+        }
     }
 }

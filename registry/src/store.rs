@@ -104,7 +104,7 @@ impl Registry {
             blobs: BlobStore::open(dir)?,
             packages: dir.join("packages"),
         };
-        registry.collect_garbage()?;
+        registry.collect_garbage(true)?;
         Ok(registry)
     }
 
@@ -304,6 +304,7 @@ impl Registry {
                     files,
                     models,
                     inputs,
+                    load_bytes,
                     ..
                 } => {
                     let found =
@@ -333,6 +334,12 @@ impl Registry {
                     if !models.is_empty() && record.world != "inferencer" {
                         return Err(RegistryError::Invalid(format!(
                             "`stages[{at}].models`: {component} is a {}; only inferencers load models",
+                            record.world
+                        )));
+                    }
+                    if *load_bytes && record.world != "inferencer" {
+                        return Err(RegistryError::Invalid(format!(
+                            "`stages[{at}].nn_load_bytes`: {component} is a {}; only inferencers load models",
                             record.world
                         )));
                     }
@@ -535,14 +542,14 @@ impl Registry {
         reference: &Reference,
     ) -> Result<ComponentRecord, RegistryError> {
         let record: ComponentRecord = self.delete_artifact(COMPONENTS, "component", reference)?;
-        self.collect_garbage()?;
+        self.collect_garbage(false)?;
         Ok(record)
     }
 
     /// Deletes a model version no function revision uses.
     pub fn delete_model(&self, reference: &Reference) -> Result<ModelRecord, RegistryError> {
         let record: ModelRecord = self.delete_artifact(MODELS, "model", reference)?;
-        self.collect_garbage()?;
+        self.collect_garbage(false)?;
         Ok(record)
     }
 
@@ -615,19 +622,57 @@ impl Registry {
         Ok(dir)
     }
 
-    /// Removes blobs no record refers to (left by crashes or deletes).
-    fn collect_garbage(&self) -> Result<(), RegistryError> {
+    /// Removes blobs and package directories no record refers to (left by
+    /// crashes or deletes).
+    ///
+    /// It runs inside a write transaction it never commits: redb admits one
+    /// writer at a time, and a publish renames its blobs into place inside
+    /// its own write transaction, so no blob a publish is about to commit
+    /// can be seen here as unreferenced.
+    fn collect_garbage(&self, at_open: bool) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
         let mut live = BTreeSet::new();
-        for c in self.components()? {
-            live.insert(c.digest);
+        let mut packages = BTreeSet::new();
+        for entry in txn.open_table(COMPONENTS)?.iter()? {
+            let record: ComponentRecord = decode(entry?.1.value())?;
+            live.insert(record.digest);
         }
-        for m in self.models()? {
-            live.insert(m.digest);
-            live.extend(m.files.into_iter().map(|f| f.digest));
+        for entry in txn.open_table(MODELS)?.iter()? {
+            let record: ModelRecord = decode(entry?.1.value())?;
+            live.insert(record.digest);
+            live.extend(record.files.into_iter().map(|f| f.digest));
+            packages.insert(record.package_digest);
         }
         for digest in self.blobs.digests()? {
             if !live.contains(&digest) {
                 self.blobs.remove(&digest)?;
+            }
+        }
+        self.collect_packages(&packages, at_open)?;
+        txn.abort()?;
+        Ok(())
+    }
+
+    /// Removes package directories of models no longer published: their
+    /// hard links would keep deleted blobs' bytes on disk. Staging
+    /// directories (`.pkg…`) are [`Registry::model_dir`]'s work in progress,
+    /// removed only `at_open`, where they can only be a crash's leftovers.
+    fn collect_packages(
+        &self,
+        live: &BTreeSet<String>,
+        at_open: bool,
+    ) -> Result<(), RegistryError> {
+        let entries = match fs::read_dir(&self.packages) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let staging = name.starts_with(".pkg");
+            if !live.contains(&name) && (at_open || !staging) {
+                fs::remove_dir_all(entry.path())?;
             }
         }
         Ok(())
