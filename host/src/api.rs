@@ -3,43 +3,40 @@
 //! validated (compiled, optimised) before they are published.
 
 use crate::inference;
+use crate::routes::{Matched, Route};
 use crate::stage::World;
-use crate::trigger::http::{ApiError, Body, HttpState, check_length, drain, file, json, read_body};
+use crate::trigger::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
 use crate::trigger::nats::RegistryEvent;
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::{Name, Reference};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
 
 /// Largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
-/// Routes `/v1/{kind}/{rest…}`.
+/// Serves the registry's routes (`/v1/components`, `/v1/models`, `/v1/functions`).
 pub async fn route(
     state: &Arc<HttpState>,
-    method: &Method,
-    kind: &str,
-    rest: &[&str],
+    matched: &Matched<'_>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let registry = &state.runtime.registry;
-    match (kind, method, rest) {
-        ("components", &Method::GET, []) => ok(&registry.components()?),
-        ("components", &Method::GET, [name]) => ok(&registry.component_versions(&name.parse()?)?),
-        ("components", &Method::GET, [name, version]) => {
-            ok(&registry.component(&reference(name, version)?)?)
-        }
-        ("components", &Method::GET, [name, version, "content"]) => {
+    match (matched.route, matched.params.as_slice()) {
+        (Route::ListComponents, []) => ok(&registry.components()?),
+        (Route::ComponentVersions, [name]) => ok(&registry.component_versions(&name.parse()?)?),
+        (Route::Component, [name, version]) => ok(&registry.component(&reference(name, version)?)?),
+        (Route::ComponentContent, [name, version]) => {
             let record = registry.component(&reference(name, version)?)?;
             file(&registry.blob_path(&record.digest), "application/wasm").await
         }
-        ("components", &Method::PUT, [name, version]) => {
+        (Route::PublishComponent, [name, version]) => {
             publish_component(state, reference(name, version)?, request).await
         }
-        ("components", &Method::DELETE, [name, version]) => {
+        (Route::DeleteComponent, [name, version]) => {
             let r = reference(name, version)?;
             let registry = registry.clone();
             let record = blocking(move || registry.delete_component(&r)).await??;
@@ -52,12 +49,10 @@ pub async fn route(
             ));
             ok(&record)
         }
-        ("models", &Method::GET, []) => ok(&registry.models()?),
-        ("models", &Method::GET, [name]) => ok(&registry.model_versions(&name.parse()?)?),
-        ("models", &Method::GET, [name, version]) => {
-            ok(&registry.model(&reference(name, version)?)?)
-        }
-        ("models", &Method::GET, [name, version, "content"]) => {
+        (Route::ListModels, []) => ok(&registry.models()?),
+        (Route::ModelVersions, [name]) => ok(&registry.model_versions(&name.parse()?)?),
+        (Route::Model, [name, version]) => ok(&registry.model(&reference(name, version)?)?),
+        (Route::ModelContent, [name, version]) => {
             let record = registry.model(&reference(name, version)?)?;
             file(
                 &registry.blob_path(&record.digest),
@@ -65,7 +60,7 @@ pub async fn route(
             )
             .await
         }
-        ("models", &Method::GET, [name, version, "files", file_name]) => {
+        (Route::ModelFile, [name, version, file_name]) => {
             let record = registry.model(&reference(name, version)?)?;
             let found = record
                 .files
@@ -80,10 +75,10 @@ pub async fn route(
             )
             .await
         }
-        ("models", &Method::PUT, [name, version]) => {
+        (Route::PublishModel, [name, version]) => {
             publish_model(state, reference(name, version)?, request).await
         }
-        ("models", &Method::DELETE, [name, version]) => {
+        (Route::DeleteModel, [name, version]) => {
             let r = reference(name, version)?;
             let registry = registry.clone();
             let record = blocking(move || registry.delete_model(&r)).await??;
@@ -96,13 +91,13 @@ pub async fn route(
             ));
             ok(&record)
         }
-        ("functions", &Method::GET, []) => ok(&registry.functions()?),
-        ("functions", &Method::GET, [name]) => ok(&registry.function(name)?),
-        ("functions", &Method::GET, [name, "revisions"]) => ok(&registry.function_revisions(name)?),
-        ("functions", &Method::GET, [name, revision]) => {
+        (Route::ListFunctions, []) => ok(&registry.functions()?),
+        (Route::Function, [name]) => ok(&registry.function(name)?),
+        (Route::FunctionRevisions, [name]) => ok(&registry.function_revisions(name)?),
+        (Route::FunctionRevision, [name, revision]) => {
             ok(&registry.function_revision(name, revision_number(revision)?)?)
         }
-        ("functions", &Method::GET, [name, revision, "content"]) => {
+        (Route::FunctionManifest, [name, revision]) => {
             let record = registry.function_revision(name, revision_number(revision)?)?;
             let mut response = Response::new(crate::trigger::http::full(record.manifest));
             response.headers_mut().insert(
@@ -111,8 +106,8 @@ pub async fn route(
             );
             Ok(response)
         }
-        ("functions", &Method::PUT, [name]) => publish_function(state, name, request).await,
-        ("functions", &Method::DELETE, [name]) => {
+        (Route::PublishFunction, [name]) => publish_function(state, name, request).await,
+        (Route::DeleteFunction, [name]) => {
             let (runtime, name) = (state.runtime.clone(), name.to_string());
             let removed = blocking(move || {
                 let removed = runtime.registry.delete_function(&name)?;
@@ -127,7 +122,7 @@ pub async fn route(
                 &serde_json::json!({ "deleted": removed.iter().map(|r| r.revision).collect::<Vec<_>>() }),
             )
         }
-        ("functions", &Method::POST, [name, "rollback"]) => {
+        (Route::Rollback, [name]) => {
             let body = read_body(request.into_body(), 4096).await?;
             #[derive(serde::Deserialize)]
             struct Rollback {
@@ -146,17 +141,10 @@ pub async fn route(
             state.events.emit(function_event("rolled-back", &record));
             ok(&record)
         }
-        _ => Err(ApiError::not_found(format!(
-            "no route for {method} /v1/{kind}/{}",
-            rest.join("/")
+        (route, params) => Err(ApiError::internal(format!(
+            "route {route:?} with parameters {params:?} reached the registry API"
         ))),
     }
-}
-
-/// Answers an upload with `error` after discarding its body.
-async fn refuse(error: ApiError, request: Request<Incoming>) -> ApiError {
-    drain(request.into_body()).await;
-    error
 }
 
 fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
@@ -183,9 +171,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Streams the request body into a staged blob, hashing as it goes.
 async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<StagedBlob, ApiError> {
-    if let Err(e) = check_length(&request, state.max_upload) {
-        return Err(refuse(e, request).await);
-    }
+    check_length(&request, state.max_upload).map_err(ApiError::closing)?;
     let mut writer = state.runtime.registry.stage(state.max_upload)?;
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
@@ -193,8 +179,7 @@ async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<Sta
         if let Ok(data) = frame.into_data()
             && let Err(e) = tokio::task::block_in_place(|| writer.write_chunk(&data))
         {
-            drain(body).await;
-            return Err(e.into());
+            return Err(ApiError::from(e).closing());
         }
     }
     Ok(tokio::task::block_in_place(|| writer.finish())?)
@@ -297,7 +282,12 @@ fn component_world(
         .load_component(staged.path(), &staged.digest, runtime.compiled_dir())
         .map_err(|e| ApiError::invalid(format!("invalid component: {e:#}")))?;
     runtime.count_load(cached);
-    World::of(&component, runtime.engine.engine()).map_err(ApiError::invalid)
+    let engine = runtime.engine.engine();
+    let world = World::of(&component, engine).map_err(ApiError::invalid)?;
+    world
+        .check_imports(&component, engine)
+        .map_err(|e| ApiError::invalid(format!("invalid component: {e}")))?;
+    Ok(world)
 }
 
 async fn publish_model(
@@ -403,7 +393,7 @@ async fn publish_function(
     name: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_length(&request, MAX_MANIFEST_BYTES)?;
+    check_length(&request, MAX_MANIFEST_BYTES).map_err(ApiError::closing)?;
     let body = read_body(request.into_body(), MAX_MANIFEST_BYTES).await?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::invalid("the manifest is not UTF-8"))?;

@@ -19,9 +19,21 @@ pub struct ServeConfig {
     /// Bearer token required for registry writes.
     #[arg(long, env = "CASCADE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Require the token for reads and invocations too.
+    /// Require the token for reads, invocations and metrics too.
     #[arg(long, requires = "token")]
     pub token_read: bool,
+    /// Tokens with scopes (publish, read, invoke, metrics), their secrets
+    /// stored as sha256 hashes: a TOML file (see the README).
+    #[arg(long, env = "CASCADE_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Most connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "CASCADE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, env = "CASCADE_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
     /// Largest registry upload, in MiB.
     #[arg(long, env = "CASCADE_MAX_UPLOAD_MB", default_value_t = 1024)]
     pub max_upload_mb: u64,

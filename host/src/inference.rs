@@ -288,6 +288,16 @@ pub(crate) fn input_position(available: &[Tensor], name: &str) -> Result<usize, 
         })
 }
 
+/// Bytes of one element of a tensor of type `ty`.
+pub(crate) fn element_bytes(ty: TensorType) -> usize {
+    match ty {
+        TensorType::U8 => 1,
+        TensorType::Fp16 | TensorType::Bf16 => 2,
+        TensorType::Fp32 | TensorType::I32 => 4,
+        TensorType::Fp64 | TensorType::I64 => 8,
+    }
+}
+
 /// Checks that `tensor`'s bytes exactly fill its shape, for elements of
 /// `element_bytes` bytes.
 pub(crate) fn check_fills_shape(tensor: &Tensor, element_bytes: usize) -> Result<(), StageError> {

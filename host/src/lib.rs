@@ -18,6 +18,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod api;
 pub mod bindings;
 pub mod client;
@@ -32,6 +33,7 @@ pub mod nn;
 pub mod onnxruntime;
 pub mod pipeline;
 pub mod pool;
+pub mod routes;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;

@@ -14,7 +14,7 @@
 //! MiniLM-L3 ~15 % cheaper per row at 2–4 rows than at 1).
 
 use crate::bindings::{Tensor, TensorType};
-use crate::inference::{ModelPlan, input_position};
+use crate::inference::{ModelPlan, check_fills_shape, element_bytes, input_position};
 use crate::model_threads::ModelThreads;
 use crate::stage::StageError;
 use prometheus::IntCounter;
@@ -62,6 +62,16 @@ pub struct ModelQueue<M: Model = ModelPlan> {
     state: Mutex<Queue>,
     counts: Option<BatchCounts>,
     threads: Arc<ModelThreads>,
+}
+
+impl<M: Model> std::fmt::Debug for ModelQueue<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelQueue")
+            .field("inputs", &self.names)
+            .field("max_rows", &self.max_rows)
+            .field("runners", &self.runners)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Runs going, and requests waiting for one.
@@ -253,6 +263,11 @@ impl<M: Model> ModelQueue<M> {
             .map(|name| input_position(&available, name))
             .collect::<Result<Vec<usize>, StageError>>()?;
         let inputs = || picked.iter().map(|&i| &available[i]);
+        // Rows are cut out of a batch by byte offsets: a tensor whose bytes
+        // do not fill its shape would shift every other request's rows.
+        for tensor in inputs() {
+            check_fills_shape(tensor, element_bytes(tensor.ty))?;
+        }
         let rows: Vec<u32> = inputs()
             .map(|t| t.dimensions.first().copied().unwrap_or(0))
             .collect();
@@ -544,5 +559,38 @@ mod tests {
             assert_eq!(doubled(pending).await, vec![value]);
         }
         assert_eq!(runs(&model), vec![vec![1], vec![2, 3, 4]], "one batch");
+    }
+
+    #[tokio::test]
+    async fn a_tensor_whose_bytes_do_not_fill_its_shape_never_joins_a_batch() {
+        let (model, release) = gated();
+        let queue = queue(&model, 8, 1);
+        let first = start(&queue, &model, 1).await;
+        let before = submit(&queue, 2);
+        // Says one row, holds three bytes: stacked, it would hand the next
+        // request two of its bytes as that request's row.
+        let malformed = Tensor {
+            name: "x".into(),
+            dimensions: vec![1, 1],
+            ty: TensorType::U8,
+            data: vec![90, 91, 92],
+        };
+        let refused = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.run(vec![malformed]).await.map(drop) })
+        };
+        let after = submit(&queue, 4);
+        until_waiting(&queue, 2).await;
+        release.send(()).expect("released");
+        doubled(first).await;
+        let refused = refused.await.expect("task");
+        assert_eq!(doubled(before).await, vec![4]);
+        assert_eq!(doubled(after).await, vec![8]);
+        let message = refused.expect_err("refused").to_string();
+        assert!(
+            message.contains("holds 3 bytes but its shape [1, 1] needs Some(1)"),
+            "{message}"
+        );
+        assert_eq!(runs(&model), vec![vec![1], vec![2, 4]]);
     }
 }

@@ -1,10 +1,14 @@
-//! `wasi:nn` for inferencer components, backed by the same tract plans as
-//! model stages: a [`TractBackend`] plugged into wasmtime-wasi-nn's
-//! `BackendInner`, and a [`GrantedGraphs`] registry holding exactly the
-//! models the function's manifest grants the stage (for `load-by-name`).
+//! `wasi:nn` for inferencer components (linked into no other world), backed
+//! by the same plans and queues as model stages: a [`QueuedBackend`] plugged
+//! into wasmtime-wasi-nn's `BackendInner`, and a [`GrantedGraphs`] registry
+//! holding exactly the models the function's manifest grants the stage (for
+//! `load-by-name`). Every compute waits its turn in the model's queue, at
+//! most one run per core, and gives up at the invocation's deadline.
 
 use crate::bindings::{Tensor, TensorType};
 use crate::inference::ModelPlan;
+use crate::model_queue::ModelQueue;
+use crate::sandbox::Deadline;
 use crate::stage::StageError;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,18 +22,32 @@ use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType as NnType
 use wasmtime_wasi_nn::{Backend, ExecutionContext, Graph, Registry};
 
 /// A `wasi:nn` context whose `load-by-name` finds `graphs` (by `name@version`
-/// and by bare name) and whose `load` accepts ONNX bytes.
-pub fn context(graphs: &[(String, Arc<ModelPlan>)]) -> WasiNnCtx {
+/// and by bare name) and whose `load` accepts ONNX bytes only when
+/// `load_bytes` (the manifest's grant); computes stop at `deadline`.
+pub fn context(
+    graphs: &[(String, Arc<ModelQueue>)],
+    load_bytes: bool,
+    deadline: Deadline,
+    log_tag: &str,
+) -> WasiNnCtx {
     let mut named = HashMap::new();
-    for (reference, plan) in graphs {
-        let graph = Graph::from(Box::new(TractGraph(plan.clone())) as Box<dyn BackendGraph>);
+    for (reference, queue) in graphs {
+        let graph = QueuedGraph {
+            queue: queue.clone(),
+            deadline: deadline.clone(),
+        };
+        let graph = Graph::from(Box::new(graph) as Box<dyn BackendGraph>);
         if let Some((name, _)) = reference.split_once('@') {
             named.insert(name.to_string(), graph.clone());
         }
         named.insert(reference.clone(), graph);
     }
     WasiNnCtx::new(
-        [Backend::from(TractBackend)],
+        [Backend::from(QueuedBackend {
+            load_bytes,
+            deadline,
+            log_tag: log_tag.to_string(),
+        })],
         Registry::from(GrantedGraphs(named)),
     )
 }
@@ -47,10 +65,16 @@ impl GraphRegistry for GrantedGraphs {
     }
 }
 
-/// Loads ONNX graphs with tract.
-struct TractBackend;
+/// Loads ONNX graphs from bytes, when granted.
+struct QueuedBackend {
+    load_bytes: bool,
+    deadline: Deadline,
+    /// Function and stage, for the log: wasi:nn shows the guest only a
+    /// generic "Failed while accessing backend", so the why goes here.
+    log_tag: String,
+}
 
-impl BackendInner for TractBackend {
+impl BackendInner for QueuedBackend {
     fn encoding(&self) -> GraphEncoding {
         GraphEncoding::Onnx
     }
@@ -60,14 +84,25 @@ impl BackendInner for TractBackend {
         builders: &[&[u8]],
         _target: ExecutionTarget,
     ) -> Result<Graph, BackendError> {
+        if !self.load_bytes {
+            tracing::warn!(
+                stage = %self.log_tag,
+                "wasi:nn load from bytes refused: not granted to this stage (use load-by-name \
+                 with a model the manifest grants in `models`, or grant `nn_load_bytes = true`)"
+            );
+            return Err(backend_error(
+                "loading a model from bytes is not granted to this stage",
+            ));
+        }
         let [bytes] = builders else {
             return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
         };
-        let plan = ModelPlan::from_bytes(bytes)
-            .map_err(|e| BackendError::BackendAccess(wasmtime::format_err!(e)))?;
-        Ok(Graph::from(
-            Box::new(TractGraph(Arc::new(plan))) as Box<dyn BackendGraph>
-        ))
+        let plan = ModelPlan::from_bytes(bytes).map_err(backend_error)?;
+        let graph = QueuedGraph {
+            queue: ModelQueue::new(Arc::new(plan), 1, None),
+            deadline: self.deadline.clone(),
+        };
+        Ok(Graph::from(Box::new(graph) as Box<dyn BackendGraph>))
     }
 
     fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
@@ -75,20 +110,26 @@ impl BackendInner for TractBackend {
     }
 }
 
-struct TractGraph(Arc<ModelPlan>);
+/// A model a guest may run, and the deadline its runs are held to.
+struct QueuedGraph {
+    queue: Arc<ModelQueue>,
+    deadline: Deadline,
+}
 
-impl BackendGraph for TractGraph {
+impl BackendGraph for QueuedGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        let context: Box<dyn BackendExecutionContext> = Box::new(TractContext {
-            plan: self.0.clone(),
+        let context: Box<dyn BackendExecutionContext> = Box::new(QueuedContext {
+            queue: self.queue.clone(),
+            deadline: self.deadline.clone(),
             inputs: Vec::new(),
         });
         Ok(ExecutionContext::from(context))
     }
 }
 
-struct TractContext {
-    plan: Arc<ModelPlan>,
+struct QueuedContext {
+    queue: Arc<ModelQueue>,
+    deadline: Deadline,
     inputs: Vec<Tensor>,
 }
 
@@ -96,7 +137,7 @@ fn backend_error(error: impl std::fmt::Display) -> BackendError {
     BackendError::BackendAccess(wasmtime::format_err!("{error}"))
 }
 
-impl BackendExecutionContext for TractContext {
+impl BackendExecutionContext for QueuedContext {
     fn set_input(&mut self, id: Id, tensor: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
         let name = id
             .name()
@@ -120,15 +161,23 @@ impl BackendExecutionContext for TractContext {
                 self.set_input(Id::Name(input.name), &input.tensor)?;
             }
         }
-        let outputs = self
-            .plan
-            .run(&std::mem::take(&mut self.inputs))
-            .map_err(|e| match e {
-                StageError::InvalidInput(m) | StageError::Internal(m) | StageError::Trap(m) => {
-                    backend_error(m)
-                }
-                StageError::DeadlineExceeded => backend_error("deadline exceeded"),
-            })?;
+        // The guest's call runs on a blocking thread (see the pipeline), so
+        // waiting here holds no reactor thread; a run still queued at the
+        // deadline is given up and never starts.
+        let run = self.queue.run(std::mem::take(&mut self.inputs));
+        let until = tokio::time::Instant::from_std(self.deadline.get());
+        let answer = futures_executor::block_on(tokio::time::timeout_at(until, run));
+        let outputs = match answer {
+            Err(_) => Err(StageError::DeadlineExceeded),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok((_, outputs))) => outputs,
+        }
+        .map_err(|e| match e {
+            StageError::InvalidInput(m) | StageError::Internal(m) | StageError::Trap(m) => {
+                backend_error(m)
+            }
+            StageError::DeadlineExceeded => backend_error("deadline exceeded"),
+        })?;
         let named = outputs
             .into_iter()
             .map(|t| {

@@ -10,13 +10,14 @@
 use crate::bindings::{Message, Tensor, TensorType};
 use crate::metrics::Metrics;
 use crate::model_queue::ModelQueue;
-use crate::pool::{Gate, InstancePool, Lease, StageStatus};
+use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
 use crate::stage::{StageError, World};
 use crate::wide_runs::RequestInFlight;
 use cascade_registry::manifest::Manifest;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// One prepared stage.
 pub enum PreparedStage {
@@ -89,7 +90,7 @@ pub enum InvokeError {
         /// The guest's message.
         message: String,
     },
-    /// Every instance is busy and the queue is full or timed out (503).
+    /// Every instance is busy and the queue is full (503).
     #[error("function {0} is overloaded; retry later")]
     Overloaded(String),
     /// The deadline passed (504).
@@ -140,6 +141,20 @@ impl InvokeError {
     }
 }
 
+/// A request admitted to a function, holding its slot until dropped.
+pub struct Admission {
+    deadline: Instant,
+    _permit: OwnedSemaphorePermit,
+    _counted: RequestInFlight,
+}
+
+impl Admission {
+    /// Time left before the invocation's deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
 /// A successful invocation: the reply and each stage's duration.
 pub struct Invocation {
     /// The last stage's message.
@@ -165,23 +180,46 @@ impl PreparedFunction {
 
     /// Largest accepted body.
     pub fn max_body(&self) -> u64 {
-        self.manifest.limits.max_body_kb * 1024
+        self.manifest.limits.max_body_kb.saturating_mul(1024)
     }
 
-    /// Runs one invocation through every stage.
+    /// Waits for admission (a slot, or a place in the bounded queue), then
+    /// runs one invocation through every stage.
+    pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
+        let admission = self.admit().await?;
+        self.run(admission, input).await
+    }
+
+    /// Admission to this function: its deadline starts now. Triggers that
+    /// must read a body admit first, so the queue bounds how many bodies
+    /// are held in memory at once.
+    pub async fn admit(&self) -> Result<Admission, InvokeError> {
+        let deadline = Instant::now() + self.timeout();
+        let counted = RequestInFlight::enter();
+        let permit = self
+            .gate
+            .enter(self.timeout())
+            .await
+            .map_err(|refused| self.refused(refused))?;
+        Ok(Admission {
+            deadline,
+            _permit: permit,
+            _counted: counted,
+        })
+    }
+
+    /// Runs an admitted invocation through every stage.
     ///
     /// Guests run on the reactor as async calls that yield at every epoch
     /// tick, so a request whose stages are all components never leaves its
     /// thread; a model, or a guest granted models through `wasi:nn` (tract
     /// cannot yield), runs on the blocking pool, one hop there and back.
-    pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
-        let deadline = Instant::now() + self.timeout();
-        let _counted = RequestInFlight::enter();
-        let _permit = self
-            .gate
-            .enter(self.timeout())
-            .await
-            .map_err(|_| InvokeError::Overloaded(self.name.clone()))?;
+    pub async fn run(
+        self: &Arc<Self>,
+        admission: Admission,
+        input: Message,
+    ) -> Result<Invocation, InvokeError> {
+        let deadline = admission.deadline;
         let mut flow = Flow::Message(input);
         let mut timings = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
@@ -201,6 +239,22 @@ impl PreparedFunction {
             Flow::Tensors { outputs, .. } => tensors_as_json(&outputs),
         };
         Ok(Invocation { output, timings })
+    }
+
+    /// A request the gate did not admit: 503 when the queue was full, 504
+    /// when it waited out its deadline in the queue.
+    fn refused(&self, refused: Refused) -> InvokeError {
+        match refused {
+            Refused::QueueFull => InvokeError::Overloaded(self.name.clone()),
+            Refused::TimedOut => {
+                self.metrics.timeouts.with_label_values(&[&self.name]).inc();
+                InvokeError::DeadlineExceeded {
+                    function: self.name.clone(),
+                    stage: "queue".into(),
+                    timeout_ms: self.manifest.limits.timeout_ms,
+                }
+            }
+        }
     }
 
     fn stage_error(&self, stage: &PreparedStage, error: StageError) -> InvokeError {
@@ -337,7 +391,7 @@ async fn call_guest(
         (World::Preprocessor, Flow::Message(message)) => {
             let instance = lease.instance();
             instance.set_timeout(remaining);
-            let result = instance.preprocess(message).await;
+            let result = held_to(remaining, instance.preprocess(message)).await;
             lease.settle(&result);
             result.map(|outputs| Flow::Tensors {
                 inputs: Vec::new(),
@@ -358,7 +412,7 @@ async fn call_guest(
             };
             let instance = lease.instance();
             instance.set_timeout(remaining);
-            let result = instance.postprocess(tensors).await;
+            let result = held_to(remaining, instance.postprocess(tensors)).await;
             lease.settle(&result);
             result.map(Flow::Message)
         }
@@ -370,7 +424,7 @@ async fn call_guest(
         ) => {
             let instance = lease.instance();
             instance.set_timeout(remaining);
-            let result = instance.infer(&inputs).await;
+            let result = held_to(remaining, instance.infer(&inputs)).await;
             lease.settle(&result);
             result.map(|outputs| Flow::Tensors { inputs, outputs })
         }
@@ -381,6 +435,18 @@ async fn call_guest(
             "stage does not fit its position".into(),
         )),
     }
+}
+
+/// A guest call held to `remaining`: epoch ticks interrupt a guest that
+/// computes, but one that waits in a host call (a sleep, a poll) sees no
+/// tick, so the wait itself is bounded too. The instance is then discarded.
+async fn held_to<T>(
+    remaining: Duration,
+    call: impl Future<Output = Result<T, StageError>>,
+) -> Result<T, StageError> {
+    tokio::time::timeout(remaining, call)
+        .await
+        .unwrap_or(Err(StageError::DeadlineExceeded))
 }
 
 /// Runs a guest that may call `wasi:nn` on the blocking pool. Past

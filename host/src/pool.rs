@@ -85,7 +85,7 @@ impl InstancePool {
 
     /// Whether its guests may run models through `wasi:nn` (which blocks).
     pub fn grants_models(&self) -> bool {
-        !self.grant.models.is_empty()
+        self.grant.runs_models()
     }
 
     /// Creates instances up to `min_instances`.
@@ -257,9 +257,14 @@ pub struct Gate {
     queued: IntGauge,
 }
 
-/// The function is at capacity and its queue is full or the wait ran out.
-#[derive(Debug)]
-pub struct Overloaded;
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot is busy and the queue is full: refused at once (503).
+    QueueFull,
+    /// The request waited in the queue until its deadline (504).
+    TimedOut,
+}
 
 impl Gate {
     /// Admits `concurrency` requests at once and `max_queue` waiting.
@@ -272,27 +277,102 @@ impl Gate {
         }
     }
 
-    /// Waits at most `wait` for a slot.
-    pub async fn enter(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Overloaded> {
+    /// Waits at most `wait` for a slot. Cancel-safe: a caller that goes away
+    /// while queued (its future dropped) leaves the queue with it.
+    pub async fn enter(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Refused> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Overloaded);
-        }
-        self.queued.inc();
-        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.queued.dec();
-        match permit {
+        let _place = QueuePlace::take(self).ok_or(Refused::QueueFull)?;
+        match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(Overloaded),
+            // The semaphore is never closed; treat it as a full queue if it were.
+            Ok(Err(_)) => Err(Refused::QueueFull),
+            Err(_) => Err(Refused::TimedOut),
         }
     }
 
     /// Requests waiting now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// A place in a [`Gate`]'s queue, given back when dropped: whether the
+/// request was admitted, timed out, or abandoned by a caller that left.
+struct QueuePlace<'a> {
+    gate: &'a Gate,
+}
+
+impl<'a> QueuePlace<'a> {
+    fn take(gate: &'a Gate) -> Option<Self> {
+        let taken = gate
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                (waiting < gate.max_queue).then_some(waiting + 1)
+            })
+            .is_ok();
+        taken.then(|| {
+            gate.queued.inc();
+            QueuePlace { gate }
+        })
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.gate.queued.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(concurrency: usize, max_queue: usize) -> Gate {
+        let queued = IntGauge::new("queued", "test").expect("gauge");
+        Gate::new(concurrency, max_queue, queued)
+    }
+
+    #[tokio::test]
+    async fn callers_who_leave_the_queue_give_their_place_back() {
+        let gate = Arc::new(gate(1, 2));
+        let held = gate
+            .enter(Duration::from_secs(5))
+            .await
+            .expect("first slot");
+        for _ in 0..10 {
+            let waiter = {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.enter(Duration::from_secs(60)).await.map(drop) })
+            };
+            tokio::task::yield_now().await;
+            assert_eq!(gate.waiting(), 1);
+            waiter.abort();
+            let _ = waiter.await;
+        }
+        assert_eq!(gate.waiting(), 0);
+        assert_eq!(gate.queued.get(), 0);
+        drop(held);
+        assert!(gate.enter(Duration::from_millis(1)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_a_long_wait_times_out() {
+        let gate = gate(1, 1);
+        let _held = gate
+            .enter(Duration::from_secs(5))
+            .await
+            .expect("first slot");
+        let waiting = gate.enter(Duration::from_millis(100));
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        assert_eq!(
+            gate.enter(Duration::from_secs(1)).await.map(drop),
+            Err(Refused::QueueFull)
+        );
+        assert_eq!(waiting.await.map(drop), Err(Refused::TimedOut));
+        assert_eq!(gate.waiting(), 0);
     }
 }

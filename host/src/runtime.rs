@@ -161,7 +161,24 @@ impl Runtime {
         let prepared = self.prepare(record);
         crate::inference::release_freed_memory();
         let prepared = Arc::new(prepared?);
-        if let Ok(mut functions) = self.functions.write() {
+        {
+            let Ok(mut functions) = self.functions.write() else {
+                return Err("the table of served functions is poisoned".into());
+            };
+            // Preparations of one function may overlap (two publishes in a
+            // row, a slow model and a quick one): only the registry's head
+            // at the moment of the swap may be served, never a revision
+            // whose preparation merely finished last. Checked under the lock
+            // that every swap takes.
+            let head = self.registry.function(&record.name).ok();
+            if head.as_ref().map(|h| h.revision) != Some(record.revision) {
+                tracing::info!(
+                    function = %record.name,
+                    revision = record.revision,
+                    "not served: a newer change replaced it while it was prepared"
+                );
+                return Ok(());
+            }
             functions.insert(record.name.clone(), prepared);
         }
         self.changes.notify_waiters();
@@ -187,6 +204,7 @@ impl Runtime {
                     config,
                     models,
                     inputs,
+                    load_bytes,
                 } => {
                     let label = component.to_string();
                     let record = self
@@ -214,7 +232,7 @@ impl Runtime {
                                 &record.input_shapes,
                                 &[],
                             )?;
-                            Ok((reference.to_string(), plan))
+                            Ok((reference.to_string(), ModelQueue::new(plan, 1, None)))
                         })
                         .collect::<Result<Vec<_>, String>>()?;
                     let grant = Grant {
@@ -223,6 +241,7 @@ impl Runtime {
                         memory_bytes: (manifest.limits.memory_mb << 20) as usize,
                         log_tag: format!("{name}/{label}"),
                         models: granted,
+                        load_bytes,
                     };
                     let metrics = PoolMetrics {
                         instances: self.metrics.instances.with_label_values(&[&name, &label]),

@@ -3,9 +3,12 @@
 //! stdout and stderr go to the host's log, tagged with function and stage.
 //! No other file system, no network, no environment.
 
+use crate::model_queue::ModelQueue;
+use crate::stage::World;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 use tokio::io::AsyncWrite;
@@ -34,8 +37,20 @@ pub struct Grant {
     pub memory_bytes: usize,
     /// How the guest's output is tagged in the log (function and stage).
     pub log_tag: String,
-    /// Models the guest may `load-by-name` through `wasi:nn` (`name@version`).
-    pub models: Vec<(String, std::sync::Arc<crate::inference::ModelPlan>)>,
+    /// Models the guest may `load-by-name` through `wasi:nn` (`name@version`),
+    /// each run through its queue like a model stage's runs.
+    pub models: Vec<(String, Arc<ModelQueue>)>,
+    /// Whether `wasi:nn` `load` may build a model from bytes the guest
+    /// supplies (the manifest's `nn_load_bytes`; off unless granted).
+    pub load_bytes: bool,
+}
+
+impl Grant {
+    /// Whether the guest may run models through `wasi:nn` (which blocks
+    /// its thread while a model runs).
+    pub fn runs_models(&self) -> bool {
+        !self.models.is_empty() || self.load_bytes
+    }
 }
 
 impl Default for Grant {
@@ -46,6 +61,7 @@ impl Default for Grant {
             memory_bytes: 128 << 20,
             log_tag: String::new(),
             models: Vec::new(),
+            load_bytes: false,
         }
     }
 }
@@ -58,8 +74,9 @@ pub struct StageState {
     limits: StoreLimits,
     nn: wasmtime_wasi_nn::wit::WasiNnCtx,
     /// When the running call (or instantiation) must stop; checked at every
-    /// epoch tick, between which the guest yields to the reactor.
-    deadline: Instant,
+    /// epoch tick, between which the guest yields to the reactor, and by
+    /// `wasi:nn` compute while a model run waits.
+    deadline: Deadline,
 }
 
 impl StageState {
@@ -81,6 +98,7 @@ impl StageState {
             wasi.preopened_dir(dir, MODEL_DIR, FsPerms::ReadOnly)
                 .with_context(|| format!("opening model directory {}", dir.display()))?;
         }
+        let deadline = Deadline::new();
         Ok(StageState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -89,19 +107,24 @@ impl StageState {
                 .memory_size(grant.memory_bytes)
                 .trap_on_grow_failure(true)
                 .build(),
-            nn: crate::nn::context(&grant.models),
-            deadline: Instant::now(),
+            nn: crate::nn::context(
+                &grant.models,
+                grant.load_bytes,
+                deadline.clone(),
+                &grant.log_tag,
+            ),
+            deadline,
         })
     }
 
     /// Sets when the next call must stop.
     pub fn set_deadline(&mut self, deadline: Instant) {
-        self.deadline = deadline;
+        self.deadline.set(deadline);
     }
 
     /// Whether the current call ran past its deadline.
     pub fn past_deadline(&self) -> bool {
-        Instant::now() >= self.deadline
+        Instant::now() >= self.deadline.get()
     }
 
     /// The store limiter (registered with `Store::limiter`).
@@ -119,18 +142,42 @@ impl WasiView for StageState {
     }
 }
 
-/// A linker holding every import a Cascade stage may use.
-pub fn linker(engine: &Engine) -> Result<Linker<StageState>> {
+/// The deadline of an instance's current call, shared between its store
+/// and its `wasi:nn` context.
+#[derive(Clone)]
+pub struct Deadline(Arc<Mutex<Instant>>);
+
+impl Deadline {
+    fn new() -> Self {
+        Deadline(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    fn set(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
+    }
+
+    /// When the current call must stop.
+    pub fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A linker holding the imports a stage of `world` may use: WASI (with no
+/// files but its model's, no sockets, no environment), `wasi:config`, and
+/// `wasi:nn` for inferencers only.
+pub fn linker(engine: &Engine, world: World) -> Result<Linker<StageState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("adding WASI to the linker")?;
     wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut StageState| {
         WasiConfig::from(&s.config)
     })
     .context("adding wasi:config to the linker")?;
-    wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut StageState| {
-        wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
-    })
-    .context("adding wasi:nn to the linker")?;
+    if world == World::Inferencer {
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut StageState| {
+            wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
+        })
+        .context("adding wasi:nn to the linker")?;
+    }
     Ok(linker)
 }
 

@@ -2,13 +2,14 @@
 //! prepares every function, serves HTTP and NATS until SIGTERM/SIGINT, then
 //! drains in-flight requests and closes.
 
+use crate::access::Access;
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
 use crate::inference::Backend;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::runtime::Runtime;
-use crate::trigger::http::{self, Auth, HttpState};
+use crate::trigger::http::{self, HttpState, Limits};
 use crate::trigger::nats::{self, ConnectionState, Events, NatsOptions, NatsTrigger};
 use crate::trigger::subjects;
 use anyhow::{Context, Result};
@@ -22,6 +23,12 @@ const REAP_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs a host until it is told to stop.
 pub async fn run(config: ServeConfig) -> Result<()> {
+    let access = Access::from_flags(
+        config.token.as_deref(),
+        config.token_read,
+        config.tokens.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let registry = Registry::open(&config.data)
         .with_context(|| format!("opening the registry in {}", config.data.display()))?;
     let engine = ServingEngine::new(&EngineSettings {
@@ -63,11 +70,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!("cascade listening on http://{}", listener.local_addr()?);
-    let auth = Auth {
-        token: config.token.clone(),
-        protect_reads: config.token_read,
-    };
-    let mut state = HttpState::new(runtime.clone(), auth, config.max_upload_mb << 20);
+    let mut state = HttpState::new(runtime.clone(), access, config.max_upload_mb << 20);
     let loaded = runtime.clone();
     state
         .readiness
@@ -113,7 +116,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         )));
     }
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    http::serve(listener, Arc::new(state), shutdown_signal(), grace).await;
+    let limits = Limits {
+        max_connections: config.max_connections as usize,
+        header_timeout: Duration::from_secs(config.header_timeout_secs),
+    };
+    http::serve(listener, Arc::new(state), limits, shutdown_signal(), grace).await;
     for task in tasks {
         task.abort();
     }

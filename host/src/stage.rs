@@ -57,6 +57,29 @@ impl World {
         }
     }
 
+    /// Checks that `component` imports only what its world may: `wasi:nn`
+    /// is for inferencers; any other import the sandbox lacks fails to link.
+    /// Answers a message naming the import, for a 400 at publish.
+    pub fn check_imports(self, component: &Component, engine: &Engine) -> Result<(), String> {
+        let ty = component.component_type();
+        if self != World::Inferencer
+            && let Some((name, _)) = ty
+                .imports(engine)
+                .find(|(name, _)| name.starts_with("wasi:nn/"))
+        {
+            return Err(format!(
+                "this {} imports {name}; only inferencer components may use wasi:nn",
+                self.name()
+            ));
+        }
+        linker(engine, self)
+            .and_then(|linker| linker.instantiate_pre(component))
+            .map(drop)
+            .map_err(|e| {
+                format!("the component imports something the sandbox does not offer: {e:#}")
+            })
+    }
+
     /// The world's name as the WIT spells it.
     pub fn name(self) -> &'static str {
         match self {
@@ -133,7 +156,7 @@ impl ComponentStage {
     pub fn new(engine: &ServingEngine, component: Component) -> Result<Self> {
         let engine = engine.engine().clone();
         let world = World::of(&component, &engine).map_err(|e| format_err!(e))?;
-        let pre = linker(&engine)?
+        let pre = linker(&engine, world)?
             .instantiate_pre(&component)
             .context("linking component")?;
         let prepared = match world {

@@ -248,6 +248,33 @@ impl Host {
         );
     }
 
+    /// Publishes `model` from the models cache as `reference`, with
+    /// `file` (also from the cache) among its package's files and `extra`
+    /// flags (`--input-shape ...`), through the CLI.
+    pub fn publish_model(&self, model: &str, file: &str, extra: &[&str], reference: &str) {
+        let (name, version) = reference.split_once('@').expect("name@version");
+        let model = crate::model_file(model);
+        let file = crate::model_file(file);
+        let mut args = vec![
+            "publish",
+            "model",
+            model.to_str().expect("utf-8 path"),
+            "--file",
+            file.to_str().expect("utf-8 path"),
+            "--name",
+            name,
+            "--version",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publishes the example components only (no models): quick set-up for
     /// tests that need some stages to reference.
     pub fn publish_examples_small(&self) {

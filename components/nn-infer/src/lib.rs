@@ -5,7 +5,9 @@
 //! tensors through it. A starting point for inferencers that add logic of
 //! their own around the model (ensembles, early exits, caching).
 //!
-//! Config: `model` (name to load, required), `outputs` (comma-separated
+//! Config: `model` (name to load), or `model_file` (an ONNX file under
+//! `/model` to `load` from its bytes, which the manifest must grant with
+//! `nn_load_bytes = true`); exactly one of them. `outputs` (comma-separated
 //! output names to keep; default all).
 
 use cascade::inference::types::{Error, Tensor, TensorType};
@@ -16,7 +18,29 @@ use wasi::nn::{errors, graph, inference, tensor};
 wit_bindgen::generate!({ world: "inferencer", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
 
-const KEYS: &[&str] = &["model", "outputs"];
+const KEYS: &[&str] = &["model", "model_file", "outputs"];
+
+/// Loads the graph the config names: by name, or from a file's bytes.
+fn load_graph(config: &cascade_guest::Config) -> Result<graph::Graph, Failure> {
+    match (config.get("model"), config.get("model_file")) {
+        (Some(model), None) => {
+            graph::load_by_name(model).map_err(|e| nn_failure(&format!("loading {model}"), e))
+        }
+        (None, Some(file)) => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| Failure::internal(format!("reading {file}: {e}")))?;
+            graph::load(
+                &[bytes],
+                graph::GraphEncoding::Onnx,
+                graph::ExecutionTarget::Cpu,
+            )
+            .map_err(|e| nn_failure(&format!("loading {file}"), e))
+        }
+        _ => Err(Failure::internal(
+            "config needs exactly one of `model` and `model_file`",
+        )),
+    }
+}
 
 thread_local! {
     /// The graph, loaded on first use; an instance keeps it for its lifetime.
@@ -57,10 +81,6 @@ fn from_nn(ty: tensor::TensorType) -> TensorType {
 
 fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Failure> {
     let config = load_config(KEYS)?;
-    let model = config
-        .get("model")
-        .ok_or_else(|| Failure::internal("config `model` is required"))?
-        .to_string();
     let keep: Option<Vec<String>> = config
         .get("outputs")
         .map(|o| o.split(',').map(|s| s.trim().to_string()).collect());
@@ -68,10 +88,7 @@ fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Failure> {
         |cell| -> Result<inference::GraphExecutionContext, Failure> {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(
-                    graph::load_by_name(&model)
-                        .map_err(|e| nn_failure(&format!("loading {model}"), e))?,
-                );
+                *slot = Some(load_graph(&config)?);
             }
             let graph = slot
                 .as_ref()
@@ -92,7 +109,7 @@ fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Failure> {
         .collect();
     let outputs = context
         .compute(named)
-        .map_err(|e| nn_failure(&format!("running {model}"), e))?;
+        .map_err(|e| nn_failure("running the model", e))?;
     Ok(outputs
         .into_iter()
         .filter(|(name, _)| keep.as_ref().is_none_or(|k| k.contains(name)))

@@ -1,11 +1,13 @@
 //! The HTTP trigger (hyper): invocation, the registry API, health, metrics.
 //!
-//! One listener serves everything; routes are matched on method and path
-//! segments in [`route`]. Errors are JSON `{"error": {"code", "message"}}`.
+//! One listener serves everything; routes and what each needs of the caller
+//! come from [`crate::routes`]. Errors are JSON `{"error": {"code", "message"}}`.
 
+use crate::access::Access;
 use crate::api;
 use crate::bindings::Message;
 use crate::pipeline::InvokeError;
+use crate::routes::{self, Route};
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use cascade_registry::RegistryError;
@@ -13,8 +15,8 @@ use futures_util::TryStreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
@@ -22,25 +24,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Response bodies: whole buffers or streamed files.
 pub type Body = BoxBody<Bytes, std::io::Error>;
-
-/// Who may do what.
-#[derive(Debug, Clone, Default)]
-pub struct Auth {
-    /// Bearer token required for writes (and reads when `protect_reads`).
-    pub token: Option<String>,
-    /// Reads and invocations need the token too.
-    pub protect_reads: bool,
-}
 
 /// What every request handler shares.
 pub struct HttpState {
     /// Functions and registry.
     pub runtime: Arc<Runtime>,
-    /// Access control.
-    pub auth: Auth,
+    /// Who may do what.
+    pub access: Access,
     /// Largest upload to the registry, in bytes.
     pub max_upload: u64,
     /// Extra readiness checks (e.g. NATS connected): name and probe.
@@ -54,10 +48,10 @@ pub struct HttpState {
 
 impl HttpState {
     /// Shared state for the HTTP trigger.
-    pub fn new(runtime: Arc<Runtime>, auth: Auth, max_upload: u64) -> Self {
+    pub fn new(runtime: Arc<Runtime>, access: Access, max_upload: u64) -> Self {
         HttpState {
             runtime,
-            auth,
+            access,
             max_upload,
             readiness: Vec::new(),
             events: Default::default(),
@@ -76,47 +70,60 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable message.
     pub message: String,
+    /// Close the connection after answering: the request's body was left
+    /// unread, and reading it only to throw it away is what a slow or
+    /// hostile client wants.
+    pub close_connection: bool,
 }
 
 impl ApiError {
+    /// An error with a status, a code and a message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            close_connection: false,
+        }
+    }
+
+    /// The same error, answered on a connection that is then closed.
+    pub fn closing(mut self) -> Self {
+        self.close_connection = true;
+        self
+    }
+
     /// A 400.
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid",
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message.into())
     }
 
     /// A 404.
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "not_found",
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message.into())
     }
 
     /// A 413.
     pub fn too_large(limit: u64) -> Self {
-        ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            code: "too_large",
-            message: format!("body exceeds the limit of {limit} bytes"),
-        }
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body exceeds the limit of {limit} bytes"),
+        )
     }
 
     /// A 500 that hides host details from the caller but logs them.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {detail}");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: "internal error".into(),
-        }
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
 
     fn into_response(self) -> Response<Body> {
+        let close = self.close_connection;
         let mut response = json(
             self.status,
             &serde_json::json!({ "error": { "code": self.code, "message": self.message } }),
@@ -125,6 +132,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        if close {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -135,21 +147,21 @@ impl From<RegistryError> for ApiError {
         if let RegistryError::Storage(detail) = &e {
             return ApiError::internal(detail);
         }
-        ApiError {
-            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code: e.code(),
-            message: e.to_string(),
-        }
+        ApiError::new(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.code(),
+            e.to_string(),
+        )
     }
 }
 
 impl From<InvokeError> for ApiError {
     fn from(e: InvokeError) -> Self {
-        ApiError {
-            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code: e.code(),
-            message: e.to_string(),
-        }
+        ApiError::new(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.code(),
+            e.to_string(),
+        )
     }
 }
 
@@ -192,23 +204,10 @@ pub async fn file(path: &Path, content_type: &'static str) -> Result<Response<Bo
 pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::invalid(format!("reading the body: {e}"))),
-    }
-}
-
-/// Most of an unread body that is read and discarded before an early error
-/// response, so the client sees the error rather than a broken pipe.
-const DRAIN_LIMIT: usize = 64 << 20;
-
-/// Reads and discards (a bounded amount of) a body that will not be used.
-pub async fn drain(mut body: Incoming) {
-    let mut seen = 0;
-    while let Some(Ok(frame)) = body.frame().await {
-        seen += frame.data_ref().map_or(0, |d| d.len());
-        if seen > DRAIN_LIMIT {
-            break;
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::too_large(limit).closing())
         }
+        Err(e) => Err(ApiError::invalid(format!("reading the body: {e}"))),
     }
 }
 
@@ -225,17 +224,41 @@ pub fn check_length(request: &Request<Incoming>, limit: u64) -> Result<(), ApiEr
     }
 }
 
+/// What one listener allows a client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; the next accept waits for one to close.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slow clients are cut off).
+    pub header_timeout: Duration,
+}
+
 /// Serves on `listener` until `shutdown` resolves, then lets in-flight
 /// requests finish for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     tokio::pin!(shutdown);
     loop {
+        // A connection slot first, so a flood waits in the kernel's backlog
+        // instead of holding a task and a buffer each.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
@@ -249,13 +272,14 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 let service = hyper::service::service_fn(move |request| handle(state.clone(), request));
-                let connection = hyper::server::conn::http1::Builder::new()
+                let connection = builder
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!("connection ended: {e}");
                     }
+                    drop(slot);
                 });
             }
             () = &mut shutdown => break,
@@ -282,66 +306,42 @@ async fn handle(
     Ok(response)
 }
 
-fn authorize(state: &HttpState, request: &Request<Incoming>, write: bool) -> Result<(), ApiError> {
-    let Some(token) = &state.auth.token else {
-        return Ok(());
-    };
-    if !write && !state.auth.protect_reads {
-        return Ok(());
-    }
-    let presented = request
+/// The text after `Bearer ` in the `Authorization` header, if any.
+fn bearer(request: &Request<Incoming>) -> Option<&str> {
+    request
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            message: "wrong token".into(),
-        }),
-        None => Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            message: "this request needs `Authorization: Bearer <token>`".into(),
-        }),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 async fn route(
     state: &Arc<HttpState>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let path = request.uri().path().to_string();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = request.method().clone();
-    let write = !matches!(method, Method::GET | Method::HEAD)
-        && !matches!(segments.last(), Some(&"invoke"));
-    if !matches!(segments.as_slice(), ["healthz"] | ["readyz"] | ["metrics"])
-        && let Err(refused) = authorize(state, &request, write)
+    let path = request.uri().path().to_string();
+    let Some(matched) = routes::resolve(&method, &path) else {
+        return Err(ApiError::not_found(format!("no route for {method} {path}")).closing());
+    };
+    if let Err(denied) = state
+        .access
+        .check(matched.need, bearer(&request), matched.param(0))
     {
-        drain(request.into_body()).await;
-        return Err(refused);
+        let (status, code) = match denied.status() {
+            403 => (StatusCode::FORBIDDEN, "forbidden"),
+            _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
+        };
+        return Err(ApiError::new(status, code, denied.to_string()).closing());
     }
-    if let (true, Some(source), ["v1", ..]) = (write, &state.mirror_of, segments.as_slice()) {
-        drain(request.into_body()).await;
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "read_only",
-            message: format!("this host serves the registry of {source}; publish there"),
-        });
+    if let (true, Some(source)) = (matched.writes_registry(), &state.mirror_of) {
+        let message = format!("this host serves the registry of {source}; publish there");
+        return Err(ApiError::new(StatusCode::CONFLICT, "read_only", message).closing());
     }
-    match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => {
-            Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" })))
-        }
-        (&Method::GET, ["readyz"]) => Ok(readyz(state)),
-        (&Method::GET, ["metrics"]) => {
+    match matched.route {
+        Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
+        Route::Readyz => Ok(readyz(state)),
+        Route::Metrics => {
             let mut response = Response::new(full(state.runtime.metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -349,13 +349,16 @@ async fn route(
             );
             Ok(response)
         }
-        (&Method::POST, ["v1", "functions", name, "invoke"]) => invoke(state, name, request).await,
-        (&Method::GET, ["v1", "functions", name, "status"]) => Ok(json(
+        Route::Invoke => invoke(state, matched.param(0), request).await,
+        Route::Status => Ok(json(
             StatusCode::OK,
-            &state.runtime.function_when_loaded(name).await?.status(),
+            &state
+                .runtime
+                .function_when_loaded(matched.param(0))
+                .await?
+                .status(),
         )),
-        (_, ["v1", kind, rest @ ..]) => api::route(state, &method, kind, rest, request).await,
-        _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        _ => api::route(state, &matched, request).await,
     }
 }
 
@@ -432,31 +435,50 @@ async fn invoke_inner(
         )));
     }
     let limit = function.max_body();
-    check_length(&request, limit).map_err(|_| InvokeError::TooLarge {
-        function: name.into(),
-        limit,
-    })?;
+    let too_large = || {
+        ApiError::from(InvokeError::TooLarge {
+            function: name.into(),
+            limit,
+        })
+        .closing()
+    };
+    check_length(&request, limit).map_err(|_| too_large())?;
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream")
         .to_string();
-    let body = read_body(request.into_body(), limit)
+    // Admitted first: the queue then bounds how many bodies are in memory,
+    // and reading the body counts against the deadline.
+    let admission = function
+        .admit()
         .await
-        .map_err(|e| match e.status {
-            StatusCode::PAYLOAD_TOO_LARGE => InvokeError::TooLarge {
-                function: name.into(),
-                limit,
+        .map_err(|e| ApiError::from(e).closing())?;
+    let body =
+        match tokio::time::timeout(admission.remaining(), read_body(request.into_body(), limit))
+            .await
+        {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) if e.status == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!("function {name}: the request body did not arrive within the deadline"),
+                )
+                .closing());
             }
-            .into(),
-            _ => e,
-        })?;
+        };
     let invocation = function
-        .invoke(Message {
-            content_type,
-            body: body.to_vec(),
-        })
+        .run(
+            admission,
+            Message {
+                content_type,
+                body: body.to_vec(),
+            },
+        )
         .await?;
     let timing: Vec<String> = invocation
         .timings

@@ -291,9 +291,12 @@ impl NatsTrigger {
         let message = &request.message;
         let outcome = self.invoke(name, message).await;
         let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
-        self.runtime
-            .metrics
-            .observe_request(name, status, started.elapsed());
+        // A function deleted meanwhile is not recorded: its labels are gone.
+        if self.runtime.function(name).is_ok() {
+            self.runtime
+                .metrics
+                .observe_request(name, status, started.elapsed());
+        }
         let sent = match (message.reply.is_some(), outcome) {
             (true, Ok(output)) => {
                 request
@@ -305,7 +308,7 @@ impl NatsTrigger {
             }
             (true, Err(error)) => {
                 let error = async_nats::service::error::Error {
-                    status: error.to_string(),
+                    status: header_text(&error.to_string()),
                     code: error.status() as usize,
                 };
                 request.respond(Err(error)).await
@@ -322,7 +325,7 @@ impl NatsTrigger {
             (false, Err(error)) => {
                 let mut headers = HeaderMap::new();
                 headers.insert(subjects::ERROR_CODE, error.status().to_string().as_str());
-                headers.insert(subjects::ERROR, error.to_string().as_str());
+                headers.insert(subjects::ERROR, header_text(&error.to_string()).as_str());
                 let subject = subjects::errors_subject(message.subject.as_str());
                 self.client
                     .publish_with_headers(subject, headers, message.payload.clone())
@@ -363,6 +366,40 @@ impl NatsTrigger {
 
 fn content_type(value: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(subjects::CONTENT_TYPE, value);
+    headers.insert(subjects::CONTENT_TYPE, header_text(value).as_str());
     headers
+}
+
+/// Longest header value taken from what a guest wrote.
+const MAX_HEADER_TEXT: usize = 1024;
+
+/// Guest-controlled text made safe for a NATS header value: control
+/// characters (CR and LF would end the header block) become spaces, and
+/// the text is cut at [`MAX_HEADER_TEXT`] bytes.
+pub fn header_text(text: &str) -> String {
+    let mut safe = String::with_capacity(text.len().min(MAX_HEADER_TEXT));
+    for c in text.chars() {
+        if safe.len() + c.len_utf8() > MAX_HEADER_TEXT {
+            break;
+        }
+        safe.push(if c.is_control() { ' ' } else { c });
+    }
+    safe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_text;
+
+    #[test]
+    fn guest_text_cannot_break_out_of_a_header() {
+        assert_eq!(
+            header_text("bad\r\nPUB evil 3\r\nabc"),
+            "bad  PUB evil 3  abc"
+        );
+        assert_eq!(header_text("image/png"), "image/png");
+        let long = "é".repeat(2000);
+        let cut = header_text(&long);
+        assert!(cut.len() <= 1024 && cut.chars().all(|c| c == 'é'));
+    }
 }

@@ -1,0 +1,275 @@
+//! The route table: every HTTP route the host serves, with what it needs of
+//! the caller declared beside it. A route's permission comes from this
+//! table alone, never from the shape of its path.
+
+use crate::access::{Need, Scope};
+use hyper::Method;
+
+/// Every route the host serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /healthz`
+    Healthz,
+    /// `GET /readyz`
+    Readyz,
+    /// `GET /metrics`
+    Metrics,
+    /// `POST /v1/functions/{name}/invoke`
+    Invoke,
+    /// `GET /v1/functions/{name}/status`
+    Status,
+    /// `GET /v1/components`
+    ListComponents,
+    /// `GET /v1/components/{name}`
+    ComponentVersions,
+    /// `GET /v1/components/{name}/{version}`
+    Component,
+    /// `GET /v1/components/{name}/{version}/content`
+    ComponentContent,
+    /// `PUT /v1/components/{name}/{version}`
+    PublishComponent,
+    /// `DELETE /v1/components/{name}/{version}`
+    DeleteComponent,
+    /// `GET /v1/models`
+    ListModels,
+    /// `GET /v1/models/{name}`
+    ModelVersions,
+    /// `GET /v1/models/{name}/{version}`
+    Model,
+    /// `GET /v1/models/{name}/{version}/content`
+    ModelContent,
+    /// `GET /v1/models/{name}/{version}/files/{file}`
+    ModelFile,
+    /// `PUT /v1/models/{name}/{version}`
+    PublishModel,
+    /// `DELETE /v1/models/{name}/{version}`
+    DeleteModel,
+    /// `GET /v1/functions`
+    ListFunctions,
+    /// `GET /v1/functions/{name}`
+    Function,
+    /// `GET /v1/functions/{name}/revisions`
+    FunctionRevisions,
+    /// `GET /v1/functions/{name}/{revision}`
+    FunctionRevision,
+    /// `GET /v1/functions/{name}/{revision}/content`
+    FunctionManifest,
+    /// `PUT /v1/functions/{name}`
+    PublishFunction,
+    /// `DELETE /v1/functions/{name}`
+    DeleteFunction,
+    /// `POST /v1/functions/{name}/rollback`
+    Rollback,
+}
+
+const PUBLISH: Need = Need::Scope(Scope::Publish);
+const READ: Need = Need::Scope(Scope::Read);
+
+/// Method, path pattern (`{}` is a parameter), route, what it needs. The
+/// first match wins, so literal segments come before parameters.
+const TABLE: &[(Method, &str, Route, Need)] = &[
+    (Method::GET, "/healthz", Route::Healthz, Need::Nothing),
+    (Method::GET, "/readyz", Route::Readyz, Need::Nothing),
+    (
+        Method::GET,
+        "/metrics",
+        Route::Metrics,
+        Need::Scope(Scope::Metrics),
+    ),
+    (
+        Method::POST,
+        "/v1/functions/{}/invoke",
+        Route::Invoke,
+        Need::InvokeFunction,
+    ),
+    (Method::GET, "/v1/functions/{}/status", Route::Status, READ),
+    (Method::GET, "/v1/components", Route::ListComponents, READ),
+    (
+        Method::GET,
+        "/v1/components/{}",
+        Route::ComponentVersions,
+        READ,
+    ),
+    (Method::GET, "/v1/components/{}/{}", Route::Component, READ),
+    (
+        Method::GET,
+        "/v1/components/{}/{}/content",
+        Route::ComponentContent,
+        READ,
+    ),
+    (
+        Method::PUT,
+        "/v1/components/{}/{}",
+        Route::PublishComponent,
+        PUBLISH,
+    ),
+    (
+        Method::DELETE,
+        "/v1/components/{}/{}",
+        Route::DeleteComponent,
+        PUBLISH,
+    ),
+    (Method::GET, "/v1/models", Route::ListModels, READ),
+    (Method::GET, "/v1/models/{}", Route::ModelVersions, READ),
+    (Method::GET, "/v1/models/{}/{}", Route::Model, READ),
+    (
+        Method::GET,
+        "/v1/models/{}/{}/content",
+        Route::ModelContent,
+        READ,
+    ),
+    (
+        Method::GET,
+        "/v1/models/{}/{}/files/{}",
+        Route::ModelFile,
+        READ,
+    ),
+    (
+        Method::PUT,
+        "/v1/models/{}/{}",
+        Route::PublishModel,
+        PUBLISH,
+    ),
+    (
+        Method::DELETE,
+        "/v1/models/{}/{}",
+        Route::DeleteModel,
+        PUBLISH,
+    ),
+    (Method::GET, "/v1/functions", Route::ListFunctions, READ),
+    (Method::GET, "/v1/functions/{}", Route::Function, READ),
+    (
+        Method::GET,
+        "/v1/functions/{}/revisions",
+        Route::FunctionRevisions,
+        READ,
+    ),
+    (
+        Method::GET,
+        "/v1/functions/{}/{}",
+        Route::FunctionRevision,
+        READ,
+    ),
+    (
+        Method::GET,
+        "/v1/functions/{}/{}/content",
+        Route::FunctionManifest,
+        READ,
+    ),
+    (
+        Method::PUT,
+        "/v1/functions/{}",
+        Route::PublishFunction,
+        PUBLISH,
+    ),
+    (
+        Method::DELETE,
+        "/v1/functions/{}",
+        Route::DeleteFunction,
+        PUBLISH,
+    ),
+    (
+        Method::POST,
+        "/v1/functions/{}/rollback",
+        Route::Rollback,
+        PUBLISH,
+    ),
+];
+
+/// A request matched to its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched<'a> {
+    /// Which route.
+    pub route: Route,
+    /// What the caller needs.
+    pub need: Need,
+    /// The path's parameters, in order.
+    pub params: Vec<&'a str>,
+}
+
+impl Matched<'_> {
+    /// The parameter at `index` (the table guarantees how many there are).
+    pub fn param(&self, index: usize) -> &str {
+        self.params.get(index).copied().unwrap_or_default()
+    }
+
+    /// Whether the route changes the registry (refused on a mirror).
+    pub fn writes_registry(&self) -> bool {
+        self.need == PUBLISH
+    }
+}
+
+/// The route for `method` and `path`, if any.
+pub fn resolve<'a>(method: &Method, path: &'a str) -> Option<Matched<'a>> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    TABLE
+        .iter()
+        .filter(|(m, ..)| m == method)
+        .find_map(|(_, pattern, route, need)| {
+            let params = matches(pattern, &segments)?;
+            Some(Matched {
+                route: *route,
+                need: *need,
+                params,
+            })
+        })
+}
+
+/// The parameters of `segments` if they fit `pattern`.
+fn matches<'a>(pattern: &str, segments: &[&'a str]) -> Option<Vec<&'a str>> {
+    let parts: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    if parts.len() != segments.len() {
+        return None;
+    }
+    let mut params = Vec::new();
+    for (part, segment) in parts.iter().zip(segments) {
+        match *part {
+            "{}" => params.push(*segment),
+            literal if literal == *segment => {}
+            _ => return None,
+        }
+    }
+    Some(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_function_named_invoke_is_still_a_registry_write() {
+        for method in [Method::PUT, Method::DELETE] {
+            let matched = resolve(&method, "/v1/functions/invoke").expect("a route");
+            assert_eq!(matched.need, PUBLISH, "{method}");
+            assert!(matched.writes_registry());
+        }
+        let invoke = resolve(&Method::POST, "/v1/functions/invoke/invoke").expect("a route");
+        assert_eq!(invoke.route, Route::Invoke);
+        assert_eq!(invoke.params, ["invoke"]);
+        assert_eq!(invoke.need, Need::InvokeFunction);
+        assert_eq!(resolve(&Method::PUT, "/v1/functions/x/invoke"), None);
+    }
+
+    #[test]
+    fn literal_segments_win_over_parameters() {
+        let status = resolve(&Method::GET, "/v1/functions/embed/status").expect("a route");
+        assert_eq!(status.route, Route::Status);
+        let revisions = resolve(&Method::GET, "/v1/functions/embed/revisions").expect("a route");
+        assert_eq!(revisions.route, Route::FunctionRevisions);
+        let revision = resolve(&Method::GET, "/v1/functions/embed/3").expect("a route");
+        assert_eq!(
+            (revision.route, revision.param(1)),
+            (Route::FunctionRevision, "3")
+        );
+    }
+
+    #[test]
+    fn every_registry_change_needs_publish() {
+        for (method, pattern, route, need) in TABLE {
+            let changes =
+                matches!(*method, Method::PUT | Method::DELETE) || *route == Route::Rollback;
+            assert_eq!(changes, *need == PUBLISH, "{method} {pattern}");
+            assert!(pattern.starts_with('/'));
+        }
+    }
+}
