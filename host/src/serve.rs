@@ -17,6 +17,7 @@ use cascade_registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// How often idle instances are reaped.
 const REAP_EVERY: Duration = Duration::from_millis(250);
@@ -75,6 +76,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     state
         .readiness
         .push(("functions".into(), Box::new(move || !loaded.is_loading())));
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let stop = CancellationToken::new();
+    let mut nats_trigger = None;
     let mut nats_client = None;
     let mut nats_connection = None;
     if let Some(url) = &config.nats_url {
@@ -95,8 +99,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             Box::new(move || probe.connected.load(Ordering::SeqCst)),
         ));
         nats_connection = Some(connection);
-        tasks.push(tokio::spawn(
-            NatsTrigger::new(client.clone(), runtime.clone()).run(),
+        nats_trigger = Some(tokio::spawn(
+            NatsTrigger::new(client.clone(), runtime.clone()).run(stop.clone(), grace),
         ));
         nats_client = Some(client);
     }
@@ -115,12 +119,34 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             events,
         )));
     }
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signalled.cancel();
+    });
     let limits = Limits {
         max_connections: config.max_connections as usize,
         header_timeout: Duration::from_secs(config.header_timeout_secs),
     };
-    http::serve(listener, Arc::new(state), limits, shutdown_signal(), grace).await;
+    let stopped = stop.clone();
+    let http = http::serve(
+        listener,
+        Arc::new(state),
+        limits,
+        stopped.cancelled_owned(),
+        grace,
+    );
+    // HTTP and NATS wind down side by side: each stops taking work and
+    // finishes what it took, within the grace period.
+    match nats_trigger {
+        Some(nats) => {
+            let (_, drained) = tokio::join!(http, nats);
+            if let Err(e) = drained {
+                tracing::warn!("NATS trigger: {e}");
+            }
+        }
+        None => http.await,
+    }
     for task in tasks {
         task.abort();
     }

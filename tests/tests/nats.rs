@@ -441,3 +441,138 @@ fn a_mirror_serves_what_its_source_publishes_within_two_seconds() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `misbehave` on NATS subject `misbehave.in`; `REVISION` is replaced so
+/// each publish makes a new revision with the same NATS trigger.
+const MISBEHAVE_NATS: &str = r#"
+name = "misbehave"
+[[stages]]
+component = "misbehave@0.1.0"
+config = {}
+[scaling]
+max_instances = 4
+max_queue = 64
+[limits]
+timeout_ms = 5000
+memory_mb = REVISION
+[triggers]
+nats = { subject = "misbehave.in" }
+"#;
+
+fn misbehave_on_nats(nats: &NatsServer) -> Host {
+    let host = Host::start_with(&["--nats", &nats.url()]);
+    host.publish_component("misbehave");
+    let manifest = MISBEHAVE_NATS.replace("REVISION", "32");
+    let response = host.put("/v1/functions/misbehave", "application/toml", manifest);
+    assert_eq!(response.status(), 201);
+    host
+}
+
+/// The text of a misbehave answer (its `echo` tensor's bytes).
+fn echoed(message: &async_nats::Message) -> String {
+    let value: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    let bytes: Vec<u8> = value["tensors"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| v.as_u64().expect("u8") as u8)
+        .collect();
+    String::from_utf8(bytes).expect("utf-8")
+}
+
+#[test]
+fn sigterm_answers_the_nats_messages_already_taken() {
+    let nats = NatsServer::start();
+    let mut host = misbehave_on_nats(&nats);
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        wait_for_service(&client, "misbehave.in").await;
+        // Three slow requests in flight when the host is told to stop.
+        let pending: Vec<_> = (0..3)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    request(&client, "misbehave.in", "text/plain", "sleep:700").await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stopped = tokio::task::spawn_blocking(move || host.terminate());
+        for answer in pending {
+            let answer = answer.await.expect("task");
+            assert!(succeeded(&answer), "{:?}", answer.headers);
+            assert_eq!(echoed(&answer), "slept");
+        }
+        assert!(stopped.await.expect("task"), "the host exits cleanly");
+    });
+}
+
+#[test]
+fn no_nats_request_is_lost_across_twenty_revision_swaps_under_load() {
+    let nats = NatsServer::start();
+    let host = misbehave_on_nats(&nats);
+    let url = host.url.clone();
+    runtime().block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        wait_for_service(&client, "misbehave.in").await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let senders: Vec<_> = (0..4)
+            .map(|sender| {
+                let (client, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut sent = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && sent < 5000 {
+                        let text = format!("echo:{sender}-{sent}");
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            client.request_with_headers(
+                                "misbehave.in".to_string(),
+                                text_headers("text/plain"),
+                                Bytes::from(text.clone().into_bytes()),
+                            ),
+                        )
+                        .await
+                        .unwrap_or_else(|_| panic!("{text}: no answer within 10 s"))
+                        .unwrap_or_else(|e| panic!("{text}: {e}"));
+                        assert!(succeeded(&answer), "{text}: {:?}", answer.headers);
+                        assert_eq!(echoed(&answer), text.trim_start_matches("echo:"));
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let swaps = tokio::task::spawn_blocking(move || {
+            for revision in 0..20 {
+                let manifest = MISBEHAVE_NATS.replace("REVISION", &(33 + revision).to_string());
+                let response = client_put(&url, manifest);
+                assert_eq!(response, 201, "swap {revision}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        swaps.await.expect("swaps");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut answered = 0;
+        for sender in senders {
+            answered += sender.await.expect("every request answered");
+        }
+        assert!(
+            answered > 40,
+            "only {answered} requests went through the swaps"
+        );
+    });
+    let status: Value = host
+        .get("/v1/functions/misbehave/status")
+        .json()
+        .expect("status");
+    assert_eq!(status["revision"], 21);
+}
+
+fn client_put(url: &str, manifest: String) -> u16 {
+    client()
+        .put(format!("{url}/v1/functions/misbehave"))
+        .body(manifest)
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}

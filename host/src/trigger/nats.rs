@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// How to reach NATS.
 #[derive(Debug, Clone, Default)]
@@ -135,9 +136,52 @@ impl Events {
     }
 }
 
+/// What a function's micro service is made of: while this stays the same
+/// across revisions, the running service keeps serving (each message runs
+/// on the revision current when it is handled), so a revision swap leaves
+/// no moment without a responder.
+#[derive(Debug, Clone, PartialEq)]
+struct ServiceShape {
+    subject: Option<String>,
+    result_subject: Option<String>,
+    capacity: u32,
+}
+
+impl ServiceShape {
+    fn of(function: &PreparedFunction) -> Self {
+        let nats = function.manifest.triggers.nats.as_ref();
+        let scaling = &function.manifest.scaling;
+        ServiceShape {
+            subject: nats.map(|t| t.subject.clone()),
+            result_subject: nats.and_then(|t| t.result_subject.clone()),
+            capacity: scaling.max_instances + scaling.max_queue,
+        }
+    }
+}
+
+/// A running micro service and what its drain waits for.
 struct Served {
-    revision: u64,
+    shape: ServiceShape,
     service: Service,
+    /// The endpoint loops: they end once a stopped service's buffered
+    /// messages are all taken.
+    endpoints: Vec<tokio::task::JoinHandle<()>>,
+    /// One permit per message being handled.
+    capacity: Arc<Semaphore>,
+}
+
+impl Served {
+    /// Stops taking messages, hands out those already received, and waits
+    /// until every one of them has been answered.
+    async fn drain(self, name: &str) {
+        if let Err(e) = self.service.stop().await {
+            tracing::warn!(function = %name, "stopping NATS service: {e}");
+        }
+        for endpoint in self.endpoints {
+            let _ = endpoint.await;
+        }
+        let _ = self.capacity.acquire_many(self.shape.capacity).await;
+    }
 }
 
 /// Keeps one micro service per served function in step with the runtime.
@@ -158,14 +202,31 @@ impl NatsTrigger {
     }
 
     /// Reconciles services with the served functions whenever they change
-    /// (and every second, as a safety net), until the task is dropped.
-    pub async fn run(self: Arc<Self>) {
+    /// (and every second, as a safety net) until `stop`; then stops taking
+    /// messages and answers those already taken, for at most `grace`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, grace: Duration) {
         loop {
             self.reconcile().await;
             tokio::select! {
                 () = self.runtime.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => break,
             }
+        }
+        let served: Vec<(String, Served)> = match self.served.lock() {
+            Ok(mut served) => served.drain().collect(),
+            Err(_) => Vec::new(),
+        };
+        let drained = futures_util::future::join_all(
+            served
+                .into_iter()
+                .map(|(name, s)| async move { s.drain(&name).await }),
+        );
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("NATS messages still in flight after {grace:?}");
+        }
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!("flushing NATS answers: {e}");
         }
     }
 
@@ -176,44 +237,44 @@ impl NatsTrigger {
             .into_iter()
             .map(|f| (f.name.clone(), f))
             .collect();
-        let stale: Vec<(String, Served)> = {
+        let gone: Vec<(String, Served)> = {
             let Ok(mut served) = self.served.lock() else {
                 return;
             };
             let names: Vec<String> = served
-                .iter()
-                .filter(|(name, s)| wanted.get(*name).is_none_or(|f| f.revision != s.revision))
-                .map(|(name, _)| name.clone())
+                .keys()
+                .filter(|name| !wanted.contains_key(*name))
+                .cloned()
                 .collect();
             names
                 .into_iter()
                 .filter_map(|n| served.remove(&n).map(|s| (n, s)))
                 .collect()
         };
-        for (name, served) in stale {
-            if let Err(e) = served.service.stop().await {
-                tracing::warn!(function = %name, "stopping NATS service: {e}");
-            }
+        for (name, served) in gone {
+            served.drain(&name).await;
         }
         for (name, function) in wanted {
-            let present = self
+            let shape = ServiceShape::of(&function);
+            let unchanged = self
                 .served
                 .lock()
-                .map(|s| s.contains_key(&name))
+                .map(|s| s.get(&name).is_some_and(|s| s.shape == shape))
                 .unwrap_or(true);
-            if present {
+            if unchanged {
                 continue;
             }
-            match self.start(&function).await {
-                Ok(service) => {
-                    if let Ok(mut served) = self.served.lock() {
-                        served.insert(
-                            name,
-                            Served {
-                                revision: function.revision,
-                                service,
-                            },
-                        );
+            // The new service starts before the old one stops: both share
+            // the queue group meanwhile, so a responder is always there.
+            match self.start(&function, shape).await {
+                Ok(started) => {
+                    let replaced = self
+                        .served
+                        .lock()
+                        .ok()
+                        .and_then(|mut served| served.insert(name.clone(), started));
+                    if let Some(old) = replaced {
+                        old.drain(&name).await;
                     }
                 }
                 Err(e) => tracing::warn!(function = %name, "cannot serve over NATS yet: {e}"),
@@ -224,33 +285,23 @@ impl NatsTrigger {
     async fn start(
         self: &Arc<Self>,
         function: &PreparedFunction,
-    ) -> Result<Service, async_nats::Error> {
+        shape: ServiceShape,
+    ) -> Result<Served, async_nats::Error> {
         let name = function.name.clone();
         let service = self
             .client
             .service_builder()
-            .description(format!(
-                "Cascade function {name}, revision {}",
-                function.revision
-            ))
+            .description(format!("Cascade function {name}"))
             .queue_group(subjects::queue_group(&name))
             .start(subjects::service_name(&name), "0.1.0")
             .await?;
-        let scaling = &function.manifest.scaling;
         // The host never pulls more work than the function can run or queue.
-        let capacity = Arc::new(Semaphore::new(
-            (scaling.max_instances + scaling.max_queue) as usize,
-        ));
+        let capacity = Arc::new(Semaphore::new(shape.capacity as usize));
         let mut subjects_to_serve = vec![subjects::endpoint_subject(&name)];
-        if let Some(trigger) = &function.manifest.triggers.nats {
-            subjects_to_serve.push(trigger.subject.clone());
+        if let Some(subject) = &shape.subject {
+            subjects_to_serve.push(subject.clone());
         }
-        let result_subject = function
-            .manifest
-            .triggers
-            .nats
-            .as_ref()
-            .and_then(|t| t.result_subject.clone());
+        let mut endpoints = Vec::new();
         for (i, subject) in subjects_to_serve.into_iter().enumerate() {
             let endpoint = service
                 .endpoint_builder()
@@ -261,9 +312,9 @@ impl NatsTrigger {
                 self.clone(),
                 name.clone(),
                 capacity.clone(),
-                result_subject.clone(),
+                shape.result_subject.clone(),
             );
-            tokio::spawn(async move {
+            endpoints.push(tokio::spawn(async move {
                 let mut endpoint = endpoint;
                 while let Some(request) = endpoint.next().await {
                     let Ok(permit) = capacity.clone().acquire_owned().await else {
@@ -276,9 +327,14 @@ impl NatsTrigger {
                         drop(permit);
                     });
                 }
-            });
+            }));
         }
-        Ok(service)
+        Ok(Served {
+            shape,
+            service,
+            endpoints,
+            capacity,
+        })
     }
 
     async fn handle(
