@@ -7,6 +7,7 @@ use crate::routes::{Matched, Route};
 use crate::stage::World;
 use crate::trigger::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
 use crate::trigger::nats::RegistryEvent;
+use cascade_registry::ModelPackage;
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::{Name, Reference};
 use http_body_util::BodyExt;
@@ -312,11 +313,15 @@ async fn publish_model(
         };
         let signature = inference::inspect(model.path(), &shapes)
             .map_err(|e| ApiError::invalid(format!("invalid ONNX model: {e}")))?;
-        Ok::<_, ApiError>(
-            runtime
-                .registry
-                .publish_model(&reference, model, files, shapes, signature)?,
-        )
+        Ok::<_, ApiError>(runtime.registry.publish_model(
+            &reference,
+            ModelPackage {
+                model,
+                files,
+                input_shapes: shapes,
+                signature,
+            },
+        )?)
     })
     .await??;
     created(published.created, &published.record)

@@ -1,7 +1,8 @@
 //! The Prometheus metrics a host exports; every metric name lives here.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds: 0.5 ms to 10 s.
@@ -43,6 +44,9 @@ pub struct Metrics {
     /// `cascade_model_batched_requests_total{function, stage}`: requests
     /// those runs served.
     pub model_batched_requests: IntCounterVec,
+    /// `cascade_mirror_sync_failures`: what a mirror's last sync could not
+    /// copy from its source (functions and artifacts).
+    pub mirror_failures: IntGauge,
 }
 
 impl Metrics {
@@ -140,6 +144,14 @@ impl Metrics {
                 "Requests served by model runs shared with others.",
                 &["function", "stage"],
             )?,
+            mirror_failures: {
+                let g = IntGauge::new(
+                    "cascade_mirror_sync_failures",
+                    "Functions and artifacts the last mirror sync could not copy.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         })
     }

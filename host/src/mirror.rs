@@ -6,10 +6,14 @@
 //! data directory (so restarts need no network), and reports which
 //! functions changed so the runtime can hot-reload them.
 
+use anyhow::Context;
 use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord};
-use cascade_registry::{Registry, RegistryError, blobs::StagedBlob, names::Reference};
+use cascade_registry::{
+    ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
+};
 use futures_util::StreamExt;
-use std::sync::Arc;
+use prometheus::IntGauge;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// The source registry and the local copy.
@@ -19,6 +23,9 @@ pub struct Mirror {
     registry: Arc<Registry>,
     http: reqwest::Client,
     limit: u64,
+    /// The last sync's failures (`None` before the source was first reached).
+    health: Mutex<Option<Vec<(String, String)>>>,
+    failed_gauge: IntGauge,
 }
 
 impl Mirror {
@@ -28,6 +35,7 @@ impl Mirror {
         token: Option<String>,
         registry: Arc<Registry>,
         limit: u64,
+        failed_gauge: IntGauge,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
@@ -38,6 +46,8 @@ impl Mirror {
             registry,
             http,
             limit,
+            health: Mutex::new(None),
+            failed_gauge,
         })
     }
 
@@ -78,37 +88,110 @@ impl Mirror {
         Ok(staged)
     }
 
-    /// Brings the local copy in line with the source; returns the names of
-    /// functions whose current revision changed.
-    pub async fn sync(&self) -> anyhow::Result<Vec<String>> {
+    /// Brings the local copy in line with the source. Each function syncs
+    /// on its own: one whose artifacts cannot be copied is reported in
+    /// [`SyncReport::failed`] while the others, and deletions, go ahead.
+    /// Fails as a whole only when the source cannot be listed.
+    pub async fn sync(&self) -> anyhow::Result<SyncReport> {
         let remote: Vec<FunctionRecord> = self.json("/v1/functions").await?;
+        let mut report = SyncReport::default();
+        let replaced = self.follow_replaced_artifacts(&mut report).await?;
         let local = tokio::task::block_in_place(|| self.registry.functions())?;
-        let mut changed = Vec::new();
         for function in &remote {
             let current = local.iter().find(|l| l.name == function.name);
-            if current
-                .is_some_and(|c| c.revision == function.revision && c.digest == function.digest)
-            {
+            let unchanged = current
+                .is_some_and(|c| c.revision == function.revision && c.digest == function.digest);
+            if unchanged && !function.uses.iter().any(|u| replaced.contains(u)) {
                 continue;
             }
-            for used in &function.uses {
-                self.ensure(used).await?;
+            match self.copy_function(function).await {
+                Ok(()) => report.changed.push(function.name.clone()),
+                Err(e) => report
+                    .failed
+                    .push((format!("function {}", function.name), format!("{e:#}"))),
             }
-            tokio::task::block_in_place(|| self.registry.mirror_function(function))?;
-            changed.push(function.name.clone());
         }
         for gone in local
             .iter()
             .filter(|l| !remote.iter().any(|r| r.name == l.name))
         {
-            tokio::task::block_in_place(|| self.registry.delete_function(&gone.name))?;
-            changed.push(gone.name.clone());
+            match tokio::task::block_in_place(|| self.registry.delete_function(&gone.name)) {
+                Ok(_) => report.changed.push(gone.name.clone()),
+                Err(e) => report
+                    .failed
+                    .push((format!("function {}", gone.name), e.to_string())),
+            }
         }
-        Ok(changed)
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.failed.clone());
+        Ok(report)
+    }
+
+    /// Copies what `function` uses, then the revision itself.
+    async fn copy_function(&self, function: &FunctionRecord) -> anyhow::Result<()> {
+        for used in &function.uses {
+            self.ensure(used)
+                .await
+                .with_context(|| format!("copying {used}"))?;
+        }
+        tokio::task::block_in_place(|| self.registry.mirror_function(function))?;
+        Ok(())
+    }
+
+    /// Compares the digests of local components and models with the
+    /// source's and copies again every version whose bytes differ there
+    /// (deleted and re-published); returns their uses (`component:x@1.0.0`).
+    async fn follow_replaced_artifacts(
+        &self,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<Vec<String>> {
+        let components: Vec<ComponentRecord> = self.json("/v1/components").await?;
+        let models: Vec<ModelRecord> = self.json("/v1/models").await?;
+        let mut stale = Vec::new();
+        for local in tokio::task::block_in_place(|| self.registry.components())? {
+            let differs = components.iter().any(|r| {
+                r.name == local.name && r.version == local.version && r.digest != local.digest
+            });
+            if differs {
+                stale.push(format!("component:{}@{}", local.name, local.version));
+            }
+        }
+        for local in tokio::task::block_in_place(|| self.registry.models())? {
+            let differs = models.iter().any(|r| {
+                r.name == local.name
+                    && r.version == local.version
+                    && r.package_digest != local.package_digest
+            });
+            if differs {
+                stale.push(format!("model:{}@{}", local.name, local.version));
+            }
+        }
+        let mut replaced = Vec::new();
+        for used in stale {
+            match self.copy(&used, true).await {
+                Ok(()) => replaced.push(used),
+                Err(e) => report.failed.push((used, format!("{e:#}"))),
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// What the last sync could not copy (artifact or function, and why);
+    /// `None` before the first sync reached the source.
+    pub fn failures(&self) -> Option<Vec<(String, String)>> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Copies one `component:name@version` or `model:name@version` if missing.
     async fn ensure(&self, used: &str) -> anyhow::Result<()> {
+        self.copy(used, false).await
+    }
+
+    /// Copies one use from the source: when `replace`, even over a local
+    /// version with other bytes; else only when missing.
+    async fn copy(&self, used: &str, replace: bool) -> anyhow::Result<()> {
         let (kind, reference) = used
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("odd use {used:?}"))?;
@@ -116,7 +199,7 @@ impl Mirror {
         let (name, version) = (&reference.name, &reference.version);
         match kind {
             "component" => {
-                if self.registry.component(&reference).is_ok() {
+                if !replace && self.registry.component(&reference).is_ok() {
                     return Ok(());
                 }
                 let record: ComponentRecord = self
@@ -130,11 +213,11 @@ impl Mirror {
                     .await?;
                 tokio::task::block_in_place(|| {
                     self.registry
-                        .publish_component(&reference, blob, &record.world)
+                        .mirror_component(&reference, blob, &record.world)
                 })?;
             }
             "model" => {
-                if self.registry.model(&reference).is_ok() {
+                if !replace && self.registry.model(&reference).is_ok() {
                     return Ok(());
                 }
                 let record: ModelRecord =
@@ -150,14 +233,14 @@ impl Mirror {
                     let path = format!("/v1/models/{name}/{version}/files/{}", file.name);
                     files.push((file.name.clone(), self.fetch(&path, &file.digest).await?));
                 }
+                let package = ModelPackage {
+                    model,
+                    files,
+                    input_shapes: record.input_shapes.clone(),
+                    signature: record.signature.clone(),
+                };
                 let published = tokio::task::block_in_place(|| {
-                    self.registry.publish_model(
-                        &reference,
-                        model,
-                        files,
-                        record.input_shapes.clone(),
-                        record.signature.clone(),
-                    )
+                    self.registry.mirror_model(&reference, package)
                 })?;
                 if published.record.package_digest != record.package_digest {
                     anyhow::bail!(
@@ -169,6 +252,15 @@ impl Mirror {
         }
         Ok(())
     }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Functions whose served revision changed (to reload).
+    pub changed: Vec<String>,
+    /// What could not be copied, and why.
+    pub failed: Vec<(String, String)>,
 }
 
 /// How often a mirror checks its source even without events.
@@ -188,8 +280,12 @@ pub async fn run(
 ) {
     loop {
         match mirror.sync().await {
-            Ok(changed) => {
-                for name in changed {
+            Ok(report) => {
+                mirror.failed_gauge.set(report.failed.len() as i64);
+                for (what, why) in &report.failed {
+                    tracing::warn!("mirror cannot copy {what} from {}: {why}", mirror.source());
+                }
+                for name in report.changed {
                     let runtime = runtime.clone();
                     let reloaded = tokio::task::spawn_blocking(move || {
                         let result = runtime.reload(&name);

@@ -106,6 +106,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     }
     if let Some(mirror) = mirror {
         state.mirror_of = Some(mirror.source().to_string());
+        let synced = mirror.clone();
+        state.readiness.push((
+            "mirror".into(),
+            Box::new(move || synced.failures().is_some_and(|f| f.is_empty())),
+        ));
         let events = match (&nats_client, nats_connection) {
             (Some(client), Some(connection)) => Some((
                 client.subscribe(subjects::REGISTRY_EVENTS).await?,
@@ -161,6 +166,7 @@ async fn start_mirror(config: &ServeConfig, url: &str, runtime: &Arc<Runtime>) -
         config.registry_token.clone(),
         runtime.registry.clone(),
         config.max_upload_mb << 20,
+        runtime.metrics.mirror_failures.clone(),
     )?;
     if let Err(e) = mirror.sync().await {
         tracing::warn!(

@@ -29,4 +29,4 @@ pub mod store;
 mod tables;
 
 pub use error::RegistryError;
-pub use store::{Published, Registry};
+pub use store::{ModelPackage, Published, Registry};

@@ -28,6 +28,27 @@ pub struct Published<R> {
     pub created: bool,
 }
 
+/// Whether a publish may replace a stored version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Versions {
+    /// Published versions never change (every publish here).
+    Immutable,
+    /// A mirror follows its source, which may have deleted and re-published.
+    FollowSource,
+}
+
+/// What a model version is made of, staged and checked by the caller.
+pub struct ModelPackage {
+    /// The ONNX file.
+    pub model: StagedBlob,
+    /// Extra files by name (`tokenizer.json`, `labels.txt`).
+    pub files: Vec<(String, StagedBlob)>,
+    /// Input dimensions fixed at publish.
+    pub input_shapes: std::collections::BTreeMap<String, Vec<String>>,
+    /// Inputs and outputs, as the publish-time checker found them.
+    pub signature: ModelSignature,
+}
+
 /// The registry of one data directory.
 pub struct Registry {
     db: Database,
@@ -135,11 +156,39 @@ impl Registry {
         blob: StagedBlob,
         world: &str,
     ) -> Result<Published<ComponentRecord>, RegistryError> {
+        self.store_component(reference, blob, world, Versions::Immutable)
+    }
+
+    /// A mirror's copy of its source's component: replaces a local record
+    /// whose bytes differ (the source deleted and re-published the version).
+    pub fn mirror_component(
+        &self,
+        reference: &Reference,
+        blob: StagedBlob,
+        world: &str,
+    ) -> Result<Published<ComponentRecord>, RegistryError> {
+        let published = self.store_component(reference, blob, world, Versions::FollowSource)?;
+        self.collect_garbage(false)?;
+        Ok(published)
+    }
+
+    fn store_component(
+        &self,
+        reference: &Reference,
+        blob: StagedBlob,
+        world: &str,
+        versions: Versions,
+    ) -> Result<Published<ComponentRecord>, RegistryError> {
         let key = reference.to_string();
         self.write(|txn| {
             let mut table = txn.open_table(COMPONENTS)?;
-            if let Some(existing) = table.get(key.as_str())? {
-                let existing: ComponentRecord = decode(existing.value())?;
+            let existing: Option<ComponentRecord> = table
+                .get(key.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if let Some(existing) = existing
+                && (versions == Versions::Immutable || existing.digest == blob.digest)
+            {
                 return same_or_conflict(
                     existing.clone(),
                     &existing.digest,
@@ -169,11 +218,35 @@ impl Registry {
     pub fn publish_model(
         &self,
         reference: &Reference,
-        model: StagedBlob,
-        files: Vec<(String, StagedBlob)>,
-        input_shapes: std::collections::BTreeMap<String, Vec<String>>,
-        signature: ModelSignature,
+        package: ModelPackage,
     ) -> Result<Published<ModelRecord>, RegistryError> {
+        self.store_model(reference, package, Versions::Immutable)
+    }
+
+    /// A mirror's copy of its source's model: replaces a local record whose
+    /// package differs (the source deleted and re-published the version).
+    pub fn mirror_model(
+        &self,
+        reference: &Reference,
+        package: ModelPackage,
+    ) -> Result<Published<ModelRecord>, RegistryError> {
+        let published = self.store_model(reference, package, Versions::FollowSource)?;
+        self.collect_garbage(false)?;
+        Ok(published)
+    }
+
+    fn store_model(
+        &self,
+        reference: &Reference,
+        package: ModelPackage,
+        versions: Versions,
+    ) -> Result<Published<ModelRecord>, RegistryError> {
+        let ModelPackage {
+            model,
+            files,
+            input_shapes,
+            signature,
+        } = package;
         let mut names = BTreeSet::new();
         for (name, _) in &files {
             check_file_name(name)?;
@@ -195,8 +268,13 @@ impl Registry {
         let key = reference.to_string();
         self.write(|txn| {
             let mut table = txn.open_table(MODELS)?;
-            if let Some(existing) = table.get(key.as_str())? {
-                let existing: ModelRecord = decode(existing.value())?;
+            let existing: Option<ModelRecord> = table
+                .get(key.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if let Some(existing) = existing
+                && (versions == Versions::Immutable || existing.package_digest == package_digest)
+            {
                 return same_or_conflict(
                     existing.clone(),
                     &existing.package_digest,

@@ -576,3 +576,129 @@ fn client_put(url: &str, manifest: String) -> u16 {
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
+
+/// Polls `check` every 20 ms until it holds, for at most `limit`.
+fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The name of the first tensor a preprocessor-only function answers.
+fn first_tensor(host: &Host, function: &str) -> Option<String> {
+    let response = host.invoke(function, "text/plain", "echo:x");
+    if response.status() != 200 {
+        return None;
+    }
+    let value: Value = response.json().ok()?;
+    value["tensors"][0]["name"].as_str().map(str::to_string)
+}
+
+fn publish_wasm(host: &Host, component: &str, as_name: &str) {
+    let wasm = std::fs::read(cascade_tests::component_path(component)).expect("built");
+    let response = host.put(
+        &format!("/v1/components/{as_name}/0.1.0"),
+        "application/wasm",
+        wasm,
+    );
+    assert_eq!(response.status(), 201);
+}
+
+#[test]
+fn a_mirror_syncs_what_it_can_reports_the_rest_and_follows_republished_bytes() {
+    let nats = NatsServer::start();
+    let source = host_on(&nats);
+    publish_wasm(&source, "misbehave", "shape");
+    let light = "name = \"light\"\n[[stages]]\ncomponent = \"shape@0.1.0\"\n";
+    assert_eq!(
+        source
+            .put("/v1/functions/light", "application/toml", light)
+            .status(),
+        201
+    );
+    let swap = "name = \"swap\"\n[[stages]]\ncomponent = \"shape@0.1.0\"\n";
+    assert_eq!(
+        source
+            .put("/v1/functions/swap", "application/toml", swap)
+            .status(),
+        201
+    );
+
+    // The mirror cannot hold MiniLM (over 1 MiB), so not `embed`, but copies
+    // the rest (`orientation`'s classifier is smaller).
+    let mirror = Host::start_with(&[
+        "--nats",
+        &nats.url(),
+        "--registry-url",
+        &source.url,
+        "--max-upload-mb",
+        "1",
+    ]);
+    within(Duration::from_secs(10), "light served", || {
+        first_tensor(&mirror, "light").as_deref() == Some("echo")
+    });
+    assert_eq!(mirror.invoke("embed", "text/plain", "x").status(), 404);
+    let ready = mirror.get("/readyz");
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().expect("JSON");
+    assert_eq!(ready["checks"]["mirror"], false, "{ready}");
+    assert_eq!(mirror.metric("cascade_mirror_sync_failures"), 1.0);
+    assert_eq!(
+        mirror
+            .invoke(
+                "orientation",
+                "image/png",
+                std::fs::read(cascade_tests::fixture("two_colours.png")).expect("fixture")
+            )
+            .status(),
+        200
+    );
+
+    // A deletion at the source reaches the mirror despite those failures.
+    let deleted = client()
+        .delete(format!("{}/v1/functions/light", source.url))
+        .send()
+        .expect("delete");
+    assert!(deleted.status().is_success());
+    within(
+        Duration::from_secs(3),
+        "light deleted on the mirror",
+        || mirror.invoke("light", "text/plain", "echo:x").status() == 404,
+    );
+
+    // shape@0.1.0 deleted and published again with other bytes at the source:
+    // the mirror serves the new bytes, not its old copy.
+    let deleted = client()
+        .delete(format!("{}/v1/functions/swap", source.url))
+        .send()
+        .expect("delete");
+    assert!(deleted.status().is_success());
+    let deleted = client()
+        .delete(format!("{}/v1/components/shape/0.1.0", source.url))
+        .send()
+        .expect("delete");
+    assert!(deleted.status().is_success(), "{:?}", deleted.text());
+    publish_wasm(&source, "echo", "shape");
+    assert_eq!(
+        source
+            .put("/v1/functions/swap", "application/toml", swap)
+            .status(),
+        201
+    );
+    within(
+        Duration::from_secs(3),
+        "the republished bytes served",
+        || first_tensor(&mirror, "swap").as_deref() == Some("body"),
+    );
+    let mirrored: Value = mirror
+        .get("/v1/components/shape/0.1.0")
+        .json()
+        .expect("JSON");
+    let original: Value = source
+        .get("/v1/components/shape/0.1.0")
+        .json()
+        .expect("JSON");
+    assert_eq!(mirrored["digest"], original["digest"]);
+}
