@@ -39,8 +39,13 @@ pub async fn route(
         }
         (Route::DeleteComponent, [name, version]) => {
             let r = reference(name, version)?;
-            let registry = registry.clone();
-            let record = blocking(move || registry.delete_component(&r)).await??;
+            let runtime = state.runtime.clone();
+            let record = blocking(move || {
+                let record = runtime.registry.delete_component(&r)?;
+                runtime.collect_compiled();
+                Ok::<_, ApiError>(record)
+            })
+            .await??;
             state.events.emit(artifact_event(
                 "component",
                 "deleted",

@@ -150,6 +150,15 @@ impl ServingEngine {
         Ok((component, false))
     }
 
+    /// Whether `file_name` in the compiled cache is an artifact of this
+    /// engine configuration for a digest that `live` still wants.
+    pub fn is_current_artifact(&self, file_name: &str, live: impl Fn(&str) -> bool) -> bool {
+        let suffix = format!("-{}.cwasm", self.fingerprint());
+        file_name
+            .strip_suffix(&suffix)
+            .is_some_and(|digest| live(digest))
+    }
+
     /// Identifies the engine configuration, so artifacts of another
     /// configuration or wasmtime version are never loaded.
     fn fingerprint(&self) -> String {

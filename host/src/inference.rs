@@ -522,11 +522,15 @@ impl PlanCache {
         Ok(plan)
     }
 
-    /// Forgets plans of models no longer served.
-    pub fn retain(&self, live: impl Fn(&str) -> bool) {
-        if let Ok(mut plans) = self.plans.lock() {
-            plans.retain(|(key, _), _| live(key.get(..64).unwrap_or(key)));
-        }
+    /// Forgets plans nothing serves any more (no stage or grant holds
+    /// them); returns how many went.
+    pub fn collect(&self) -> usize {
+        let Ok(mut plans) = self.plans.lock() else {
+            return 0;
+        };
+        let before = plans.len();
+        plans.retain(|_, plan| Arc::strong_count(plan) > 1);
+        before - plans.len()
     }
 }
 

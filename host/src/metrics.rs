@@ -1,9 +1,11 @@
 //! The Prometheus metrics a host exports; every metric name lives here.
 
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::collections::HashMap;
 
 /// Latency buckets in seconds: 0.5 ms to 10 s.
 const BUCKETS: &[f64] = &[
@@ -166,6 +168,22 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Removes every label set of a function that is no longer served,
+    /// so deleting functions does not grow the exposition for ever.
+    pub fn forget_function(&self, function: &str) {
+        forget(&self.requests, function);
+        forget(&self.latency, function);
+        forget(&self.stage_latency, function);
+        forget(&self.instances, function);
+        forget(&self.busy, function);
+        forget(&self.queued, function);
+        forget(&self.cold_starts, function);
+        forget(&self.traps, function);
+        forget(&self.timeouts, function);
+        forget(&self.model_batches, function);
+        forget(&self.model_batched_requests, function);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -173,5 +191,21 @@ impl Metrics {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Removes the label sets of `vec` whose `function` label is `function`.
+fn forget<T: MetricVecBuilder>(vec: &MetricVec<T>, function: &str) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if labels.get("function") == Some(&function) {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }

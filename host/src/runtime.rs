@@ -124,6 +124,7 @@ impl Runtime {
 
     /// Prepares every published function (blocking).
     pub fn load_all(&self) {
+        self.collect_compiled();
         match self.registry.functions() {
             Ok(records) => {
                 for record in records {
@@ -144,8 +145,13 @@ impl Runtime {
         match self.registry.function(name) {
             Ok(record) => self.install(&record),
             Err(_) => {
-                if let Ok(mut functions) = self.functions.write() {
-                    functions.remove(name);
+                let removed = self
+                    .functions
+                    .write()
+                    .ok()
+                    .and_then(|mut functions| functions.remove(name));
+                if removed.is_some() {
+                    self.metrics.forget_function(name);
                 }
                 self.changes.notify_waiters();
                 Ok(())
@@ -345,9 +351,51 @@ impl Runtime {
         self.metrics.compiled.with_label_values(&[source]).inc();
     }
 
-    /// Reaps idle instances of every function now.
+    /// Reaps idle instances of every function now, and lets go of model
+    /// plans and compiled components no served revision uses any more
+    /// (those of replaced revisions go once their last request is done).
     pub fn reap(&self) -> usize {
         let now = Instant::now();
-        self.served().iter().map(|f| f.reap(now)).sum()
+        let reaped = self.served().iter().map(|f| f.reap(now)).sum();
+        let plans = self.plans.collect();
+        let components = self
+            .components
+            .lock()
+            .map(|mut components| {
+                let before = components.len();
+                components.retain(|_, stage| Arc::strong_count(stage) > 1);
+                before - components.len()
+            })
+            .unwrap_or(0);
+        if plans + components > 0 {
+            crate::inference::release_freed_memory();
+        }
+        reaped
+    }
+
+    /// Removes compiled artifacts of components no longer published (or
+    /// of another engine configuration), and files a crash left half
+    /// written.
+    pub fn collect_compiled(&self) {
+        let live: std::collections::HashSet<String> = match self.registry.components() {
+            Ok(components) => components.into_iter().map(|c| c.digest).collect(),
+            Err(e) => {
+                tracing::warn!("listing components to collect compiled artifacts: {e}");
+                return;
+            }
+        };
+        let Ok(entries) = std::fs::read_dir(&self.compiled_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !self
+                .engine
+                .is_current_artifact(&name, |digest| live.contains(digest))
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!("removing compiled artifact {name}: {e}");
+            }
+        }
     }
 }

@@ -259,6 +259,10 @@ impl ShapePlans {
                     shape = %shape.join(","),
                     "cannot specialise the plan: {e:#}"
                 );
+                // Bounded like `seen`: inputs choose the shapes.
+                if state.failed.len() >= MAX_COUNTED {
+                    state.failed.clear();
+                }
                 state.failed.insert(values);
             }
         }
