@@ -156,7 +156,7 @@ impl ServingEngine {
         let suffix = format!("-{}.cwasm", self.fingerprint());
         file_name
             .strip_suffix(&suffix)
-            .is_some_and(|digest| live(digest))
+            .is_some_and(live)
     }
 
     /// Identifies the engine configuration, so artifacts of another
