@@ -312,7 +312,7 @@ async fn publish_model(
     let max_upload = state.max_upload;
     let published = blocking(move || {
         let (model, files) = if is_tar {
-            unpack_package(&runtime, &staged, max_upload)?
+            unpack_package(&runtime.registry, staged.path(), max_upload)?
         } else {
             (staged, Vec::new())
         };
@@ -368,13 +368,12 @@ pub const PACKAGE_MODEL_FILE: &str = "model.onnx";
 
 /// Splits a package tar into the model and its named files.
 fn unpack_package(
-    runtime: &crate::runtime::Runtime,
-    tar_blob: &StagedBlob,
+    registry: &cascade_registry::Registry,
+    tar: &std::path::Path,
     limit: u64,
 ) -> Result<(StagedBlob, Vec<(String, StagedBlob)>), ApiError> {
     let bad = |e: std::io::Error| ApiError::invalid(format!("invalid package tar: {e}"));
-    let mut archive =
-        tar::Archive::new(std::fs::File::open(tar_blob.path()).map_err(ApiError::internal)?);
+    let mut archive = tar::Archive::new(std::fs::File::open(tar).map_err(ApiError::internal)?);
     let mut model = None;
     let mut files = Vec::new();
     for entry in archive.entries().map_err(bad)? {
@@ -384,7 +383,7 @@ fn unpack_package(
         }
         let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
         let name = name.trim_start_matches("./").to_string();
-        let mut writer = runtime.registry.stage(limit)?;
+        let mut writer = registry.stage(limit)?;
         std::io::copy(&mut entry, &mut writer).map_err(bad)?;
         let staged = writer.finish()?;
         if name == PACKAGE_MODEL_FILE {
@@ -431,4 +430,66 @@ async fn publish_function(
         body["warning"] = format!("published, but the host cannot serve it: {e}").into();
     }
     created(published.created, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    type Unpacked = Result<(StagedBlob, Vec<(String, StagedBlob)>), ApiError>;
+
+    /// The package in `bytes`, unpacked into a registry in a directory
+    /// that lives as long as the staged files are looked at.
+    fn unpacked(bytes: &[u8]) -> (tempfile::TempDir, Unpacked) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = cascade_registry::Registry::open(dir.path()).expect("registry");
+        let tar = dir.path().join("upload.tar");
+        std::fs::write(&tar, bytes).expect("write");
+        let unpacked = unpack_package(&registry, &tar, 1 << 20);
+        (dir, unpacked)
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_a_package_or_a_400(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            if let (_, Err(e)) = unpacked(&bytes) {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message);
+            }
+        }
+
+        #[test]
+        fn any_tar_of_files_keeps_every_byte_or_is_a_400(
+            entries in proptest::collection::vec(
+                ("(model\\.onnx|[a-z./ ]{1,12})", proptest::collection::vec(any::<u8>(), 0..200)),
+                0..5,
+            ),
+        ) {
+            let mut builder = tar::Builder::new(Vec::new());
+            for (name, data) in &entries {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                if header.set_path(name).is_err() {
+                    return Ok(());
+                }
+                header.set_cksum();
+                builder.append(&header, data.as_slice()).expect("append");
+            }
+            let bytes = builder.into_inner().expect("tar");
+            let (_dir, unpacked) = unpacked(&bytes);
+            match unpacked {
+                Ok((model, files)) => {
+                    let (_, data) = entries
+                        .iter()
+                        .rev()
+                        .find(|(name, _)| name.trim_start_matches("./") == PACKAGE_MODEL_FILE)
+                        .expect("a model entry");
+                    prop_assert_eq!(std::fs::read(model.path()).expect("model"), data.clone());
+                    prop_assert!(files.len() < entries.len());
+                }
+                Err(e) => prop_assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message),
+            }
+        }
+    }
 }

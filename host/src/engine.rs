@@ -154,9 +154,7 @@ impl ServingEngine {
     /// engine configuration for a digest that `live` still wants.
     pub fn is_current_artifact(&self, file_name: &str, live: impl Fn(&str) -> bool) -> bool {
         let suffix = format!("-{}.cwasm", self.fingerprint());
-        file_name
-            .strip_suffix(&suffix)
-            .is_some_and(live)
+        file_name.strip_suffix(&suffix).is_some_and(live)
     }
 
     /// Identifies the engine configuration, so artifacts of another

@@ -545,3 +545,58 @@ pub(crate) fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tensor_type() -> impl Strategy<Value = TensorType> {
+        prop_oneof![
+            Just(TensorType::U8),
+            Just(TensorType::Fp16),
+            Just(TensorType::Bf16),
+            Just(TensorType::Fp32),
+            Just(TensorType::Fp64),
+            Just(TensorType::I32),
+            Just(TensorType::I64),
+        ]
+    }
+
+    proptest! {
+        /// Whatever a guest sends as a tensor, decoding it for a model
+        /// never panics: bytes that fill the shape of the type the model
+        /// wants decode and come back unchanged; anything else is a 400.
+        #[test]
+        fn any_tensor_decodes_exactly_or_is_refused_as_invalid_input(
+            ty in tensor_type(),
+            dimensions in proptest::collection::vec(
+                prop_oneof![0u32..6, Just(u32::MAX), any::<u32>()],
+                0..5,
+            ),
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            wanted in tensor_type(),
+        ) {
+            let tensor = Tensor { name: "x".into(), dimensions, ty, data };
+            let Some(expected) = datum_of(wanted) else {
+                return Ok(());
+            };
+            let fills = tensor
+                .dimensions
+                .iter()
+                .try_fold(element_bytes(ty), |acc, &d| acc.checked_mul(d as usize))
+                == Some(tensor.data.len());
+            match to_tract(&tensor, expected) {
+                Ok(decoded) => {
+                    prop_assert!(fills && ty == wanted);
+                    let back = from_tract("x", &decoded).expect("a type we decode");
+                    prop_assert_eq!(back.ty, tensor.ty);
+                    prop_assert_eq!(back.dimensions, tensor.dimensions);
+                    prop_assert_eq!(back.data, tensor.data);
+                }
+                Err(StageError::InvalidInput(_)) => prop_assert!(!fills || ty != wanted),
+                Err(other) => prop_assert!(false, "not a 400: {other}"),
+            }
+        }
+    }
+}

@@ -272,4 +272,60 @@ mod tests {
             assert!(pattern.starts_with('/'));
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn method() -> impl Strategy<Value = Method> {
+            prop_oneof![
+                Just(Method::GET),
+                Just(Method::PUT),
+                Just(Method::POST),
+                Just(Method::DELETE),
+                Just(Method::HEAD),
+                Just(Method::PATCH),
+            ]
+        }
+
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("v1".to_string()),
+                Just("functions".to_string()),
+                Just("components".to_string()),
+                Just("models".to_string()),
+                Just("invoke".to_string()),
+                Just("status".to_string()),
+                Just("content".to_string()),
+                Just("rollback".to_string()),
+                ".{0,12}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_path_resolves_to_a_declared_route_or_none(
+                method in method(),
+                segments in proptest::collection::vec(segment(), 0..7),
+                trailing in any::<bool>(),
+            ) {
+                let mut path = format!("/{}", segments.join("/"));
+                if trailing {
+                    path.push('/');
+                }
+                if let Some(matched) = resolve(&method, &path) {
+                    let declared = TABLE
+                        .iter()
+                        .find(|(m, _, route, _)| *m == method && *route == matched.route);
+                    prop_assert!(declared.is_some());
+                    let (_, pattern, _, need) = declared.expect("declared");
+                    prop_assert_eq!(*need, matched.need);
+                    prop_assert_eq!(pattern.matches("{}").count(), matched.params.len());
+                    let changes = matches!(method, Method::PUT | Method::DELETE)
+                        || matched.route == Route::Rollback;
+                    prop_assert_eq!(changes, matched.writes_registry());
+                }
+            }
+        }
+    }
 }

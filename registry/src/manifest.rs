@@ -473,4 +473,55 @@ nats = { subject = "embed.requests" }
             assert!(message.contains("`triggers.nats."), "{message}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A 400 that says it is about the manifest, or a valid manifest.
+        fn precise(result: Result<ValidatedManifest, RegistryError>) -> Result<(), TestCaseError> {
+            match result {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    prop_assert_eq!(e.status(), 400);
+                    prop_assert!(e.to_string().starts_with("invalid manifest: "), "{}", e);
+                    Ok(())
+                }
+            }
+        }
+
+        fn any_text() -> impl Strategy<Value = String> {
+            prop_oneof![".{0,40}", "[a-z.*>$_ \r\n-]{0,20}", Just(String::new()),]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_a_manifest_or_a_400(text in ".{0,400}") {
+                precise(parse(&text))?;
+            }
+
+            #[test]
+            fn any_field_values_are_a_manifest_or_a_400(
+                name in any_text(),
+                reference in any_text(),
+                min in any::<u32>(),
+                max in any::<u32>(),
+                queue in any::<u32>(),
+                timeout in any::<u64>(),
+                memory in any::<u64>(),
+                body in any::<u64>(),
+                batch in any::<u32>(),
+                subject in any_text(),
+                result in any_text(),
+            ) {
+                let text = format!(
+                    "name = {name:?}\n[[stages]]\nmodel = {reference:?}\nbatch = {batch}\n\
+                     [scaling]\nmin_instances = {min}\nmax_instances = {max}\nmax_queue = {queue}\n\
+                     [limits]\ntimeout_ms = {timeout}\nmemory_mb = {memory}\nmax_body_kb = {body}\n\
+                     [triggers]\nnats = {{ subject = {subject:?}, result_subject = {result:?} }}\n"
+                );
+                precise(parse(&text))?;
+            }
+        }
+    }
 }
