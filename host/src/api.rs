@@ -384,7 +384,15 @@ fn unpack_package(
         let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
         let name = name.trim_start_matches("./").to_string();
         let mut writer = registry.stage(limit)?;
-        std::io::copy(&mut entry, &mut writer).map_err(bad)?;
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let read = std::io::Read::read(&mut entry, &mut chunk).map_err(bad)?;
+            if read == 0 {
+                break;
+            }
+            // Registry errors keep their status: 413 over the limit, 507 on a full disk.
+            writer.write_chunk(&chunk[..read])?;
+        }
         let staged = writer.finish()?;
         if name == PACKAGE_MODEL_FILE {
             model = Some(staged);

@@ -57,7 +57,7 @@ impl BlobStore {
             staged
                 .file
                 .persist(&target)
-                .map_err(|e| RegistryError::Storage(e.to_string()))?;
+                .map_err(|e| RegistryError::from(e.error))?;
             File::open(&self.blobs)?.sync_all()?;
         }
         Ok(target)

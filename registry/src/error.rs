@@ -15,6 +15,10 @@ pub enum RegistryError {
     /// The body exceeds a configured limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// The disk is full (507): the registry stays readable, publishing
+    /// fails until space is freed.
+    #[error("the registry's disk is full: {0}")]
+    StorageFull(String),
     /// The disk or the database failed (500).
     #[error("storage error: {0}")]
     Storage(String),
@@ -28,6 +32,7 @@ impl RegistryError {
             RegistryError::NotFound(_) => 404,
             RegistryError::Conflict(_) => 409,
             RegistryError::TooLarge(_) => 413,
+            RegistryError::StorageFull(_) => 507,
             RegistryError::Storage(_) => 500,
         }
     }
@@ -39,16 +44,32 @@ impl RegistryError {
             RegistryError::NotFound(_) => "not_found",
             RegistryError::Conflict(_) => "conflict",
             RegistryError::TooLarge(_) => "too_large",
+            RegistryError::StorageFull(_) => "insufficient_storage",
             RegistryError::Storage(_) => "storage",
         }
     }
+}
+
+/// A storage failure, told apart when it is a full disk: the error or one
+/// of its sources is an I/O error of that kind (redb wraps them).
+fn storage(e: &(dyn std::error::Error + 'static)) -> RegistryError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            return RegistryError::StorageFull(e.to_string());
+        }
+        cause = error.source();
+    }
+    RegistryError::Storage(e.to_string())
 }
 
 macro_rules! storage_from {
     ($($source:ty),*) => {$(
         impl From<$source> for RegistryError {
             fn from(e: $source) -> Self {
-                RegistryError::Storage(e.to_string())
+                storage(&e)
             }
         }
     )*};

@@ -144,8 +144,10 @@ impl ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
-        if let RegistryError::Storage(detail) = &e {
-            return ApiError::internal(detail);
+        match &e {
+            RegistryError::Storage(detail) => return ApiError::internal(detail),
+            RegistryError::StorageFull(_) => tracing::error!("{e}"),
+            _ => {}
         }
         ApiError::new(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
