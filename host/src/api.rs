@@ -2,6 +2,7 @@
 //! models and functions. Uploads stream to disk; components and models are
 //! validated (compiled, optimised) before they are published.
 
+use crate::capacity::Footprint;
 use crate::inference;
 use crate::routes::{Matched, Route};
 use crate::stage::World;
@@ -209,13 +210,14 @@ async fn publish_component(
 ) -> Result<Response<Body>, ApiError> {
     let staged = stage_body(state, request).await?;
     let runtime = state.runtime.clone();
-    let published = blocking(move || {
+    let (published, footprint) = blocking(move || {
         let world = component_world(&runtime, &staged)?;
-        Ok::<_, ApiError>(
-            runtime
-                .registry
-                .publish_component(&reference, staged, world.name())?,
-        )
+        let bytes = std::fs::read(staged.path()).map_err(ApiError::internal)?;
+        let footprint = Footprint::of(&bytes).map_err(ApiError::invalid)?;
+        let published = runtime
+            .registry
+            .publish_component(&reference, staged, world.name())?;
+        Ok::<_, ApiError>((published, footprint))
     })
     .await??;
     if published.created {
@@ -228,7 +230,10 @@ async fn publish_component(
             &r.digest,
         ));
     }
-    created(published.created, &published.record)
+    // What one instance takes from a host's pools, for sizing `--max-instances`.
+    let mut body = serde_json::to_value(&published.record).map_err(ApiError::internal)?;
+    body["footprint"] = serde_json::to_value(footprint).map_err(ApiError::internal)?;
+    created(published.created, &body)
 }
 
 fn artifact_event(

@@ -2,6 +2,7 @@
 //! model, pooling allocator, epoch interruption. Every engine setting lives
 //! here, so compiled artifacts stay compatible across the host.
 
+use crate::capacity::{Capacity, Footprint};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::Path;
@@ -37,9 +38,16 @@ impl Default for EngineSettings {
     }
 }
 
+/// Pool slots per component instance a host promises: room for components
+/// that are not Rust (componentize-py's Python holds 14 core instances).
+const CORE_INSTANCES_EACH: u32 = 16;
+const MEMORIES_EACH: u32 = 2;
+const TABLES_EACH: u32 = 16;
+
 /// A wasmtime engine plus the thread that advances its epoch.
 pub struct ServingEngine {
     engine: Engine,
+    capacity: Arc<Capacity>,
     ticker: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
@@ -63,6 +71,7 @@ impl ServingEngine {
         };
         Ok(ServingEngine {
             engine,
+            capacity: Capacity::new(pools(settings)),
             ticker: Some(ticker),
             stop,
         })
@@ -72,6 +81,11 @@ impl ServingEngine {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+
+    /// The instance pools and what live instances hold of them.
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
+    }
 }
 
 impl Drop for ServingEngine {
@@ -80,6 +94,19 @@ impl Drop for ServingEngine {
         if let Some(ticker) = self.ticker.take() {
             let _ = ticker.join();
         }
+    }
+}
+
+/// The pools' sizes: per promised component instance, room for one that
+/// is not Rust. [`Capacity`] admits instances by their real footprint, so
+/// running out is a 503, never an allocation failure.
+fn pools(settings: &EngineSettings) -> Footprint {
+    let each = |n: u32| settings.max_instances.saturating_mul(n);
+    Footprint {
+        component_instances: settings.max_instances,
+        core_instances: each(CORE_INSTANCES_EACH),
+        memories: each(MEMORIES_EACH),
+        tables: each(TABLES_EACH),
     }
 }
 
@@ -93,12 +120,11 @@ fn config(settings: &EngineSettings) -> Result<Config> {
     let max_memory =
         usize::try_from(settings.max_memory_mb << 20).context("max_memory_mb is too large")?;
     let mut pool = PoolingAllocationConfig::default();
-    // A Rust wasip2 component holds a few core instances (its module plus
-    // adapters), each with at most one memory and a few tables.
-    pool.total_component_instances(settings.max_instances)
-        .total_core_instances(settings.max_instances * 4)
-        .total_memories(settings.max_instances * 2)
-        .total_tables(settings.max_instances * 4)
+    let pools = pools(settings);
+    pool.total_component_instances(pools.component_instances)
+        .total_core_instances(pools.core_instances)
+        .total_memories(pools.memories)
+        .total_tables(pools.tables)
         .max_memory_size(max_memory)
         // Reset freed slots' memory in batches: one `process_madvise` (and
         // one TLB shootdown across cores) for many instances instead of one

@@ -173,9 +173,10 @@ impl BackendExecutionContext for QueuedContext {
             Ok(Ok((_, outputs))) => outputs,
         }
         .map_err(|e| match e {
-            StageError::InvalidInput(m) | StageError::Internal(m) | StageError::Trap(m) => {
-                backend_error(m)
-            }
+            StageError::InvalidInput(m)
+            | StageError::Internal(m)
+            | StageError::Trap(m)
+            | StageError::Capacity(m) => backend_error(m),
             StageError::DeadlineExceeded => backend_error("deadline exceeded"),
         })?;
         let named = outputs

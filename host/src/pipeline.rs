@@ -93,6 +93,28 @@ pub enum InvokeError {
     /// Every instance is busy and the queue is full (503).
     #[error("function {0} is overloaded; retry later")]
     Overloaded(String),
+    /// The host's instance pools are full (503).
+    #[error("function {function}, stage {stage}: {message}")]
+    NoCapacity {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// What is full.
+        message: String,
+    },
+    /// The function is stored but this host cannot serve it (503).
+    #[error(
+        "function {function} revision {revision} is published, but this host cannot serve it: {reason}"
+    )]
+    Unservable {
+        /// Function name.
+        function: String,
+        /// The revision that could not be prepared.
+        revision: u64,
+        /// Why.
+        reason: String,
+    },
     /// The deadline passed (504).
     #[error("function {function}, stage {stage}: deadline of {timeout_ms} ms exceeded")]
     DeadlineExceeded {
@@ -123,7 +145,9 @@ impl InvokeError {
             InvokeError::NotFound(_) => 404,
             InvokeError::TooLarge { .. } => 413,
             InvokeError::Internal { .. } => 500,
-            InvokeError::Overloaded(_) => 503,
+            InvokeError::Overloaded(_)
+            | InvokeError::NoCapacity { .. }
+            | InvokeError::Unservable { .. } => 503,
             InvokeError::DeadlineExceeded { .. } => 504,
         }
     }
@@ -136,6 +160,8 @@ impl InvokeError {
             InvokeError::TooLarge { .. } => "too_large",
             InvokeError::Internal { .. } => "internal",
             InvokeError::Overloaded(_) => "overloaded",
+            InvokeError::NoCapacity { .. } => "capacity",
+            InvokeError::Unservable { .. } => "unservable",
             InvokeError::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
@@ -278,6 +304,11 @@ impl PreparedFunction {
                     message: "the guest trapped and was restarted".into(),
                 }
             }
+            StageError::Capacity(message) => InvokeError::NoCapacity {
+                function,
+                stage,
+                message,
+            },
             StageError::DeadlineExceeded => {
                 self.metrics.timeouts.with_label_values(&[&function]).inc();
                 InvokeError::DeadlineExceeded {
@@ -504,6 +535,19 @@ pub struct FunctionStatus {
     pub stages: Vec<StageStatus>,
 }
 
+/// A tensor type as the WIT spells it (`fp32`, `u8`, ...).
+fn type_name(ty: TensorType) -> &'static str {
+    match ty {
+        TensorType::Fp16 => "fp16",
+        TensorType::Fp32 => "fp32",
+        TensorType::Fp64 => "fp64",
+        TensorType::Bf16 => "bf16",
+        TensorType::U8 => "u8",
+        TensorType::I32 => "i32",
+        TensorType::I64 => "i64",
+    }
+}
+
 /// The reply of a function whose last stage yields tensors:
 /// `{"tensors": [{"name", "dimensions", "type", "data": [numbers]}]}`.
 fn tensors_as_json(tensors: &[Tensor]) -> Message {
@@ -537,7 +581,7 @@ fn tensors_as_json(tensors: &[Tensor]) -> Message {
             serde_json::json!({
                 "name": t.name,
                 "dimensions": t.dimensions,
-                "type": format!("{:?}", t.ty).to_lowercase(),
+                "type": type_name(t.ty),
                 "data": data,
             })
         })

@@ -7,6 +7,7 @@
 //! start). Instances that trap are discarded; instances idle past the
 //! timeout are reaped down to `min_instances`.
 
+use crate::capacity::{Exhausted, Reclaim};
 use crate::sandbox::Grant;
 use crate::stage::{ComponentStage, StageError, StageInstance};
 use prometheus::{IntCounter, IntGauge};
@@ -164,10 +165,15 @@ impl InstancePool {
     }
 
     async fn create(&self) -> Result<StageInstance, StageError> {
-        let instance =
-            self.stage.instantiate(&self.grant).await.map_err(|e| {
-                StageError::Internal(format!("instantiating {}: {e:#}", self.label))
-            })?;
+        let instance = self.stage.instantiate(&self.grant).await.map_err(|e| {
+            match e.downcast_ref::<Exhausted>() {
+                Some(full) => {
+                    tracing::warn!(stage = %self.label, "no instance created: {full}");
+                    StageError::Capacity(format!("{}: {full}", self.label))
+                }
+                None => StageError::Internal(format!("instantiating {}: {e:#}", self.label)),
+            }
+        })?;
         self.live.fetch_add(1, Ordering::SeqCst);
         self.metrics.instances.inc();
         Ok(instance)
@@ -187,6 +193,22 @@ impl InstancePool {
         drop(instance);
         self.live.fetch_sub(1, Ordering::SeqCst);
         self.metrics.instances.dec();
+    }
+}
+
+impl Reclaim for InstancePool {
+    fn release_idle(&self) -> bool {
+        let Ok(mut idle) = self.idle.lock() else {
+            return false;
+        };
+        if idle.is_empty() || self.live.load(Ordering::SeqCst) <= self.min {
+            return false;
+        }
+        // The oldest idle instance sits at the front.
+        let oldest = idle.remove(0);
+        drop(idle);
+        self.drop_instance(oldest.instance);
+        true
     }
 }
 

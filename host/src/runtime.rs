@@ -2,6 +2,7 @@
 //! atomically when a revision changes (in-flight requests finish on the
 //! old one), and reaped of idle instances in the background.
 
+use crate::capacity::Reclaim;
 use crate::engine::ServingEngine;
 use crate::inference::{Backend, PlanCache};
 use crate::metrics::Metrics;
@@ -34,6 +35,9 @@ pub struct Runtime {
     changes: tokio::sync::Notify,
     /// True until [`Runtime::load_all`] has prepared what the registry held at start.
     loading: AtomicBool,
+    /// Functions whose current revision is stored but could not be
+    /// prepared here: revision and why (for invocations, status, /readyz).
+    unservable: Mutex<HashMap<String, (u64, String)>>,
 }
 
 impl Runtime {
@@ -63,6 +67,7 @@ impl Runtime {
             functions: RwLock::new(HashMap::new()),
             changes: tokio::sync::Notify::new(),
             loading: AtomicBool::new(true),
+            unservable: Mutex::new(HashMap::new()),
         }
     }
 
@@ -71,13 +76,54 @@ impl Runtime {
         &self.compiled_dir
     }
 
-    /// The revision currently served, if any.
+    /// The revision currently served, if any; a function stored but not
+    /// servable here says why.
     pub fn function(&self, name: &str) -> Result<Arc<PreparedFunction>, InvokeError> {
-        self.functions
+        if let Some(function) = self
+            .functions
             .read()
             .ok()
             .and_then(|f| f.get(name).cloned())
-            .ok_or_else(|| InvokeError::NotFound(name.to_string()))
+        {
+            return Ok(function);
+        }
+        match self
+            .unservable
+            .lock()
+            .ok()
+            .and_then(|u| u.get(name).cloned())
+        {
+            Some((revision, reason)) => Err(InvokeError::Unservable {
+                function: name.to_string(),
+                revision,
+                reason,
+            }),
+            None => Err(InvokeError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Functions stored but not servable here, with revision and reason.
+    pub fn unservable(&self) -> Vec<(String, u64, String)> {
+        let mut all: Vec<_> = self
+            .unservable
+            .lock()
+            .map(|u| {
+                u.iter()
+                    .map(|(n, (r, why))| (n.clone(), *r, why.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        all.sort();
+        all
+    }
+
+    fn mark_unservable(&self, name: &str, status: Option<(u64, String)>) {
+        if let Ok(mut unservable) = self.unservable.lock() {
+            match status {
+                Some(why) => unservable.insert(name.to_string(), why),
+                None => unservable.remove(name),
+            };
+        }
     }
 
     /// The revision served, waiting while the host is still preparing the
@@ -153,6 +199,7 @@ impl Runtime {
                 if removed.is_some() {
                     self.metrics.forget_function(name);
                 }
+                self.mark_unservable(name, None);
                 self.changes.notify_waiters();
                 Ok(())
             }
@@ -166,7 +213,22 @@ impl Runtime {
         }
         let prepared = self.prepare(record);
         crate::inference::release_freed_memory();
-        let prepared = Arc::new(prepared?);
+        let prepared = match prepared {
+            Ok(prepared) => Arc::new(prepared),
+            Err(why) => {
+                // Said for the head only: an older revision's failure is moot.
+                let head = self
+                    .registry
+                    .function(&record.name)
+                    .ok()
+                    .map(|h| h.revision);
+                if head == Some(record.revision) {
+                    self.mark_unservable(&record.name, Some((record.revision, why.clone())));
+                    self.changes.notify_waiters();
+                }
+                return Err(why);
+            }
+        };
         {
             let Ok(mut functions) = self.functions.write() else {
                 return Err("the table of served functions is poisoned".into());
@@ -187,6 +249,7 @@ impl Runtime {
             }
             functions.insert(record.name.clone(), prepared);
         }
+        self.mark_unservable(&record.name, None);
         self.changes.notify_waiters();
         tracing::info!(function = %record.name, revision = record.revision, "serving");
         Ok(())
@@ -256,6 +319,11 @@ impl Runtime {
                         traps: self.metrics.traps.with_label_values(&[&name, &label]),
                     };
                     let world = compiled.world();
+                    let capacity = self.engine.capacity();
+                    let at_least = manifest.scaling.min_instances.max(1);
+                    if let Some(why) = capacity.never_fits(compiled.footprint(), at_least) {
+                        return Err(format!("stage {label}: {why}"));
+                    }
                     let pool = InstancePool::new(
                         label.clone(),
                         compiled,
@@ -265,6 +333,8 @@ impl Runtime {
                         metrics,
                     );
                     let pool = Arc::new(pool);
+                    let holder: Arc<dyn Reclaim> = pool.clone();
+                    capacity.register(Arc::downgrade(&holder));
                     reactor.block_on(pool.warm()).map_err(|e| e.to_string())?;
                     PreparedStage::Component {
                         label,
@@ -337,8 +407,9 @@ impl Runtime {
             .map_err(|e| format!("{e:#}"))?;
         self.count_load(cached);
         tracing::info!(digest, cached, "component loaded");
-        let stage =
-            Arc::new(ComponentStage::new(&self.engine, component).map_err(|e| format!("{e:#}"))?);
+        let stage = Arc::new(
+            ComponentStage::new(&self.engine, component, &wasm).map_err(|e| format!("{e:#}"))?,
+        );
         if let Ok(mut components) = self.components.lock() {
             components.insert(digest.to_string(), stage.clone());
         }

@@ -9,10 +9,12 @@ use crate::bindings::{
     GuestError, Inferencer, InferencerPre, Message, Postprocessor, PostprocessorPre, Preprocessor,
     PreprocessorPre, Tensor, export_names,
 };
+use crate::capacity::{Capacity, Footprint, Reservation};
 use crate::engine::ServingEngine;
 pub use crate::sandbox::Grant;
 use crate::sandbox::{StageState, linker};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::error::Context;
@@ -106,6 +108,9 @@ pub enum StageError {
     /// instance must be discarded.
     #[error("guest trapped: {0}")]
     Trap(String),
+    /// No room in the host's instance pools for another instance now.
+    #[error("{0}")]
+    Capacity(String),
 }
 
 impl StageError {
@@ -141,6 +146,8 @@ pub struct ComponentStage {
     engine: Engine,
     world: World,
     prepared: Prepared,
+    footprint: Footprint,
+    capacity: Arc<Capacity>,
 }
 
 impl ComponentStage {
@@ -149,11 +156,15 @@ impl ComponentStage {
         let path = path.as_ref();
         let component = Component::from_file(engine.engine(), path)
             .with_context(|| format!("compiling component {}", path.display()))?;
-        Self::new(engine, component)
+        Self::new(engine, component, path)
     }
 
-    /// Links an already compiled component.
-    pub fn new(engine: &ServingEngine, component: Component) -> Result<Self> {
+    /// Links an already compiled component, whose binary is at `wasm` (its
+    /// footprint in the instance pools is counted from it).
+    pub fn new(engine: &ServingEngine, component: Component, wasm: &Path) -> Result<Self> {
+        let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+        let footprint = Footprint::of(&bytes).map_err(|e| format_err!(e))?;
+        let capacity = engine.capacity().clone();
         let engine = engine.engine().clone();
         let world = World::of(&component, &engine).map_err(|e| format_err!(e))?;
         let pre = linker(&engine, world)?
@@ -168,6 +179,8 @@ impl ComponentStage {
             engine,
             world,
             prepared,
+            footprint,
+            capacity,
         })
     }
 
@@ -176,11 +189,21 @@ impl ComponentStage {
         self.world
     }
 
+    /// What one instance takes from the engine's pools.
+    pub fn footprint(&self) -> Footprint {
+        self.footprint
+    }
+
     /// A fresh instance in its own store, sandboxed by `grant`.
     ///
     /// Instantiation runs guest code (its start functions), so it is held to
     /// [`INSTANTIATE_TIMEOUT`] like a call is held to its deadline.
+    /// Fails with [`Exhausted`] when the pools have no room for it now.
     pub async fn instantiate(&self, grant: &Grant) -> Result<StageInstance> {
+        let reservation = self
+            .capacity
+            .reserve(self.footprint)
+            .map_err(wasmtime::Error::new)?;
         let mut store = Store::new(&self.engine, StageState::new(grant)?);
         store.limiter(|state| state.limits());
         // At every tick: stop a guest past its deadline, else let the
@@ -212,6 +235,7 @@ impl ComponentStage {
             store,
             bound,
             timeout: Duration::from_secs(30),
+            _reservation: reservation,
         })
     }
 }
@@ -230,6 +254,8 @@ pub struct StageInstance {
     store: Store<StageState>,
     bound: Bound,
     timeout: Duration,
+    /// Its share of the pools, given back after the store is dropped.
+    _reservation: Reservation,
 }
 
 impl StageInstance {

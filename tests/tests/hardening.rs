@@ -485,3 +485,119 @@ fn publishing_and_deleting_two_hundred_versions_leaves_memory_and_disk_where_the
         "a deleted function keeps its metric label sets"
     );
 }
+
+fn publish_python_guest(host: &Host) -> Value {
+    let wasm = std::fs::read(cascade_tests::component_path("text-bytes"))
+        .expect("text_bytes.wasm: built by `cargo xtask test` with componentize-py");
+    let response = host.put("/v1/components/text-bytes/0.1.0", "application/wasm", wasm);
+    assert_eq!(response.status(), 201);
+    response.json().expect("JSON record")
+}
+
+#[test]
+fn a_stage_written_in_python_runs_and_its_footprint_is_counted() {
+    let host = Host::start();
+    let record = publish_python_guest(&host);
+    assert_eq!(record["world"], "preprocessor");
+    assert_eq!(record["footprint"]["core_instances"], 14, "{record}");
+    let manifest = "name = \"lower\"\n[[stages]]\ncomponent = \"text-bytes@0.1.0\"\n";
+    assert_eq!(
+        host.put("/v1/functions/lower", "application/toml", manifest)
+            .status(),
+        201
+    );
+    let answer: Value = host
+        .invoke("lower", "text/plain", "Hello, Wörld")
+        .json()
+        .expect("JSON");
+    let tensor = &answer["tensors"][0];
+    assert_eq!(tensor["name"], "text");
+    assert_eq!(tensor["type"], "u8");
+    let bytes: Vec<u8> = tensor["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| v.as_u64().expect("u8") as u8)
+        .collect();
+    assert_eq!(String::from_utf8(bytes).expect("utf-8"), "hello, wörld");
+    let (status, message) = error_of(host.invoke("lower", "text/plain", vec![0xff, 0xfe]));
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("the body is not UTF-8"), "{message}");
+}
+
+#[test]
+fn full_pools_answer_503_and_a_function_that_cannot_fit_says_why() {
+    let host = Host::start_with(&["--max-instances", "2"]);
+    host.publish_component("misbehave");
+    let wide = "name = \"wide\"\n[[stages]]\ncomponent = \"misbehave@0.1.0\"\n\
+                [scaling]\nmax_instances = 4\n[limits]\ntimeout_ms = 5000\n";
+    assert_eq!(
+        host.put("/v1/functions/wide", "application/toml", wide)
+            .status(),
+        201
+    );
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let url = host.url.clone();
+            std::thread::spawn(move || {
+                client()
+                    .post(format!("{url}/v1/functions/wide/invoke"))
+                    .body("sleep:1000")
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = host.invoke("wide", "text/plain", "echo:third");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let (_, message) = error_of(refused);
+    assert!(message.contains("instance pools are full"), "{message}");
+    for request in busy {
+        assert_eq!(request.join().expect("busy"), 200);
+    }
+    let response = host.invoke("wide", "text/plain", "echo:room again");
+    assert_eq!(response.status(), 200);
+
+    // Three warm Python instances can never fit in pools for two.
+    publish_python_guest(&host);
+    let many = "name = \"many\"\n[[stages]]\ncomponent = \"text-bytes@0.1.0\"\n\
+                [scaling]\nmin_instances = 3\nmax_instances = 3\n";
+    let published: Value = host
+        .put("/v1/functions/many", "application/toml", many)
+        .json()
+        .expect("JSON");
+    let warning = published["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("more than this host's pools hold"),
+        "{published}"
+    );
+    for response in [
+        host.invoke("many", "text/plain", "x"),
+        host.get("/v1/functions/many/status"),
+    ] {
+        let (status, message) = error_of(response);
+        assert_eq!(status, 503, "{message}");
+        assert!(
+            message
+                .contains("function many revision 1 is published, but this host cannot serve it"),
+            "{message}"
+        );
+    }
+    let ready = host.get("/readyz");
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().expect("JSON");
+    assert_eq!(ready["checks"]["servable"], false);
+    assert_eq!(ready["unservable"][0]["function"], "many", "{ready}");
+    // A revision that fits clears it.
+    let fits = many.replace("min_instances = 3\nmax_instances = 3", "min_instances = 0");
+    assert_eq!(
+        host.put("/v1/functions/many", "application/toml", fits)
+            .status(),
+        201
+    );
+    assert_eq!(host.invoke("many", "text/plain", "x").status(), 200);
+    assert_eq!(host.get("/readyz").status(), 200);
+}

@@ -33,34 +33,7 @@ fn python_venv(root: &Path) -> Result<PathBuf> {
     let requirements = root.join("benches/python/requirements.txt");
     let wanted = std::fs::read_to_string(&requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
-    let venv = catalog::cache_dir().join("bench-venv");
-    let stamp = venv.join("cascade-requirements.txt");
-    let python = venv.join("bin/python");
-    if python.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
-        return Ok(python);
-    }
-    eprintln!("xtask: python3 -m venv {}", venv.display());
-    let _ = std::fs::remove_dir_all(&venv);
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        "python3 -m venv (install python3-venv?)",
-    )?;
-    eprintln!("xtask: pip install -r benches/python/requirements.txt (into the venv)");
-    run(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&requirements),
-        "pip install of the Python server's requirements",
-    )?;
-    std::fs::write(&stamp, wanted)?;
-    Ok(python)
+    crate::venv::ensure(&catalog::cache_dir(), "bench-venv", &wanted)
 }
 
 /// wasmtime-cli at the version in Cargo.lock, compiled once into the cache.
@@ -79,7 +52,7 @@ fn wasmtime_cli(root: &Path) -> Result<PathBuf> {
         dir.display()
     );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(
+    crate::venv::run(
         Command::new(cargo)
             .args(["install", "wasmtime-cli", "--locked", "--version", &version])
             .args([
@@ -110,14 +83,4 @@ fn locked_version(root: &Path, package: &str) -> Result<String> {
         bail!("no version for {package} in Cargo.lock");
     }
     Ok(version.to_string())
-}
-
-fn run(command: &mut Command, what: &str) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
 }

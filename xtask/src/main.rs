@@ -13,7 +13,9 @@ mod catalog;
 mod examples;
 mod guests;
 mod models;
+mod python_guests;
 mod setup;
+mod venv;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
@@ -36,7 +38,10 @@ fn run() -> Result<()> {
     let task = std::env::args().nth(1).ok_or_else(|| anyhow!(USAGE))?;
     let root = project_root()?;
     match task.as_str() {
-        "build" => build_components(&root).map(drop),
+        "build" => {
+            build_components(&root)?;
+            python_guests::build(&root)
+        }
         "models" => {
             let dir = models::ensure()?;
             eprintln!("xtask: models ready in {}", dir.display());
@@ -97,6 +102,7 @@ fn test(root: &Path) -> Result<()> {
     setup::dejavu_fonts()?;
     models::ensure()?;
     build_components(root)?;
+    python_guests::build(root)?;
     // The guests' shared library holds pure logic worth testing natively.
     let host_target = host_triple()?;
     cargo(

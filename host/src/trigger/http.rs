@@ -373,16 +373,24 @@ fn readyz(state: &HttpState) -> Response<Body> {
     for (name, probe) in &state.readiness {
         checks.insert(name.clone(), probe().into());
     }
+    let unservable = state.runtime.unservable();
+    checks.insert("servable".into(), unservable.is_empty().into());
     let ready = checks.values().all(|v| v.as_bool() == Some(true));
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(
-        status,
-        &serde_json::json!({ "ready": ready, "checks": checks }),
-    )
+    let mut body = serde_json::json!({ "ready": ready, "checks": checks });
+    if !unservable.is_empty() {
+        body["unservable"] = unservable
+            .into_iter()
+            .map(|(name, revision, why)| {
+                serde_json::json!({ "function": name, "revision": revision, "reason": why })
+            })
+            .collect();
+    }
+    json(status, &body)
 }
 
 async fn invoke(
