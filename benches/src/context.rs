@@ -81,6 +81,7 @@ impl Bench {
 
     /// Runs every target in turn, `rounds` times, so each round compares
     /// them under the same machine conditions; returns runs per target.
+    /// Any measured run with a non-2xx answer or a socket error fails it.
     pub fn side_by_side(&self, targets: &[&Target], connections: u32) -> Result<Vec<Vec<WrkRun>>> {
         let mut runs = vec![Vec::new(); targets.len()];
         for target in targets {
@@ -89,7 +90,7 @@ impl Bench {
         }
         for _ in 0..self.args.rounds {
             for (i, target) in targets.iter().enumerate() {
-                runs[i].push(self.wrk.run(target, connections, self.run_length())?);
+                runs[i].push(self.wrk.run_clean(target, connections, self.run_length())?);
             }
         }
         Ok(runs)

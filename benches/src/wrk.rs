@@ -115,4 +115,26 @@ impl Wrk {
         }
         Ok(run)
     }
+
+    /// A run that compares: every response 2xx and no socket error, or an
+    /// error naming what went wrong (a run with errors is not a result:
+    /// its throughput counts only successes while its latency counts all).
+    pub fn run_clean(
+        &self,
+        target: &Target,
+        connections: u32,
+        duration: Duration,
+    ) -> Result<WrkRun> {
+        let run = self.run(target, connections, duration)?;
+        if run.non2xx > 0 || run.socket_errors > 0 {
+            bail!(
+                "{} at {connections} connections: {} of {} responses were not 2xx and {} socket                  errors; a run with errors is not a result",
+                target.url,
+                run.non2xx,
+                run.requests,
+                run.socket_errors
+            );
+        }
+        Ok(run)
+    }
 }

@@ -178,7 +178,9 @@ async fn blocking<T: Send + 'static>(
 
 /// Streams the request body into a staged blob, hashing as it goes.
 async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<StagedBlob, ApiError> {
-    check_length(&request, state.max_upload).map_err(ApiError::closing)?;
+    if let Err(refused) = check_length(&request, state.max_upload) {
+        return Err(refused.refusing(request.into_body()));
+    }
     let mut writer = state.runtime.registry.stage(state.max_upload)?;
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
@@ -186,7 +188,7 @@ async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<Sta
         if let Ok(data) = frame.into_data()
             && let Err(e) = tokio::task::block_in_place(|| writer.write_chunk(&data))
         {
-            return Err(ApiError::from(e).closing());
+            return Err(ApiError::from(e).refusing(body));
         }
     }
     Ok(tokio::task::block_in_place(|| writer.finish())?)
@@ -415,7 +417,9 @@ async fn publish_function(
     name: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_length(&request, MAX_MANIFEST_BYTES).map_err(ApiError::closing)?;
+    if let Err(refused) = check_length(&request, MAX_MANIFEST_BYTES) {
+        return Err(refused.refusing(request.into_body()));
+    }
     let body = read_body(request.into_body(), MAX_MANIFEST_BYTES).await?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::invalid("the manifest is not UTF-8"))?;

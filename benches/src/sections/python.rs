@@ -34,14 +34,15 @@ pub fn run(bench: &Bench) -> Result<Section> {
              worker processes (one per core), onnxruntime with one intra-op thread per session, \
              the `tokenizers` package, numpy and Pillow (`benches/python/server.py`, versions in \
              `benches/python/requirements.txt`), against Cascade, all loaded by wrk at each concurrency \
-             in turn. The targets are Cascade's with its ONNX Runtime backend (`cascade serve \
-             --onnxruntime` on the same wheel's library, one thread per run): the same kernels as the \
-             Python server, so the ratio is what each platform adds around them. That host serves \
-             `embed` as the example manifest does plus `batch = {BATCH_ROWS}` on the model stage \
-             (dynamic batching of concurrent requests) and `max_instances = {BATCH_INSTANCES}`; \
-             `orientation` as published. Cascade with its default tract backend serves both examples \
-             unchanged (batching costs tract 5-15 %) in the same rounds, for reference (`_tract` \
-             figures)."
+             in turn. The targets compare equal work with equal resources: Cascade with its ONNX \
+             Runtime backend (`cascade serve --onnxruntime` on the same wheel's library), one thread \
+             per model run, lone runs included (`--onnxruntime-alone-threads 1`), at most one run per \
+             core, and both examples exactly as published (no batching, which the Python server does \
+             not do): the same kernels, threads and cores as the Python server, so the ratio is what \
+             each platform adds around them. Beside it, labelled and not a target: the same backend \
+             tuned (`embed` with `batch = {BATCH_ROWS}` and `max_instances = {BATCH_INSTANCES}`, lone \
+             runs on every core), and Cascade's default tract backend with the examples unchanged. \
+             Every measured run must be all 2xx with no socket error, or the section fails."
         ),
     );
     let python_port = free_port();
@@ -51,6 +52,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let library = library
         .to_str()
         .context("the library's path is not UTF-8")?;
+    let equal =
+        bench.host_with_examples(&["--onnxruntime", library, "--onnxruntime-alone-threads", "1"]);
     let host = bench.host_with_examples(&["--onnxruntime", library]);
     // With ONNX Runtime, MiniLM costs ~15 % less per row in batches of
     // 2–8, so that host serves `embed` with dynamic batching (and room for
@@ -63,10 +66,12 @@ pub fn run(bench: &Bench) -> Result<Section> {
         response.text().unwrap_or_default()
     );
     let tract = bench.host_with_examples(&[]);
+    check_same_answers(bench, &python_base, &equal.url)?;
     check_same_answers(bench, &python_base, &host.url)?;
     check_same_answers(bench, &python_base, &tract.url)?;
     section.commands.push(format!(
-        "cascade serve --onnxruntime {library}   # the other host: cascade serve"
+        "cascade serve --onnxruntime {library} --onnxruntime-alone-threads 1   # the others: \
+         cascade serve --onnxruntime {library} (tuned embed), cascade serve (tract)"
     ));
     section.commands.push(format!(
         "{} -m uvicorn server:app --app-dir benches/python --host 127.0.0.1 --port {python_port} --workers {workers} --no-access-log",
@@ -76,14 +81,15 @@ pub fn run(bench: &Bench) -> Result<Section> {
         [
             "function",
             "concurrency",
-            "Cascade req/s",
+            "Cascade req/s (equal)",
             "Python req/s",
             "req/s ×",
-            "Cascade p99 ms",
+            "Cascade p99 ms (equal)",
             "Python p99 ms",
-            "Cascade (tract) req/s",
+            "tuned req/s ×",
+            "tuned p99 ms",
             "tract req/s ×",
-            "Cascade (tract) p99 ms",
+            "tract p99 ms",
         ]
         .map(String::from)
         .to_vec(),
@@ -93,7 +99,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ("orientation", "image/png", "line.png"),
     ] {
         let contenders = Contenders {
-            cascade: bench.target(invoke_url(&host, function), content_type, file),
+            equal: bench.target(invoke_url(&equal, function), content_type, file),
+            tuned: bench.target(invoke_url(&host, function), content_type, file),
             tract: bench.target(invoke_url(&tract, function), content_type, file),
             python: bench.target(format!("{python_base}/{function}"), content_type, file),
         };
@@ -172,15 +179,18 @@ struct Req {
     python: f64,
 }
 
-/// The servers loaded in turn: Cascade with ONNX Runtime, with tract, Python.
+/// The servers loaded in turn: Cascade with ONNX Runtime at equal
+/// resources, the same tuned, Cascade with tract, Python.
 struct Contenders {
-    cascade: Target,
+    equal: Target,
+    tuned: Target,
     tract: Target,
     python: Target,
 }
 
-/// Loads the three servers in turn at `c` connections, records the
-/// ratios, and returns Cascade's and Python's req/s.
+/// Loads the four servers in turn at `c` connections, records the
+/// ratios (targets at equal resources, the rest labelled info), and
+/// returns the equal host's and Python's req/s.
 fn compare(
     bench: &Bench,
     section: &mut Section,
@@ -192,62 +202,67 @@ fn compare(
         c,
         bench.args.seconds,
         &format!(
-            "{}   # and the tract host's and Python's URLs",
-            contenders.cascade.url
+            "{}   # and the tuned, tract and Python URLs",
+            contenders.equal.url
         ),
     ));
     let runs = bench.side_by_side(
-        &[&contenders.cascade, &contenders.tract, &contenders.python],
+        &[
+            &contenders.equal,
+            &contenders.tuned,
+            &contenders.tract,
+            &contenders.python,
+        ],
         c,
     )?;
-    let (ours, tract, theirs) = (&runs[0], &runs[1], &runs[2]);
-    let ratio = median_rps(ours) / median_rps(theirs);
-    let tract_ratio = median_rps(tract) / median_rps(theirs);
+    let theirs = &runs[3];
+    let rps_ratio = |runs| median_rps(runs) / median_rps(theirs);
     let p99_ms = |runs| median_p99(runs) / 1000.0;
-    let (our_p99, tract_p99, their_p99) = (p99_ms(ours), p99_ms(tract), p99_ms(theirs));
+    let p99_ratio = |runs| median_p99(runs) / median_p99(theirs);
+    let (equal, tuned, tract) = (&runs[0], &runs[1], &runs[2]);
     section.table.push(vec![
         function.into(),
         c.to_string(),
-        num(median_rps(ours)),
+        num(median_rps(equal)),
         num(median_rps(theirs)),
-        num(ratio),
-        num(our_p99),
-        num(their_p99),
-        num(median_rps(tract)),
-        num(tract_ratio),
-        num(tract_p99),
+        num(rps_ratio(equal)),
+        num(p99_ms(equal)),
+        num(p99_ms(theirs)),
+        num(rps_ratio(tuned)),
+        num(p99_ms(tuned)),
+        num(rps_ratio(tract)),
+        num(p99_ms(tract)),
     ]);
-    let prefix = if function == "embed" {
-        "vs_python_ort".to_string()
-    } else {
-        format!("vs_python_ort_{function}")
-    };
     section.records.extend([
         Record::against(
-            &format!("{prefix}_rps_ratio_c{c}"),
-            ratio,
+            &format!("vs_python_equal_rps_ratio_{function}_c{c}"),
+            rps_ratio(equal),
             "ratio",
             Bar::AtLeast(1.2),
         ),
         Record::against(
-            &format!("{prefix}_p99_ratio_c{c}"),
-            our_p99 / their_p99,
+            &format!("vs_python_equal_p99_ratio_{function}_c{c}"),
+            p99_ratio(equal),
             "ratio",
             Bar::AtMost(1.0),
         ),
-        Record::info(
-            &format!("{prefix}_rps_ratio_c{c}_tract"),
-            tract_ratio,
-            "ratio",
-        ),
-        Record::info(
-            &format!("{prefix}_p99_ratio_c{c}_tract"),
-            tract_p99 / their_p99,
-            "ratio",
-        ),
     ]);
+    for (setting, runs) in [("tuned", tuned), ("tract", tract)] {
+        section.records.extend([
+            Record::info(
+                &format!("vs_python_{setting}_rps_ratio_{function}_c{c}"),
+                rps_ratio(runs),
+                "ratio",
+            ),
+            Record::info(
+                &format!("vs_python_{setting}_p99_ratio_{function}_c{c}"),
+                p99_ratio(runs),
+                "ratio",
+            ),
+        ]);
+    }
     Ok(Req {
-        cascade: median_rps(ours),
+        cascade: median_rps(equal),
         python: median_rps(theirs),
     })
 }

@@ -88,14 +88,14 @@ pub fn run(bench: &Bench) -> Result<Section> {
             CONNECTIONS.to_string(),
             num(median_rps(&runs[0])),
             num(median_p99(&runs[0]) / 1000.0),
-            "0".into(),
+            num(rejected_share(&runs[0])),
         ],
         vec![
             "embed-2".into(),
             CONNECTIONS.to_string(),
             num(median_rps(&runs[1])),
             num(median_p99(&runs[1]) / 1000.0),
-            "0".into(),
+            num(rejected_share(&runs[1])),
         ],
         vec![
             "embed-bounded".into(),
@@ -162,4 +162,12 @@ fn native_ceiling(bench: &Bench) -> Result<f64> {
         two.push(rate(2)?);
     }
     Ok(median(two.into_iter()) / median(one.into_iter()))
+}
+
+/// The share of responses that were not 2xx over `runs`.
+fn rejected_share(runs: &[crate::wrk::WrkRun]) -> f64 {
+    let (rejected, all) = runs
+        .iter()
+        .fold((0, 0), |(r, a), run| (r + run.non2xx, a + run.requests));
+    rejected as f64 / all.max(1) as f64
 }

@@ -93,6 +93,13 @@ impl ApiError {
         self
     }
 
+    /// The same error, answered at once while the rest of `body` is read
+    /// and thrown away in the background, within bounds ([`linger`]).
+    pub fn refusing(self, body: Incoming) -> Self {
+        linger(body);
+        self
+    }
+
     /// A 400.
     pub fn invalid(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid", message.into())
@@ -213,6 +220,32 @@ pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
     }
 }
 
+/// How much of a refused request's body is still read and thrown away after
+/// the answer, and for how long: enough for an honest client to finish
+/// sending and then read the answer (clients write the whole body before
+/// they read), too little to be worth anything to an attacker. Past either
+/// bound the connection is closed.
+const LINGER_BYTES: usize = 16 << 20;
+/// See [`LINGER_BYTES`].
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and discards what is left of a refused request's body, in the
+/// background (the answer does not wait for it).
+pub fn linger(mut body: Incoming) {
+    tokio::spawn(async move {
+        let drained = async {
+            let mut seen = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drained).await;
+    });
+}
+
 /// Refuses a declared body length over `limit` before reading anything.
 pub fn check_length(request: &Request<Incoming>, limit: u64) -> Result<(), ApiError> {
     let declared = request
@@ -324,7 +357,8 @@ async fn route(
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let Some(matched) = routes::resolve(&method, &path) else {
-        return Err(ApiError::not_found(format!("no route for {method} {path}")).closing());
+        let refused = ApiError::not_found(format!("no route for {method} {path}"));
+        return Err(refused.refusing(request.into_body()));
     };
     if let Err(denied) = state
         .access
@@ -334,11 +368,13 @@ async fn route(
             403 => (StatusCode::FORBIDDEN, "forbidden"),
             _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
         };
-        return Err(ApiError::new(status, code, denied.to_string()).closing());
+        let refused = ApiError::new(status, code, denied.to_string());
+        return Err(refused.refusing(request.into_body()));
     }
     if let (true, Some(source)) = (matched.writes_registry(), &state.mirror_of) {
         let message = format!("this host serves the registry of {source}; publish there");
-        return Err(ApiError::new(StatusCode::CONFLICT, "read_only", message).closing());
+        let refused = ApiError::new(StatusCode::CONFLICT, "read_only", message);
+        return Err(refused.refusing(request.into_body()));
     }
     match matched.route {
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
@@ -452,7 +488,9 @@ async fn invoke_inner(
         })
         .closing()
     };
-    check_length(&request, limit).map_err(|_| too_large())?;
+    if check_length(&request, limit).is_err() {
+        return Err(too_large().refusing(request.into_body()));
+    }
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
@@ -461,10 +499,10 @@ async fn invoke_inner(
         .to_string();
     // Admitted first: the queue then bounds how many bodies are in memory,
     // and reading the body counts against the deadline.
-    let admission = function
-        .admit()
-        .await
-        .map_err(|e| ApiError::from(e).closing())?;
+    let admission = match function.admit().await {
+        Ok(admission) => admission,
+        Err(refused) => return Err(ApiError::from(refused).refusing(request.into_body())),
+    };
     let body =
         match tokio::time::timeout(admission.remaining(), read_body(request.into_body(), limit))
             .await
