@@ -323,6 +323,28 @@ fn hosts_ride_out_a_nats_restart() {
     let mut nats = NatsServer::start();
     let host = host_on(&nats);
     assert_eq!(host.get("/readyz").status(), 200);
+    // HTTP load the whole time NATS is away and back.
+    let loading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let (url, loading) = (host.url.clone(), loading.clone());
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0u32, Vec::new());
+            while loading.load(std::sync::atomic::Ordering::SeqCst) {
+                let status = client()
+                    .post(format!("{url}/v1/functions/embed/invoke"))
+                    .body("load while NATS is away")
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status == 200 {
+                    served += 1;
+                } else {
+                    failed.push(status);
+                }
+            }
+            (served, failed)
+        })
+    };
     nats.stop();
     let deadline = Instant::now() + Duration::from_secs(5);
     while host.get("/readyz").status() != 503 {
@@ -356,11 +378,13 @@ fn hosts_ride_out_a_nats_restart() {
         }
     });
     assert_eq!(host.get("/readyz").status(), 200);
-    assert_eq!(
-        host.invoke("embed", "text/plain", "http still fine")
-            .status(),
-        200
+    loading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (served, failed) = load.join().expect("load");
+    assert!(
+        failed.is_empty(),
+        "HTTP invocations failed while NATS was away: {failed:?}"
     );
+    assert!(served > 10, "only {served} HTTP invocations in ~4 s");
 }
 
 #[test]
