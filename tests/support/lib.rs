@@ -94,6 +94,18 @@ component = "mean-pool@0.1.0"
     )
 }
 
+/// The first tensor of a `{"tensors": [...]}` reply, its u8 data read as
+/// UTF-8 text (what `misbehave`, `echo` and `text-bytes` answer).
+pub fn first_tensor_text(reply: &serde_json::Value) -> String {
+    let bytes: Vec<u8> = reply["tensors"][0]["data"]
+        .as_array()
+        .expect("a tensor with data")
+        .iter()
+        .map(|v| v.as_u64().expect("u8") as u8)
+        .collect();
+    String::from_utf8(bytes).expect("utf-8")
+}
+
 /// Path of a committed fixture under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

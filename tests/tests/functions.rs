@@ -451,13 +451,7 @@ fn misbehave_says(host: &Host, command: &str) -> String {
     let response = host.invoke("misbehave", "text/plain", command.to_string());
     assert_eq!(response.status(), 200, "{command}");
     let value: Value = response.json().expect("JSON");
-    let bytes: Vec<u8> = value["tensors"][0]["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|v| v.as_u64().expect("u8") as u8)
-        .collect();
-    String::from_utf8(bytes).expect("utf-8")
+    cascade_tests::first_tensor_text(&value)
 }
 
 #[test]

@@ -513,13 +513,7 @@ fn a_stage_written_in_python_runs_and_its_footprint_is_counted() {
     let tensor = &answer["tensors"][0];
     assert_eq!(tensor["name"], "text");
     assert_eq!(tensor["type"], "u8");
-    let bytes: Vec<u8> = tensor["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|v| v.as_u64().expect("u8") as u8)
-        .collect();
-    assert_eq!(String::from_utf8(bytes).expect("utf-8"), "hello, wörld");
+    assert_eq!(cascade_tests::first_tensor_text(&answer), "hello, wörld");
     let (status, message) = error_of(host.invoke("lower", "text/plain", vec![0xff, 0xfe]));
     assert_eq!(status, 400, "{message}");
     assert!(message.contains("the body is not UTF-8"), "{message}");

@@ -495,13 +495,7 @@ fn misbehave_on_nats(nats: &NatsServer) -> Host {
 /// The text of a misbehave answer (its `echo` tensor's bytes).
 fn echoed(message: &async_nats::Message) -> String {
     let value: Value = serde_json::from_slice(&message.payload).expect("JSON");
-    let bytes: Vec<u8> = value["tensors"][0]["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|v| v.as_u64().expect("u8") as u8)
-        .collect();
-    String::from_utf8(bytes).expect("utf-8")
+    cascade_tests::first_tensor_text(&value)
 }
 
 #[test]
