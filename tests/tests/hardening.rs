@@ -65,8 +65,10 @@ fn callers_that_hang_up_while_queued_give_their_place_back() {
         let leavers: Vec<_> = (0..2)
             .map(|_| {
                 let url = host.url.clone();
+                // Slow too, so a leaver that happens to get the slot first
+                // still hangs up before it is answered.
                 std::thread::spawn(move || {
-                    impatient_invoke(&url, "echo:gone", Duration::from_millis(300))
+                    impatient_invoke(&url, "sleep:2000", Duration::from_millis(300))
                 })
             })
             .collect();
@@ -536,14 +538,14 @@ fn full_pools_answer_503_and_a_function_that_cannot_fit_says_why() {
             std::thread::spawn(move || {
                 client()
                     .post(format!("{url}/v1/functions/wide/invoke"))
-                    .body("sleep:1000")
+                    .body("sleep:1500")
                     .send()
                     .map(|r| r.status().as_u16())
                     .unwrap_or(0)
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(700));
     let refused = host.invoke("wide", "text/plain", "echo:third");
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
