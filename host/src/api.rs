@@ -3,10 +3,10 @@
 //! validated (compiled, optimised) before they are published.
 
 use crate::capacity::Footprint;
+use crate::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
 use crate::inference;
 use crate::routes::{Matched, Route};
 use crate::stage::World;
-use crate::trigger::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
 use crate::trigger::nats::RegistryEvent;
 use cascade_registry::ModelPackage;
 use cascade_registry::blobs::StagedBlob;
@@ -106,7 +106,7 @@ pub async fn route(
         }
         (Route::FunctionManifest, [name, revision]) => {
             let record = registry.function_revision(name, revision_number(revision)?)?;
-            let mut response = Response::new(crate::trigger::http::full(record.manifest));
+            let mut response = Response::new(crate::http::full(record.manifest));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("application/toml"),

@@ -25,6 +25,7 @@ pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod mirror;

@@ -5,11 +5,12 @@
 use crate::access::Access;
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
+use crate::http::HttpState;
 use crate::inference::Backend;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::runtime::Runtime;
-use crate::trigger::http::{self, HttpState, Limits};
+use crate::trigger::http::{self, Limits};
 use crate::trigger::nats::{self, ConnectionState, Events, NatsOptions, NatsTrigger};
 use crate::trigger::subjects;
 use anyhow::{Context, Result};
