@@ -2,10 +2,24 @@
 //! sandboxes.
 //!
 //! Where things live, following the path of a request:
-//! - [`engine`]: the one wasmtime `Engine` and its serving settings;
-//! - [`bindings`]: generated bindings for the `cascade:inference` worlds;
+//! - [`serve`]: `cascade serve` — opens the registry, prepares functions, runs the triggers, shuts down;
+//! - [`config`]: its flags and environment, validated once;
+//! - [`trigger`]: how requests arrive — [`trigger::http`] (listener, invoke), [`trigger::nats`] (micro services), [`trigger::subjects`];
+//! - [`routes`]: every HTTP route and the scope it needs; [`access`]: tokens and scopes;
+//! - [`http`]: HTTP plumbing shared by the triggers and the registry API (bodies, errors, limits);
+//! - [`api`]: the registry's routes (publish, read, delete, roll back);
+//! - [`runtime`]: the functions served, prepared from registry records and swapped by revision;
+//! - [`pipeline`]: one invocation through a function's stages;
+//! - [`pool`]: admission per function and warm instances per stage;
+//! - [`capacity`]: what the engine's pools hold and what each instance takes;
+//! - [`stage`]: a compiled component stage and its live instances; [`bindings`]: the generated WIT bindings;
 //! - [`sandbox`]: what a guest may see (config, read-only model files, limits);
-//! - [`stage`]: a compiled component stage and its live instances.
+//! - [`engine`]: the one wasmtime `Engine` and its serving settings;
+//! - [`model_queue`], [`model_threads`], [`wide_runs`]: how model runs wait, where they run, how many threads a lone one gets;
+//! - [`inference`] (tract), [`onnxruntime`], [`shape_plans`], [`shared_initializers`]: the model backends;
+//! - [`nn`]: `wasi:nn` for inferencer components, on the same plans and queues;
+//! - [`metrics`]: every Prometheus metric name;
+//! - [`mirror`]: a serving host's copy of another host's registry; [`client`]: the CLI's registry client.
 //!
 //! ```no_run
 //! use cascade_host::{engine, stage::{ComponentStage, Grant}};
