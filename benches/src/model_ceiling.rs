@@ -9,7 +9,7 @@
 use crate::native::NativeEmbed;
 use anyhow::{Result, anyhow};
 use cascade_host::bindings::{Tensor, TensorType};
-use cascade_host::onnxruntime::{OrtModel, OrtSettings, RunCounts};
+use cascade_host::model::ort::{OrtModel, OrtSettings, RunCounts};
 use prometheus::IntCounter;
 use std::path::Path;
 use std::time::{Duration, Instant};

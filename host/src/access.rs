@@ -127,6 +127,46 @@ impl Denied {
     }
 }
 
+/// Why a token policy (flags or tokens file) is unusable: the host refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// `--token` was given but empty.
+    #[error("--token is empty")]
+    EmptyToken,
+    /// The tokens file cannot be read.
+    #[error("reading tokens file {}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tokens file is not valid.
+    #[error("tokens file {}: {error}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong in it.
+        #[source]
+        error: Box<PolicyError>,
+    },
+    /// The text is not the tokens file's TOML.
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    /// Two tokens share a name.
+    #[error("token name {0:?} appears twice")]
+    DuplicateName(String),
+    /// One token's entry is wrong.
+    #[error("token {name:?}: {why}")]
+    Token {
+        /// The token's name.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
 impl Access {
     /// No tokens: everyone may do everything.
     pub fn open() -> Self {
@@ -146,7 +186,7 @@ impl Access {
         token: Option<&str>,
         protect_reads: bool,
         tokens_file: Option<&Path>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PolicyError> {
         let mut access = match tokens_file {
             Some(path) => Access::from_file(path)?,
             None if token.is_none() => return Ok(Access::open()),
@@ -161,7 +201,7 @@ impl Access {
         };
         if let Some(secret) = token {
             if secret.is_empty() {
-                return Err("--token is empty".into());
+                return Err(PolicyError::EmptyToken);
             }
             access.holders.push(Holder {
                 name: "--token".into(),
@@ -174,30 +214,38 @@ impl Access {
     }
 
     /// Reads a tokens file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading tokens file {}: {e}", path.display()))?;
-        Access::from_toml(&text).map_err(|e| format!("tokens file {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Access::from_toml(&text).map_err(|error| PolicyError::File {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })
     }
 
     /// Parses the tokens file's text.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let file: TokensFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: TokensFile = toml::from_str(text)?;
         let mut names = BTreeSet::new();
         let holders = file
             .tokens
             .into_iter()
             .map(|token| {
                 if !names.insert(token.name.clone()) {
-                    return Err(format!("token name {:?} appears twice", token.name));
+                    return Err(PolicyError::DuplicateName(token.name));
                 }
-                let hash = decode_hash(&token.sha256)
-                    .ok_or_else(|| format!("token {:?}: sha256 must be 64 hex digits", token.name))?;
+                let hash = decode_hash(&token.sha256).ok_or_else(|| PolicyError::Token {
+                    name: token.name.clone(),
+                    why: "sha256 must be 64 hex digits".into(),
+                })?;
                 if token.functions.is_some() && !token.scopes.contains(&Scope::Invoke) {
-                    return Err(format!(
-                        "token {:?}: `functions` limits invocations, but the token lacks the invoke scope",
-                        token.name
-                    ));
+                    return Err(PolicyError::Token {
+                        name: token.name,
+                        why: "`functions` limits invocations, but the token lacks the invoke scope"
+                            .into(),
+                    });
                 }
                 Ok(Holder {
                     name: token.name,
@@ -206,7 +254,7 @@ impl Access {
                     functions: token.functions,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, PolicyError>>()?;
         Ok(Access {
             holders,
             anonymous: file.anonymous,
@@ -362,6 +410,7 @@ scopes = ["read"]"#;
         assert!(
             Access::from_toml(short)
                 .expect_err("refused")
+                .to_string()
                 .contains("64 hex digits")
         );
         let unknown_scope = format!(
@@ -371,6 +420,7 @@ scopes = ["read"]"#;
         assert!(
             Access::from_toml(&unknown_scope)
                 .expect_err("refused")
+                .to_string()
                 .contains("admin")
         );
         let functions_without_invoke = format!(
@@ -380,6 +430,7 @@ scopes = ["read"]"#;
         assert!(
             Access::from_toml(&functions_without_invoke)
                 .expect_err("refused")
+                .to_string()
                 .contains("lacks the invoke scope")
         );
     }

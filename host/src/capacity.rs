@@ -22,20 +22,31 @@ pub struct Footprint {
     pub tables: u32,
 }
 
+/// Why a component's footprint could not be counted: its binary is malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum FootprintError {
+    /// A section of the component cannot be parsed.
+    #[error("reading the component: {0}")]
+    Component(#[source] wasmparser::BinaryReaderError),
+    /// Its instance section cannot be parsed.
+    #[error("reading instances: {0}")]
+    Instances(#[source] wasmparser::BinaryReaderError),
+}
+
 impl Footprint {
     /// Counts the footprint of the component binary `wasm`: every core
     /// `instantiate` in it (nested components included) and every memory
     /// and table its core modules define.
-    pub fn of(wasm: &[u8]) -> Result<Footprint, String> {
+    pub fn of(wasm: &[u8]) -> Result<Footprint, FootprintError> {
         let mut footprint = Footprint {
             component_instances: 1,
             ..Footprint::default()
         };
         for payload in Parser::new(0).parse_all(wasm) {
-            match payload.map_err(|e| format!("reading the component: {e}"))? {
+            match payload.map_err(FootprintError::Component)? {
                 Payload::InstanceSection(instances) => {
                     for instance in instances {
-                        let instance = instance.map_err(|e| format!("reading instances: {e}"))?;
+                        let instance = instance.map_err(FootprintError::Instances)?;
                         if matches!(instance, wasmparser::Instance::Instantiate { .. }) {
                             footprint.core_instances += 1;
                         }

@@ -1,8 +1,8 @@
 //! Configuration of `cascade serve`, from flags or the environment,
 //! validated once.
 
-use crate::inference::Backend;
-use crate::onnxruntime::OrtSettings;
+use crate::model::Backend;
+use crate::model::ort::OrtSettings;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;

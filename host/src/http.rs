@@ -4,7 +4,7 @@
 //! invocation in [`crate::trigger::http`]; registry routes in [`crate::api`].
 
 use crate::access::Access;
-use crate::pipeline::InvokeError;
+use crate::error::InvokeError;
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use cascade_registry::RegistryError;
@@ -34,7 +34,7 @@ pub struct HttpState {
     /// Extra readiness checks (e.g. NATS connected): name and probe.
     pub readiness: Vec<(String, Box<dyn Fn() -> bool + Send + Sync>)>,
     /// Where registry changes are announced.
-    pub events: crate::trigger::nats::Events,
+    pub events: crate::events::Events,
     /// Set on hosts that serve another host's registry: writes go there.
     pub mirror_of: Option<String>,
     next_request: AtomicU64,
@@ -100,13 +100,13 @@ impl ApiError {
     }
 
     /// A 400.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message.into())
+    pub fn invalid(message: impl std::fmt::Display) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message.to_string())
     }
 
     /// A 404.
-    pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message.into())
+    pub fn not_found(message: impl std::fmt::Display) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message.to_string())
     }
 
     /// A 413.
@@ -257,4 +257,13 @@ pub fn check_length(request: &Request<Incoming>, limit: u64) -> Result<(), ApiEr
         Some(length) if length > limit => Err(ApiError::too_large(limit)),
         _ => Ok(()),
     }
+}
+
+/// Runs registry work (redb, files, compiling) off the reactor.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)
 }

@@ -33,28 +33,24 @@
 #![warn(missing_docs)]
 
 pub mod access;
-pub mod api;
 pub mod bindings;
 pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod error;
+pub mod events;
 pub mod http;
-pub mod inference;
 pub mod metrics;
 pub mod mirror;
-pub mod model_queue;
-pub mod model_threads;
-pub mod nn;
-pub mod onnxruntime;
+pub mod model;
 pub mod pipeline;
 pub mod pool;
+pub mod publish;
+pub mod registry_api;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;
-pub mod shape_plans;
-pub mod shared_initializers;
 pub mod stage;
 pub mod trigger;
-pub mod wide_runs;

@@ -2,7 +2,7 @@
 //! and calls into the library.
 
 use anyhow::{Context, Result, bail};
-use cascade_host::client::{RegistryClient, pack_model};
+use cascade_host::client::{self, RegistryClient, pack_model, paths};
 use cascade_host::config::ServeConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
@@ -129,12 +129,12 @@ enum Kind {
     Functions,
 }
 
-impl Kind {
-    fn path(self) -> &'static str {
-        match self {
-            Kind::Components => "components",
-            Kind::Models => "models",
-            Kind::Functions => "functions",
+impl From<Kind> for client::Kind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Components => client::Kind::Components,
+            Kind::Models => client::Kind::Models,
+            Kind::Functions => client::Kind::Functions,
         }
     }
 }
@@ -177,129 +177,65 @@ fn print(value: &serde_json::Value) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Command::Serve(config) = cli.command {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        return runtime.block_on(cascade_host::serve::run(config));
-    }
-    if let Command::Inspect { component } = &cli.command {
-        let engine = cascade_host::engine::ServingEngine::new(&Default::default())
-            .map_err(anyhow::Error::from)?;
-        let stage = cascade_host::stage::ComponentStage::from_file(&engine, component)
-            .map_err(anyhow::Error::from)?;
-        writeln!(
-            std::io::stdout().lock(),
-            "{}: {}",
-            component.display(),
-            stage.world().name()
-        )?;
-        return Ok(());
-    }
-    let client = RegistryClient::new(&cli.registry, cli.token.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Publish(Publish::Component {
-            file,
-            name,
-            version,
-        }) => print(&client.put_file(
-            &format!("/v1/components/{name}/{version}"),
-            "application/wasm",
-            &file,
-        )?),
-        Command::Publish(Publish::Model {
-            file,
-            files,
-            input_shapes,
-            name,
-            version,
-        }) => {
-            let query: Vec<String> = input_shapes
-                .iter()
-                .map(|s| {
-                    let (input, dims) = s
-                        .split_once('=')
-                        .context("--input-shape takes NAME=D1,D2,...")?;
-                    Ok(format!("input_shape={input}:{dims}"))
-                })
-                .collect::<Result<_>>()?;
-            let path = format!("/v1/models/{name}/{version}?{}", query.join("&"));
-            if files.is_empty() {
-                print(&client.put_file(&path, "application/octet-stream", &file)?)
-            } else {
-                let package = pack_model(&file, &files)?;
-                print(&client.put_file(&path, "application/x-tar", package.path())?)
-            }
+        Command::Serve(config) => runtime.block_on(cascade_host::serve::run(config)),
+        Command::Inspect { component } => inspect(&component),
+        command => {
+            let client = RegistryClient::new(&cli.registry, cli.token)?;
+            runtime.block_on(talk(&client, command))
         }
-        Command::Publish(Publish::Function { manifest }) => {
-            let text = std::fs::read_to_string(&manifest)
-                .with_context(|| format!("reading {}", manifest.display()))?;
-            let parsed = cascade_registry::manifest::parse(&text)?;
-            let name = parsed.manifest.name.to_string();
-            let published = client.put_bytes(
-                &format!("/v1/functions/{name}"),
-                "application/toml",
-                text.into_bytes(),
-            )?;
-            // Stored, but this host cannot serve it (say, a model it cannot
-            // load): the record is printed, the problem goes to stderr.
-            if let Some(warning) = published.get("warning").and_then(|w| w.as_str()) {
-                eprintln!("warning: {warning}");
-            }
-            print(&published)
-        }
-        Command::List { kind } => {
-            let kinds = match kind {
-                Some(kind) => vec![kind],
-                None => vec![Kind::Components, Kind::Models, Kind::Functions],
-            };
-            let mut out = std::io::stdout().lock();
-            for kind in kinds {
-                let listed = client.get_json(&format!("/v1/{}", kind.path()))?;
-                writeln!(out, "{}:", kind.path())?;
-                for item in listed.as_array().into_iter().flatten() {
-                    let version = item
-                        .get("version")
-                        .or_else(|| item.get("revision"))
-                        .cloned()
-                        .unwrap_or_default();
-                    let version = version
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| version.to_string());
-                    let digest = item["digest"].as_str().unwrap_or("");
-                    writeln!(
-                        out,
-                        "  {}@{version}  {}",
-                        item["name"].as_str().unwrap_or("?"),
-                        &digest[..digest.len().min(12)]
-                    )?;
-                }
-            }
-            Ok(())
-        }
+    }
+}
+
+/// Prints the world of a local component file.
+fn inspect(component: &std::path::Path) -> Result<()> {
+    let engine = cascade_host::engine::ServingEngine::new(&Default::default())
+        .map_err(anyhow::Error::from)?;
+    let stage = cascade_host::stage::ComponentStage::from_file(&engine, component)
+        .map_err(anyhow::Error::from)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}: {}",
+        component.display(),
+        stage.world().name()
+    )?;
+    Ok(())
+}
+
+/// The commands that talk to a registry.
+async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
+    match command {
+        Command::Publish(publish) => self::publish(client, publish).await,
+        Command::List { kind } => list(client, kind).await,
         Command::Show { kind, name } => {
             let path = match name.split_once('@') {
-                Some((name, version)) => format!("/v1/{}/{name}/{version}", kind.path()),
-                None => format!("/v1/{}/{name}", kind.path()),
+                Some((name, version)) => paths::version(kind.into(), name, version),
+                None => paths::named(kind.into(), &name),
             };
-            print(&client.get_json(&path)?)
+            print(&client.get::<serde_json::Value>(&path).await?)
         }
         Command::Delete { kind, name } => {
             let path = match (kind, name.split_once('@')) {
-                (Kind::Functions, None) => format!("/v1/functions/{name}"),
+                (Kind::Functions, None) => paths::function(&name),
                 (Kind::Functions, Some(_)) => {
                     bail!("delete a function by NAME (it removes every revision)")
                 }
-                (_, Some((name, version))) => format!("/v1/{}/{name}/{version}", kind.path()),
+                (_, Some((name, version))) => paths::version(kind.into(), name, version),
                 (_, None) => bail!("delete takes NAME@VERSION"),
             };
-            print(&client.delete(&path)?)
+            print(&client.delete(&path).await?)
         }
-        Command::Rollback { name, revision } => print(&client.post_json(
-            &format!("/v1/functions/{name}/rollback"),
-            &serde_json::json!({ "revision": revision }),
-        )?),
+        Command::Rollback { name, revision } => print(
+            &client
+                .post_json(
+                    &paths::rollback(&name),
+                    &serde_json::json!({ "revision": revision }),
+                )
+                .await?,
+        ),
         Command::Invoke {
             name,
             data,
@@ -317,7 +253,7 @@ fn run(cli: Cli) -> Result<()> {
                     buffer
                 }
             };
-            let reply = client.invoke(&name, &content_type, body)?;
+            let reply = client.invoke(&name, &content_type, body).await?;
             writeln!(
                 std::io::stdout().lock(),
                 "{}",
@@ -327,4 +263,94 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(_) | Command::Inspect { .. } => Ok(()),
     }
+}
+
+async fn publish(client: &RegistryClient, publish: Publish) -> Result<()> {
+    match publish {
+        Publish::Component {
+            file,
+            name,
+            version,
+        } => {
+            let path = paths::version(client::Kind::Components, &name, &version);
+            print(&client.put_file(&path, "application/wasm", &file).await?)
+        }
+        Publish::Model {
+            file,
+            files,
+            input_shapes,
+            name,
+            version,
+        } => {
+            let shapes = input_shapes
+                .iter()
+                .map(|s| {
+                    s.split_once('=')
+                        .context("--input-shape takes NAME=D1,D2,...")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let path = paths::publish_model(&name, &version, &shapes);
+            if files.is_empty() {
+                print(
+                    &client
+                        .put_file(&path, "application/octet-stream", &file)
+                        .await?,
+                )
+            } else {
+                let package = pack_model(&file, &files)?;
+                print(
+                    &client
+                        .put_file(&path, "application/x-tar", package.path())
+                        .await?,
+                )
+            }
+        }
+        Publish::Function { manifest } => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            let parsed = cascade_registry::manifest::parse(&text)?;
+            let path = paths::function(parsed.function.name.as_str());
+            let published = client
+                .put_bytes(&path, "application/toml", text.into_bytes())
+                .await?;
+            // Stored, but this host cannot serve it (say, a model it cannot
+            // load): the record is printed, the problem goes to stderr.
+            if let Some(warning) = published.get("warning").and_then(|w| w.as_str()) {
+                eprintln!("warning: {warning}");
+            }
+            print(&published)
+        }
+    }
+}
+
+async fn list(client: &RegistryClient, kind: Option<Kind>) -> Result<()> {
+    let kinds = match kind {
+        Some(kind) => vec![kind],
+        None => vec![Kind::Components, Kind::Models, Kind::Functions],
+    };
+    for kind in kinds {
+        let kind = client::Kind::from(kind);
+        let listed: serde_json::Value = client.get(&paths::list(kind)).await?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}:", kind.segment())?;
+        for item in listed.as_array().into_iter().flatten() {
+            let version = item
+                .get("version")
+                .or_else(|| item.get("revision"))
+                .cloned()
+                .unwrap_or_default();
+            let version = version
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| version.to_string());
+            let digest = item["digest"].as_str().unwrap_or("");
+            writeln!(
+                out,
+                "  {}@{version}  {}",
+                item["name"].as_str().unwrap_or("?"),
+                &digest[..digest.len().min(12)]
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -6,11 +6,10 @@
 //! data directory (so restarts need no network), and reports which
 //! functions changed so the runtime can hot-reload them.
 
+use crate::client::{Kind, RegistryClient, paths};
 use anyhow::Context;
-use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord};
-use cascade_registry::{
-    ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
-};
+use cascade_registry::records::{FunctionRecord, Use};
+use cascade_registry::{ModelPackage, Registry, blobs::StagedBlob, names::Reference};
 use futures_util::StreamExt;
 use prometheus::IntGauge;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,10 +17,8 @@ use std::time::Duration;
 
 /// The source registry and the local copy.
 pub struct Mirror {
-    source: String,
-    token: Option<String>,
+    source: RegistryClient,
     registry: Arc<Registry>,
-    http: reqwest::Client,
     limit: u64,
     /// The last sync's failures (`None` before the source was first reached).
     health: Mutex<Option<Vec<(String, String)>>>,
@@ -37,14 +34,9 @@ impl Mirror {
         limit: u64,
         failed_gauge: IntGauge,
     ) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()?;
         Ok(Mirror {
-            source: source.trim_end_matches('/').to_string(),
-            token,
+            source: RegistryClient::new(source, token)?,
             registry,
-            http,
             limit,
             health: Mutex::new(None),
             failed_gauge,
@@ -53,25 +45,12 @@ impl Mirror {
 
     /// Where artifacts are published.
     pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.get(format!("{}{path}", self.source));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self.get(path).send().await?.error_for_status()?;
-        Ok(response.json().await?)
+        self.source.base()
     }
 
     /// Streams `path` into a staged blob and checks it has `digest`.
     async fn fetch(&self, path: &str, digest: &str) -> anyhow::Result<StagedBlob> {
-        let response = self.get(path).send().await?.error_for_status()?;
+        let response = self.source.download(path).await?;
         let mut writer = self.registry.stage(self.limit)?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -93,14 +72,15 @@ impl Mirror {
     /// [`SyncReport::failed`] while the others, and deletions, go ahead.
     /// Fails as a whole only when the source cannot be listed.
     pub async fn sync(&self) -> anyhow::Result<SyncReport> {
-        let remote: Vec<FunctionRecord> = self.json("/v1/functions").await?;
+        let remote = self.source.functions().await?;
         let mut report = SyncReport::default();
         let replaced = self.follow_replaced_artifacts(&mut report).await?;
         let local = tokio::task::block_in_place(|| self.registry.functions())?;
         for function in &remote {
-            let current = local.iter().find(|l| l.name == function.name);
-            let unchanged = current
-                .is_some_and(|c| c.revision == function.revision && c.digest == function.digest);
+            let current = local.iter().find(|l| l.record.name == function.name);
+            let unchanged = current.is_some_and(|c| {
+                c.record.revision == function.revision && c.record.digest == function.digest
+            });
             if unchanged && !function.uses.iter().any(|u| replaced.contains(u)) {
                 continue;
             }
@@ -113,13 +93,14 @@ impl Mirror {
         }
         for gone in local
             .iter()
-            .filter(|l| !remote.iter().any(|r| r.name == l.name))
+            .filter(|l| !remote.iter().any(|r| r.name == l.record.name))
         {
-            match tokio::task::block_in_place(|| self.registry.delete_function(&gone.name)) {
-                Ok(_) => report.changed.push(gone.name.clone()),
+            let name = &gone.record.name;
+            match tokio::task::block_in_place(|| self.registry.delete_function(name)) {
+                Ok(_) => report.changed.push(name.clone()),
                 Err(e) => report
                     .failed
-                    .push((format!("function {}", gone.name), e.to_string())),
+                    .push((format!("function {name}"), e.to_string())),
             }
         }
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.failed.clone());
@@ -129,7 +110,7 @@ impl Mirror {
     /// Copies what `function` uses, then the revision itself.
     async fn copy_function(&self, function: &FunctionRecord) -> anyhow::Result<()> {
         for used in &function.uses {
-            self.ensure(used)
+            self.copy(used, false)
                 .await
                 .with_context(|| format!("copying {used}"))?;
         }
@@ -139,20 +120,17 @@ impl Mirror {
 
     /// Compares the digests of local components and models with the
     /// source's and copies again every version whose bytes differ there
-    /// (deleted and re-published); returns their uses (`component:x@1.0.0`).
-    async fn follow_replaced_artifacts(
-        &self,
-        report: &mut SyncReport,
-    ) -> anyhow::Result<Vec<String>> {
-        let components: Vec<ComponentRecord> = self.json("/v1/components").await?;
-        let models: Vec<ModelRecord> = self.json("/v1/models").await?;
+    /// (deleted and re-published); returns them.
+    async fn follow_replaced_artifacts(&self, report: &mut SyncReport) -> anyhow::Result<Vec<Use>> {
+        let components = self.source.components().await?;
+        let models = self.source.models().await?;
         let mut stale = Vec::new();
         for local in tokio::task::block_in_place(|| self.registry.components())? {
             let differs = components.iter().any(|r| {
                 r.name == local.name && r.version == local.version && r.digest != local.digest
             });
             if differs {
-                stale.push(format!("component:{}@{}", local.name, local.version));
+                stale.push(Use::Component(reference(&local.name, &local.version)?));
             }
         }
         for local in tokio::task::block_in_place(|| self.registry.models())? {
@@ -162,14 +140,14 @@ impl Mirror {
                     && r.package_digest != local.package_digest
             });
             if differs {
-                stale.push(format!("model:{}@{}", local.name, local.version));
+                stale.push(Use::Model(reference(&local.name, &local.version)?));
             }
         }
         let mut replaced = Vec::new();
         for used in stale {
             match self.copy(&used, true).await {
                 Ok(()) => replaced.push(used),
-                Err(e) => report.failed.push((used, format!("{e:#}"))),
+                Err(e) => report.failed.push((used.to_string(), format!("{e:#}"))),
             }
         }
         Ok(replaced)
@@ -184,74 +162,61 @@ impl Mirror {
             .clone()
     }
 
-    /// Copies one `component:name@version` or `model:name@version` if missing.
-    async fn ensure(&self, used: &str) -> anyhow::Result<()> {
-        self.copy(used, false).await
-    }
-
     /// Copies one use from the source: when `replace`, even over a local
     /// version with other bytes; else only when missing.
-    async fn copy(&self, used: &str, replace: bool) -> anyhow::Result<()> {
-        let (kind, reference) = used
-            .split_once(':')
-            .ok_or_else(|| anyhow::anyhow!("odd use {used:?}"))?;
-        let reference: Reference = reference.parse()?;
-        let (name, version) = (&reference.name, &reference.version);
-        match kind {
-            "component" => {
-                if !replace && self.registry.component(&reference).is_ok() {
-                    return Ok(());
-                }
-                let record: ComponentRecord = self
-                    .json(&format!("/v1/components/{name}/{version}"))
-                    .await?;
-                let blob = self
-                    .fetch(
-                        &format!("/v1/components/{name}/{version}/content"),
-                        &record.digest,
-                    )
-                    .await?;
-                tokio::task::block_in_place(|| {
-                    self.registry
-                        .mirror_component(&reference, blob, &record.world)
-                })?;
-            }
-            "model" => {
-                if !replace && self.registry.model(&reference).is_ok() {
-                    return Ok(());
-                }
-                let record: ModelRecord =
-                    self.json(&format!("/v1/models/{name}/{version}")).await?;
-                let model = self
-                    .fetch(
-                        &format!("/v1/models/{name}/{version}/content"),
-                        &record.digest,
-                    )
-                    .await?;
-                let mut files = Vec::new();
-                for file in &record.files {
-                    let path = format!("/v1/models/{name}/{version}/files/{}", file.name);
-                    files.push((file.name.clone(), self.fetch(&path, &file.digest).await?));
-                }
-                let package = ModelPackage {
-                    model,
-                    files,
-                    input_shapes: record.input_shapes.clone(),
-                    signature: record.signature.clone(),
-                };
-                let published = tokio::task::block_in_place(|| {
-                    self.registry.mirror_model(&reference, package)
-                })?;
-                if published.record.package_digest != record.package_digest {
-                    anyhow::bail!(
-                        "model {reference}: package digest differs from the source registry"
-                    );
-                }
-            }
-            other => return Err(RegistryError::Invalid(format!("unknown kind {other:?}")).into()),
+    async fn copy(&self, used: &Use, replace: bool) -> anyhow::Result<()> {
+        match used {
+            Use::Component(reference) => self.copy_component(reference, replace).await,
+            Use::Model(reference) => self.copy_model(reference, replace).await,
+        }
+    }
+
+    async fn copy_component(&self, reference: &Reference, replace: bool) -> anyhow::Result<()> {
+        if !replace && self.registry.component(reference).is_ok() {
+            return Ok(());
+        }
+        let record = self.source.component(reference).await?;
+        let blob = self
+            .fetch(&paths::content(Kind::Components, reference), &record.digest)
+            .await?;
+        tokio::task::block_in_place(|| {
+            self.registry
+                .mirror_component(reference, blob, record.world)
+        })?;
+        Ok(())
+    }
+
+    async fn copy_model(&self, reference: &Reference, replace: bool) -> anyhow::Result<()> {
+        if !replace && self.registry.model(reference).is_ok() {
+            return Ok(());
+        }
+        let record = self.source.model(reference).await?;
+        let model = self
+            .fetch(&paths::content(Kind::Models, reference), &record.digest)
+            .await?;
+        let mut files = Vec::new();
+        for file in &record.files {
+            let path = paths::model_file(reference, &file.name);
+            files.push((file.name.clone(), self.fetch(&path, &file.digest).await?));
+        }
+        let package = ModelPackage {
+            model,
+            files,
+            input_shapes: record.input_shapes.clone(),
+            signature: record.signature.clone(),
+        };
+        let published =
+            tokio::task::block_in_place(|| self.registry.mirror_model(reference, package))?;
+        if published.record.package_digest != record.package_digest {
+            anyhow::bail!("model {reference}: package digest differs from the source registry");
         }
         Ok(())
     }
+}
+
+/// The reference of a record's name and version.
+fn reference(name: &str, version: &str) -> anyhow::Result<Reference> {
+    Ok(Reference::new(name.parse()?, version.parse()?))
 }
 
 /// What one sync did.

@@ -1,21 +1,23 @@
 //! A function's stages and how one invocation flows through them.
 //!
-//! `Manifest → ValidatedManifest` happens in the registry; here a function
-//! revision becomes a [`PreparedFunction`] (compiled components in pools,
+//! `Manifest → Function` happens once, in the registry, at publish; here a
+//! function revision becomes a [`PreparedFunction`] (compiled components in pools,
 //! optimised model plans), and [`PreparedFunction::invoke`] carries one
 //! message through it: a preprocessor turns the message into tensors, a
 //! model maps tensors to tensors, a postprocessor receives the previous
 //! stage's inputs followed by its outputs and returns the reply message.
 
 use crate::bindings::{Message, Tensor, TensorType};
+use crate::error::{InvokeError, StageError};
 use crate::metrics::Metrics;
-use crate::model_queue::ModelQueue;
+use crate::model::ModelQueue;
+use crate::model::wide_runs::RequestInFlight;
 use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
-use crate::stage::{StageError, World};
-use crate::wide_runs::RequestInFlight;
-use cascade_registry::manifest::Manifest;
+use cascade_registry::manifest::Function;
+use cascade_registry::records::World;
 use serde::Serialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -52,117 +54,31 @@ impl PreparedStage {
 
 /// A function revision ready to serve.
 pub struct PreparedFunction {
-    /// Function name.
-    pub name: String,
-    /// Revision served.
-    pub revision: u64,
-    /// Its manifest.
-    pub manifest: Manifest,
-    /// Its stages, first to last.
-    pub stages: Vec<PreparedStage>,
-    /// Admission control.
-    pub gate: Gate,
-    /// Where measurements go.
-    pub metrics: Arc<Metrics>,
+    name: String,
+    revision: u64,
+    function: Function,
+    stages: Vec<PreparedStage>,
+    gate: Gate,
+    metrics: Arc<Metrics>,
+    /// Set once the function is no longer served at all (deleted): its
+    /// metric labels are gone, and late requests must not bring them back.
+    retired: AtomicBool,
 }
 
-/// Why an invocation failed; each maps to one HTTP status and NATS error code.
-#[derive(Debug, thiserror::Error)]
-pub enum InvokeError {
-    /// The function does not exist (404).
-    #[error("function {0} is not published")]
-    NotFound(String),
-    /// The request body is over the function's limit (413).
-    #[error("function {function}: body exceeds the limit of {limit} bytes")]
-    TooLarge {
-        /// Function name.
-        function: String,
-        /// The limit.
-        limit: u64,
-    },
-    /// A stage rejected the input (400).
-    #[error("function {function}, stage {stage}: {message}")]
-    InvalidInput {
-        /// Function name.
-        function: String,
-        /// Stage label.
-        stage: String,
-        /// The guest's message.
-        message: String,
-    },
-    /// Every instance is busy and the queue is full (503).
-    #[error("function {0} is overloaded; retry later")]
-    Overloaded(String),
-    /// The host's instance pools are full (503).
-    #[error("function {function}, stage {stage}: {message}")]
-    NoCapacity {
-        /// Function name.
-        function: String,
-        /// Stage label.
-        stage: String,
-        /// What is full.
-        message: String,
-    },
-    /// The function is stored but this host cannot serve it (503).
-    #[error(
-        "function {function} revision {revision} is published, but this host cannot serve it: {reason}"
-    )]
-    Unservable {
-        /// Function name.
-        function: String,
-        /// The revision that could not be prepared.
-        revision: u64,
-        /// Why.
-        reason: String,
-    },
-    /// The deadline passed (504).
-    #[error("function {function}, stage {stage}: deadline of {timeout_ms} ms exceeded")]
-    DeadlineExceeded {
-        /// Function name.
-        function: String,
-        /// Stage label.
-        stage: String,
-        /// The function's timeout.
-        timeout_ms: u64,
-    },
-    /// A stage failed or trapped (500).
-    #[error("function {function}, stage {stage}: {message}")]
-    Internal {
-        /// Function name.
-        function: String,
-        /// Stage label.
-        stage: String,
-        /// What went wrong, without host internals.
-        message: String,
-    },
+/// How a request reached a function, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `POST /v1/functions/{name}/invoke`.
+    Http,
+    /// A NATS message (the micro service or the manifest's subject).
+    Nats,
 }
 
-impl InvokeError {
-    /// HTTP status (also the NATS micro `Nats-Service-Error-Code`).
-    pub fn status(&self) -> u16 {
+impl Trigger {
+    fn name(self) -> &'static str {
         match self {
-            InvokeError::InvalidInput { .. } => 400,
-            InvokeError::NotFound(_) => 404,
-            InvokeError::TooLarge { .. } => 413,
-            InvokeError::Internal { .. } => 500,
-            InvokeError::Overloaded(_)
-            | InvokeError::NoCapacity { .. }
-            | InvokeError::Unservable { .. } => 503,
-            InvokeError::DeadlineExceeded { .. } => 504,
-        }
-    }
-
-    /// Stable machine-readable code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            InvokeError::InvalidInput { .. } => "invalid_input",
-            InvokeError::NotFound(_) => "not_found",
-            InvokeError::TooLarge { .. } => "too_large",
-            InvokeError::Internal { .. } => "internal",
-            InvokeError::Overloaded(_) => "overloaded",
-            InvokeError::NoCapacity { .. } => "capacity",
-            InvokeError::Unservable { .. } => "unservable",
-            InvokeError::DeadlineExceeded { .. } => "deadline_exceeded",
+            Trigger::Http => "http",
+            Trigger::Nats => "nats",
         }
     }
 }
@@ -199,14 +115,78 @@ enum Flow {
 }
 
 impl PreparedFunction {
+    /// Revision `revision` of `function`, whose stages are prepared,
+    /// admitting requests through `gate`.
+    pub fn new(
+        revision: u64,
+        function: Function,
+        stages: Vec<PreparedStage>,
+        gate: Gate,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        PreparedFunction {
+            name: function.name.to_string(),
+            revision,
+            function,
+            stages,
+            gate,
+            metrics,
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The revision served.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// What its manifest declares.
+    pub fn function(&self) -> &Function {
+        &self.function
+    }
+
+    /// Its stages, first to last.
+    pub fn stages(&self) -> &[PreparedStage] {
+        &self.stages
+    }
+
     /// The function's deadline.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.manifest.limits.timeout_ms)
+        Duration::from_millis(self.function.limits.timeout_ms)
     }
 
     /// Largest accepted body.
     pub fn max_body(&self) -> u64 {
-        self.manifest.limits.max_body_kb.saturating_mul(1024)
+        self.function.limits.max_body_kb.saturating_mul(1024)
+    }
+
+    /// Marks the function as no longer served (deleted), before its
+    /// metric labels are forgotten.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Records a finished request in the metrics and the log: the one place
+    /// every trigger reports to, once per request, with the status its
+    /// caller saw.
+    pub fn record(&self, trigger: Trigger, request_id: &str, status: u16, elapsed: Duration) {
+        if !self.retired.load(Ordering::SeqCst) {
+            self.metrics.observe_request(&self.name, status, elapsed);
+        }
+        tracing::info!(
+            request_id = %request_id,
+            function = %self.name,
+            revision = self.revision,
+            trigger = trigger.name(),
+            status,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "invoke"
+        );
     }
 
     /// Waits for admission (a slot, or a place in the bounded queue), then
@@ -277,7 +257,7 @@ impl PreparedFunction {
                 InvokeError::DeadlineExceeded {
                     function: self.name.clone(),
                     stage: "queue".into(),
-                    timeout_ms: self.manifest.limits.timeout_ms,
+                    timeout_ms: self.function.limits.timeout_ms,
                 }
             }
         }
@@ -314,7 +294,7 @@ impl PreparedFunction {
                 InvokeError::DeadlineExceeded {
                     function,
                     stage,
-                    timeout_ms: self.manifest.limits.timeout_ms,
+                    timeout_ms: self.function.limits.timeout_ms,
                 }
             }
         }
@@ -326,8 +306,8 @@ impl PreparedFunction {
             name: self.name.clone(),
             revision: self.revision,
             queued: self.gate.waiting(),
-            max_instances: self.manifest.scaling.max_instances,
-            min_instances: self.manifest.scaling.min_instances,
+            max_instances: self.function.scaling.max_instances,
+            min_instances: self.function.scaling.min_instances,
             stages: self
                 .stages
                 .iter()
@@ -588,6 +568,8 @@ fn tensors_as_json(tensors: &[Tensor]) -> Message {
         .collect();
     Message {
         content_type: "application/json".into(),
-        body: serde_json::to_vec(&serde_json::json!({ "tensors": values })).unwrap_or_default(),
+        body: serde_json::json!({ "tensors": values })
+            .to_string()
+            .into_bytes(),
     }
 }

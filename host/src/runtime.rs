@@ -4,21 +4,57 @@
 
 use crate::capacity::Reclaim;
 use crate::engine::ServingEngine;
-use crate::inference::{Backend, PlanCache};
+use crate::error::InvokeError;
+use crate::error::StageError;
 use crate::metrics::Metrics;
-use crate::model_queue::{BatchCounts, ModelQueue};
-use crate::pipeline::{InvokeError, PreparedFunction, PreparedStage};
+use crate::model::ModelError;
+use crate::model::queue::{BatchCounts, ModelQueue};
+use crate::model::{Backend, PlanCache};
+use crate::pipeline::{PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
 use crate::stage::ComponentStage;
-use cascade_registry::Registry;
-use cascade_registry::manifest::{self, Stage};
-use cascade_registry::records::FunctionRecord;
+use cascade_registry::manifest::{ComponentStep, Function, ModelStep, Stage};
+use cascade_registry::records::Revision;
+use cascade_registry::{Registry, RegistryError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+/// Why a function revision could not be prepared on this host: said on
+/// `/readyz`, in the publish answer's warning, and in the 503 of its
+/// invocations.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// Preparing ran outside the host's tokio runtime.
+    #[error("preparing a function needs the host's tokio runtime")]
+    NoReactor,
+    /// The registry could not hand over a record or a file.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A model could not be loaded or optimised.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A component could not be compiled or linked.
+    #[error("{0:#}")]
+    Component(wasmtime::Error),
+    /// The engine's instance pools can never hold what the stage needs.
+    #[error("stage {stage}: {why}")]
+    Capacity {
+        /// The stage.
+        stage: String,
+        /// What is too small.
+        why: String,
+    },
+    /// Starting the stage's `min_instances` failed.
+    #[error("{0}")]
+    Warm(#[source] StageError),
+    /// The table of served functions is poisoned by an earlier panic.
+    #[error("the table of served functions is poisoned")]
+    Poisoned,
+}
 
 /// Everything needed to run functions.
 pub struct Runtime {
@@ -172,9 +208,10 @@ impl Runtime {
     pub fn load_all(&self) {
         self.collect_compiled();
         match self.registry.functions() {
-            Ok(records) => {
-                for record in records {
-                    if let Err(e) = self.install(&record) {
+            Ok(revisions) => {
+                for revision in revisions {
+                    if let Err(e) = self.serve(&revision) {
+                        let record = &revision.record;
                         tracing::error!(function = %record.name, "cannot serve revision {}: {e}", record.revision);
                     }
                 }
@@ -187,16 +224,17 @@ impl Runtime {
 
     /// Serves the registry's current revision of `name`, or stops serving it
     /// when it was deleted (blocking).
-    pub fn reload(&self, name: &str) -> Result<(), String> {
+    pub fn reload(&self, name: &str) -> Result<(), PrepareError> {
         match self.registry.function(name) {
-            Ok(record) => self.install(&record),
+            Ok(revision) => self.serve(&revision),
             Err(_) => {
                 let removed = self
                     .functions
                     .write()
                     .ok()
                     .and_then(|mut functions| functions.remove(name));
-                if removed.is_some() {
+                if let Some(removed) = removed {
+                    removed.retire();
                     self.metrics.forget_function(name);
                 }
                 self.mark_unservable(name, None);
@@ -206,40 +244,36 @@ impl Runtime {
         }
     }
 
-    fn install(&self, record: &FunctionRecord) -> Result<(), String> {
+    /// Prepares `revision` and serves it, if it is still the registry's
+    /// current one when ready (blocking).
+    pub fn serve(&self, revision: &Revision) -> Result<(), PrepareError> {
+        let record = &revision.record;
         let current = self.function(&record.name).ok();
-        if current.is_some_and(|c| c.revision == record.revision) {
+        if current.is_some_and(|c| c.revision() == record.revision) {
             return Ok(());
         }
-        let prepared = self.prepare(record);
-        crate::inference::release_freed_memory();
+        let prepared = self.prepare(revision);
+        crate::model::memory::release_freed_memory();
         let prepared = match prepared {
             Ok(prepared) => Arc::new(prepared),
             Err(why) => {
                 // Said for the head only: an older revision's failure is moot.
-                let head = self
-                    .registry
-                    .function(&record.name)
-                    .ok()
-                    .map(|h| h.revision);
-                if head == Some(record.revision) {
-                    self.mark_unservable(&record.name, Some((record.revision, why.clone())));
+                if self.head_of(&record.name) == Some(record.revision) {
+                    let reason = why.to_string();
+                    self.mark_unservable(&record.name, Some((record.revision, reason)));
                     self.changes.notify_waiters();
                 }
                 return Err(why);
             }
         };
         {
-            let Ok(mut functions) = self.functions.write() else {
-                return Err("the table of served functions is poisoned".into());
-            };
+            let mut functions = self.functions.write().map_err(|_| PrepareError::Poisoned)?;
             // Preparations of one function may overlap (two publishes in a
             // row, a slow model and a quick one): only the registry's head
             // at the moment of the swap may be served, never a revision
             // whose preparation merely finished last. Checked under the lock
             // that every swap takes.
-            let head = self.registry.function(&record.name).ok();
-            if head.as_ref().map(|h| h.revision) != Some(record.revision) {
+            if self.head_of(&record.name) != Some(record.revision) {
                 tracing::info!(
                     function = %record.name,
                     revision = record.revision,
@@ -255,143 +289,158 @@ impl Runtime {
         Ok(())
     }
 
+    /// The registry's current revision number of `name`.
+    fn head_of(&self, name: &str) -> Option<u64> {
+        self.registry
+            .function(name)
+            .ok()
+            .map(|head| head.record.revision)
+    }
+
     /// Compiles, links and optimises what a revision needs, and starts its
     /// `min_instances`. Blocking: call it on a blocking thread of the host's
     /// tokio runtime, whose reactor the guests' asynchronous calls need.
-    pub fn prepare(&self, record: &FunctionRecord) -> Result<PreparedFunction, String> {
-        let reactor = tokio::runtime::Handle::try_current()
-            .map_err(|_| "preparing a function needs the host's tokio runtime".to_string())?;
-        let validated = manifest::parse(&record.manifest).map_err(|e| e.to_string())?;
-        let manifest = validated.manifest;
-        let name = record.name.clone();
-        let mut stages = Vec::new();
-        for stage in validated.stages {
-            stages.push(match stage {
-                Stage::Component {
-                    component,
-                    files,
-                    config,
-                    models,
-                    inputs,
-                    load_bytes,
-                } => {
-                    let label = component.to_string();
-                    let record = self
-                        .registry
-                        .component(&component)
-                        .map_err(|e| e.to_string())?;
-                    let compiled = self.component(&record.digest)?;
-                    let model_dir = match files {
-                        Some(files) => {
-                            let model = self.registry.model(&files).map_err(|e| e.to_string())?;
-                            Some(self.registry.model_dir(&model).map_err(|e| e.to_string())?)
-                        }
-                        None => None,
-                    };
-                    let granted = models
-                        .iter()
-                        .map(|reference| {
-                            let record =
-                                self.registry.model(reference).map_err(|e| e.to_string())?;
-                            let path = self.registry.blob_path(&record.digest);
-                            let plan = self.plans.get(
-                                &reference.to_string(),
-                                &record.digest,
-                                &path,
-                                &record.input_shapes,
-                                &[],
-                            )?;
-                            Ok((reference.to_string(), ModelQueue::new(plan, 1, None)))
-                        })
-                        .collect::<Result<Vec<_>, String>>()?;
-                    let grant = Grant {
-                        config,
-                        model_dir,
-                        memory_bytes: (manifest.limits.memory_mb << 20) as usize,
-                        log_tag: format!("{name}/{label}"),
-                        models: granted,
-                        load_bytes,
-                    };
-                    let metrics = PoolMetrics {
-                        instances: self.metrics.instances.with_label_values(&[&name, &label]),
-                        busy: self.metrics.busy.with_label_values(&[&name, &label]),
-                        cold_starts: self.metrics.cold_starts.with_label_values(&[&name, &label]),
-                        traps: self.metrics.traps.with_label_values(&[&name, &label]),
-                    };
-                    let world = compiled.world();
-                    let capacity = self.engine.capacity();
-                    let at_least = manifest.scaling.min_instances.max(1);
-                    if let Some(why) = capacity.never_fits(compiled.footprint(), at_least) {
-                        return Err(format!("stage {label}: {why}"));
-                    }
-                    let pool = InstancePool::new(
-                        label.clone(),
-                        compiled,
-                        grant,
-                        manifest.scaling.min_instances as usize,
-                        Duration::from_millis(manifest.scaling.idle_timeout_ms),
-                        metrics,
-                    );
-                    let pool = Arc::new(pool);
-                    let holder: Arc<dyn Reclaim> = pool.clone();
-                    capacity.register(Arc::downgrade(&holder));
-                    reactor.block_on(pool.warm()).map_err(|e| e.to_string())?;
-                    PreparedStage::Component {
-                        label,
-                        world,
-                        pool,
-                        inputs,
-                    }
-                }
-                Stage::Model {
-                    model,
-                    outputs,
-                    batch,
-                } => {
-                    let record = self.registry.model(&model).map_err(|e| e.to_string())?;
-                    let path = self.registry.blob_path(&record.digest);
-                    let label = model.to_string();
-                    let plan = self.plans.get(
-                        &label,
-                        &record.digest,
-                        &path,
-                        &record.input_shapes,
-                        &outputs,
-                    )?;
-                    let counts = (batch > 1).then(|| {
-                        let labels = [name.as_str(), label.as_str()];
-                        BatchCounts {
-                            batches: self.metrics.model_batches.with_label_values(&labels),
-                            requests: self
-                                .metrics
-                                .model_batched_requests
-                                .with_label_values(&labels),
-                        }
-                    });
-                    PreparedStage::Model {
-                        label,
-                        queue: ModelQueue::new(plan, batch as usize, counts),
-                    }
-                }
-            });
-        }
+    pub fn prepare(&self, revision: &Revision) -> Result<PreparedFunction, PrepareError> {
+        let reactor = tokio::runtime::Handle::try_current().map_err(|_| PrepareError::NoReactor)?;
+        let function = &revision.function;
+        let stages = function
+            .stages
+            .iter()
+            .map(|stage| match stage {
+                Stage::Component(step) => self.prepare_component(function, step, &reactor),
+                Stage::Model(step) => self.prepare_model(function, step),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = function.name.as_str();
         let gate = Gate::new(
-            manifest.scaling.max_instances as usize,
-            manifest.scaling.max_queue as usize,
-            self.metrics.queued.with_label_values(&[&name]),
+            function.scaling.max_instances as usize,
+            function.scaling.max_queue as usize,
+            self.metrics.queued.with_label_values(&[name]),
         );
-        Ok(PreparedFunction {
-            name,
-            revision: record.revision,
-            manifest,
+        Ok(PreparedFunction::new(
+            revision.record.revision,
+            function.clone(),
             stages,
             gate,
-            metrics: self.metrics.clone(),
+            self.metrics.clone(),
+        ))
+    }
+
+    /// A component stage: its compiled component in a pool of instances,
+    /// `min_instances` of them started.
+    fn prepare_component(
+        &self,
+        function: &Function,
+        step: &ComponentStep,
+        reactor: &tokio::runtime::Handle,
+    ) -> Result<PreparedStage, PrepareError> {
+        let component = &step.component;
+        let (name, label) = (function.name.as_str(), component.to_string());
+        let record = self.registry.component(component)?;
+        let compiled = self.component(&record.digest)?;
+        let world = compiled.world();
+        let capacity = self.engine.capacity();
+        let at_least = function.scaling.min_instances.max(1);
+        if let Some(why) = capacity.never_fits(compiled.footprint(), at_least) {
+            return Err(PrepareError::Capacity { stage: label, why });
+        }
+        let metrics = PoolMetrics {
+            instances: self.metrics.instances.with_label_values(&[name, &label]),
+            busy: self.metrics.busy.with_label_values(&[name, &label]),
+            cold_starts: self.metrics.cold_starts.with_label_values(&[name, &label]),
+            traps: self.metrics.traps.with_label_values(&[name, &label]),
+        };
+        let pool = Arc::new(InstancePool::new(
+            label.clone(),
+            compiled,
+            self.grant(function, step)?,
+            function.scaling.min_instances as usize,
+            Duration::from_millis(function.scaling.idle_timeout_ms),
+            metrics,
+        ));
+        let holder: Arc<dyn Reclaim> = pool.clone();
+        capacity.register(Arc::downgrade(&holder));
+        reactor.block_on(pool.warm()).map_err(PrepareError::Warm)?;
+        Ok(PreparedStage::Component {
+            label,
+            world,
+            pool,
+            inputs: step.inputs.clone(),
+        })
+    }
+
+    /// What a component stage's manifest grants its instances: config,
+    /// model files, memory, and the models it may run through `wasi:nn`.
+    fn grant(&self, function: &Function, step: &ComponentStep) -> Result<Grant, PrepareError> {
+        let ComponentStep {
+            component,
+            files,
+            config,
+            models,
+            load_bytes,
+            ..
+        } = step;
+        let model_dir = match files {
+            Some(files) => Some(self.registry.model_dir(&self.registry.model(files)?)?),
+            None => None,
+        };
+        let models = models
+            .iter()
+            .map(|reference| {
+                let record = self.registry.model(reference)?;
+                let path = self.registry.blob_path(&record.digest);
+                let label = reference.to_string();
+                let plan =
+                    self.plans
+                        .get(&label, &record.digest, &path, &record.input_shapes, &[])?;
+                Ok((label, ModelQueue::new(plan, 1, None)))
+            })
+            .collect::<Result<Vec<_>, PrepareError>>()?;
+        Ok(Grant {
+            config: config.clone(),
+            model_dir,
+            memory_bytes: (function.limits.memory_mb << 20) as usize,
+            log_tag: format!("{}/{component}", function.name),
+            models,
+            load_bytes: *load_bytes,
+        })
+    }
+
+    /// A model stage: its plan behind a queue (batching with `batch` > 1).
+    fn prepare_model(
+        &self,
+        function: &Function,
+        step: &ModelStep,
+    ) -> Result<PreparedStage, PrepareError> {
+        let ModelStep {
+            model,
+            outputs,
+            batch,
+        } = step;
+        let record = self.registry.model(model)?;
+        let path = self.registry.blob_path(&record.digest);
+        let label = model.to_string();
+        let plan = self
+            .plans
+            .get(&label, &record.digest, &path, &record.input_shapes, outputs)?;
+        let counts = (*batch > 1).then(|| {
+            let labels = [function.name.as_str(), label.as_str()];
+            BatchCounts {
+                batches: self.metrics.model_batches.with_label_values(&labels),
+                requests: self
+                    .metrics
+                    .model_batched_requests
+                    .with_label_values(&labels),
+            }
+        });
+        Ok(PreparedStage::Model {
+            label,
+            queue: ModelQueue::new(plan, *batch as usize, counts),
         })
     }
 
     /// The compiled, linked component with `digest` (shared by every function).
-    pub fn component(&self, digest: &str) -> Result<Arc<ComponentStage>, String> {
+    pub fn component(&self, digest: &str) -> Result<Arc<ComponentStage>, PrepareError> {
         if let Some(found) = self
             .components
             .lock()
@@ -404,11 +453,11 @@ impl Runtime {
         let (component, cached) = self
             .engine
             .load_component(&wasm, digest, &self.compiled_dir)
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(PrepareError::Component)?;
         self.count_load(cached);
         tracing::info!(digest, cached, "component loaded");
         let stage = Arc::new(
-            ComponentStage::new(&self.engine, component, &wasm).map_err(|e| format!("{e:#}"))?,
+            ComponentStage::new(&self.engine, component, &wasm).map_err(PrepareError::Component)?,
         );
         if let Ok(mut components) = self.components.lock() {
             components.insert(digest.to_string(), stage.clone());
@@ -439,7 +488,7 @@ impl Runtime {
             })
             .unwrap_or(0);
         if plans + components > 0 {
-            crate::inference::release_freed_memory();
+            crate::model::memory::release_freed_memory();
         }
         reaped
     }

@@ -3,12 +3,13 @@
 //! stdout and stderr go to the host's log, tagged with function and stage.
 //! No other file system, no network, no environment.
 
-use crate::model_queue::ModelQueue;
-use crate::stage::World;
+use crate::model::ModelQueue;
+use crate::model::wasi_nn::{self, Deadline};
+use cascade_registry::records::World;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 use tokio::io::AsyncWrite;
@@ -107,7 +108,7 @@ impl StageState {
                 .memory_size(grant.memory_bytes)
                 .trap_on_grow_failure(true)
                 .build(),
-            nn: crate::nn::context(
+            nn: wasi_nn::context(
                 &grant.models,
                 grant.load_bytes,
                 deadline.clone(),
@@ -139,26 +140,6 @@ impl WasiView for StageState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
-    }
-}
-
-/// The deadline of an instance's current call, shared between its store
-/// and its `wasi:nn` context.
-#[derive(Clone)]
-pub struct Deadline(Arc<Mutex<Instant>>);
-
-impl Deadline {
-    fn new() -> Self {
-        Deadline(Arc::new(Mutex::new(Instant::now())))
-    }
-
-    fn set(&self, deadline: Instant) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
-    }
-
-    /// When the current call must stop.
-    pub fn get(&self) -> Instant {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -5,13 +5,14 @@
 use crate::access::Access;
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
+use crate::events::Events;
 use crate::http::HttpState;
-use crate::inference::Backend;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::model::Backend;
 use crate::runtime::Runtime;
 use crate::trigger::http::{self, Limits};
-use crate::trigger::nats::{self, ConnectionState, Events, NatsOptions, NatsTrigger};
+use crate::trigger::nats::{self, ConnectionState, NatsOptions, NatsTrigger};
 use crate::trigger::subjects;
 use anyhow::{Context, Result};
 use cascade_registry::Registry;
@@ -29,8 +30,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config.token.as_deref(),
         config.token_read,
         config.tokens.as_deref(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     let registry = Registry::open(&config.data)
         .with_context(|| format!("opening the registry in {}", config.data.display()))?;
     let engine = ServingEngine::new(&EngineSettings {
@@ -42,7 +42,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let backend = config.backend();
     if let Backend::OnnxRuntime(settings) = &backend {
         // Fail at start, not at the first model, when the library is wrong.
-        crate::onnxruntime::init(&settings.library).map_err(anyhow::Error::msg)?;
+        crate::model::ort::init(&settings.library)?;
         tracing::info!(
             "models run with ONNX Runtime from {}",
             settings.library.display()

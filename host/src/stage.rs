@@ -6,133 +6,91 @@
 //! to create from the `InstancePre` and reusable across calls until a trap.
 
 use crate::bindings::{
-    GuestError, Inferencer, InferencerPre, Message, Postprocessor, PostprocessorPre, Preprocessor,
+    Inferencer, InferencerPre, Message, Postprocessor, PostprocessorPre, Preprocessor,
     PreprocessorPre, Tensor, export_names,
 };
 use crate::capacity::{Capacity, Footprint, Reservation};
 use crate::engine::ServingEngine;
+pub use crate::error::StageError;
 pub use crate::sandbox::Grant;
 use crate::sandbox::{StageState, linker};
+pub use cascade_registry::records::World;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wasmtime::Result;
 use wasmtime::component::Component;
 use wasmtime::error::Context;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
-use wasmtime::{Result, format_err};
+use wasmtime::{Engine, Store, UpdateDeadline};
 
-/// The Cascade world a component implements, told by its exports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum World {
-    /// Exports `preprocess`: message → tensors.
-    Preprocessor,
-    /// Exports `postprocess`: tensors → message.
-    Postprocessor,
-    /// Exports `infer`: tensors → tensors.
-    Inferencer,
-}
-
-impl World {
-    /// The world `component` exports, or a message saying what it exports instead.
-    pub fn of(component: &Component, engine: &Engine) -> Result<World, String> {
-        let ty = component.component_type();
-        let exports: Vec<String> = ty
-            .exports(engine)
-            .map(|(name, _)| name.to_string())
-            .collect();
-        let has = |name: &str| exports.iter().any(|e| e == name);
-        match (
-            has(export_names::PREPROCESS),
-            has(export_names::POSTPROCESS),
-            has(export_names::INFER),
-        ) {
-            (true, false, false) => Ok(World::Preprocessor),
-            (false, true, false) => Ok(World::Postprocessor),
-            (false, false, true) => Ok(World::Inferencer),
-            _ => Err(format!(
-                "a Cascade component exports exactly one of {}, {} or {}; this one exports [{}]",
-                export_names::PREPROCESS,
-                export_names::POSTPROCESS,
-                export_names::INFER,
-                exports.join(", ")
-            )),
-        }
-    }
-
-    /// Checks that `component` imports only what its world may: `wasi:nn`
-    /// is for inferencers; any other import the sandbox lacks fails to link.
-    /// Answers a message naming the import, for a 400 at publish.
-    pub fn check_imports(self, component: &Component, engine: &Engine) -> Result<(), String> {
-        let ty = component.component_type();
-        if self != World::Inferencer
-            && let Some((name, _)) = ty
-                .imports(engine)
-                .find(|(name, _)| name.starts_with("wasi:nn/"))
-        {
-            return Err(format!(
-                "this {} imports {name}; only inferencer components may use wasi:nn",
-                self.name()
-            ));
-        }
-        linker(engine, self)
-            .and_then(|linker| linker.instantiate_pre(component))
-            .map(drop)
-            .map_err(|e| {
-                format!("the component imports something the sandbox does not offer: {e:#}")
-            })
-    }
-
-    /// The world's name as the WIT spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            World::Preprocessor => "preprocessor",
-            World::Postprocessor => "postprocessor",
-            World::Inferencer => "inferencer",
-        }
-    }
-}
-
-/// Why a call into a stage failed.
+/// Why a component cannot serve as a stage: checked at publish (a 400
+/// naming the problem) and again when a host links it.
 #[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// The guest rejected its input (a client error).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
-    /// The guest reported an internal failure.
-    #[error("internal error: {0}")]
-    Internal(String),
-    /// The guest ran past its deadline and was interrupted.
-    #[error("deadline exceeded")]
-    DeadlineExceeded,
-    /// The guest trapped (panic, out of memory, bad instruction); the
-    /// instance must be discarded.
-    #[error("guest trapped: {0}")]
-    Trap(String),
-    /// No room in the host's instance pools for another instance now.
-    #[error("{0}")]
-    Capacity(String),
+pub enum ComponentError {
+    /// It exports none, or more than one, of the Cascade worlds' functions.
+    #[error(
+        "a Cascade component exports exactly one of {}, {} or {}; this one exports [{}]",
+        export_names::PREPROCESS,
+        export_names::POSTPROCESS,
+        export_names::INFER,
+        .0.join(", ")
+    )]
+    NoCascadeWorld(Vec<String>),
+    /// A component of another world imports `wasi:nn`.
+    #[error("this {world} imports {import}; only inferencer components may use wasi:nn")]
+    NnOutsideInferencer {
+        /// Its world.
+        world: World,
+        /// The `wasi:nn` interface it imports.
+        import: String,
+    },
+    /// It imports something the sandbox does not offer.
+    #[error("the component imports something the sandbox does not offer: {0:#}")]
+    Unlinkable(wasmtime::Error),
 }
 
-impl StageError {
-    /// Whether the instance that produced this error may serve again.
-    pub fn poisons_instance(&self) -> bool {
-        matches!(self, StageError::DeadlineExceeded | StageError::Trap(_))
+/// The world `component` exports.
+pub fn world_of(component: &Component, engine: &Engine) -> Result<World, ComponentError> {
+    let ty = component.component_type();
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let has = |name: &str| exports.iter().any(|e| e == name);
+    match (
+        has(export_names::PREPROCESS),
+        has(export_names::POSTPROCESS),
+        has(export_names::INFER),
+    ) {
+        (true, false, false) => Ok(World::Preprocessor),
+        (false, true, false) => Ok(World::Postprocessor),
+        (false, false, true) => Ok(World::Inferencer),
+        _ => Err(ComponentError::NoCascadeWorld(exports)),
     }
+}
 
-    fn from_guest(error: GuestError) -> Self {
-        match error {
-            GuestError::InvalidInput(m) => StageError::InvalidInput(m),
-            GuestError::Internal(m) => StageError::Internal(m),
-        }
+/// Checks that `component` imports only what `world` may: `wasi:nn` is for
+/// inferencers; any other import the sandbox lacks fails to link.
+pub fn check_imports(
+    world: World,
+    component: &Component,
+    engine: &Engine,
+) -> Result<(), ComponentError> {
+    let ty = component.component_type();
+    if world != World::Inferencer
+        && let Some((name, _)) = ty
+            .imports(engine)
+            .find(|(name, _)| name.starts_with("wasi:nn/"))
+    {
+        return Err(ComponentError::NnOutsideInferencer {
+            world,
+            import: name.to_string(),
+        });
     }
-
-    fn from_trap(error: wasmtime::Error) -> Self {
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => StageError::DeadlineExceeded,
-            Some(trap) => StageError::Trap(trap.to_string()),
-            None => StageError::Trap(format!("{error:#}")),
-        }
-    }
+    linker(engine, world)
+        .and_then(|linker| linker.instantiate_pre(component))
+        .map(drop)
+        .map_err(ComponentError::Unlinkable)
 }
 
 enum Prepared {
@@ -163,10 +121,10 @@ impl ComponentStage {
     /// footprint in the instance pools is counted from it).
     pub fn new(engine: &ServingEngine, component: Component, wasm: &Path) -> Result<Self> {
         let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-        let footprint = Footprint::of(&bytes).map_err(|e| format_err!(e))?;
+        let footprint = Footprint::of(&bytes)?;
         let capacity = engine.capacity().clone();
         let engine = engine.engine().clone();
-        let world = World::of(&component, &engine).map_err(|e| format_err!(e))?;
+        let world = world_of(&component, &engine)?;
         let pre = linker(&engine, world)?
             .instantiate_pre(&component)
             .context("linking component")?;

@@ -1,6 +1,6 @@
 //! The choice between a model's narrow and wide lone runs.
 
-use cascade_host::wide_runs::{Width, WidthChooser};
+use cascade_host::model::wide_runs::{Width, WidthChooser};
 
 /// Runs `lone_runs` lone runs whose cost per width is `cost`, as a model
 /// would: asking for a width, then recording what it cost.

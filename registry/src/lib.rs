@@ -4,6 +4,7 @@
 //! - [`names`]: artifact names, versions and `name@version` references;
 //! - [`manifest`]: the function manifest (TOML) and its static validation;
 //! - [`records`]: what the registry stores about each artifact;
+//! - [`checks`]: publish-time checks that a function's stages exist and fit together;
 //! - [`blobs`]: content-addressed files, staged then renamed into place;
 //! - [`store`]: the [`Registry`] itself on redb, where atomicity lives;
 //! - [`tables`]: the redb table definitions, named in one place.
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod blobs;
+pub mod checks;
 mod error;
 pub mod manifest;
 pub mod names;
@@ -29,4 +31,8 @@ pub mod store;
 mod tables;
 
 pub use error::RegistryError;
+
+/// The file name inside a model package tar that holds the ONNX model; the
+/// package's other files are its extra files, by name.
+pub const PACKAGE_MODEL_FILE: &str = "model.onnx";
 pub use store::{ModelPackage, Published, Registry};

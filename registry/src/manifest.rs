@@ -34,14 +34,15 @@ use crate::names::{Name, Reference};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The manifest as written.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The manifest as written: what serde reads, checked field by field into
+/// a [`Function`] and never handed out.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
+struct ManifestFile {
     /// The function's name.
     pub name: Name,
     /// The stages, first to last.
-    pub stages: Vec<StageSpec>,
+    stages: Vec<StageSpec>,
     /// How many instances serve the function.
     #[serde(default)]
     pub scaling: Scaling,
@@ -54,9 +55,9 @@ pub struct Manifest {
 }
 
 /// One stage as written: exactly one of `component` or `model`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StageSpec {
+struct StageSpec {
     /// A component `name@version`.
     pub component: Option<Reference>,
     /// A model `name@version`, run by the host.
@@ -163,42 +164,68 @@ pub struct NatsTrigger {
 }
 
 /// A stage after static validation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Stage {
     /// A WebAssembly component.
-    Component {
-        /// Which component.
-        component: Reference,
-        /// Model package shown under `/model`.
-        files: Option<Reference>,
-        /// Configuration values.
-        config: BTreeMap<String, String>,
-        /// Models granted to `wasi:nn` `load-by-name`.
-        models: Vec<Reference>,
-        /// Whether `wasi:nn` `load` from guest bytes is granted.
-        load_bytes: bool,
-        /// For a postprocessor: the tensors it receives; `None` means all.
-        inputs: Option<Vec<String>>,
-    },
+    Component(ComponentStep),
     /// A model run natively.
-    Model {
-        /// Which model.
-        model: Reference,
-        /// Outputs to compute; empty means all.
-        outputs: Vec<String>,
-        /// Most rows of concurrent requests run together (1: no batching).
-        batch: u32,
-    },
+    Model(ModelStep),
 }
 
-/// A manifest whose fields are individually valid; the registry then checks
-/// that what it names exists and fits together.
-#[derive(Debug, Clone)]
-pub struct ValidatedManifest {
-    /// The manifest as written (normalised by serde).
-    pub manifest: Manifest,
-    /// Its stages, typed.
+/// A component stage and what its manifest grants it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentStep {
+    /// Which component.
+    pub component: Reference,
+    /// Model package shown under `/model`.
+    pub files: Option<Reference>,
+    /// Configuration values.
+    pub config: BTreeMap<String, String>,
+    /// Models granted to `wasi:nn` `load-by-name`.
+    pub models: Vec<Reference>,
+    /// Whether `wasi:nn` `load` from guest bytes is granted.
+    pub load_bytes: bool,
+    /// For a postprocessor: the tensors it receives; `None` means all.
+    pub inputs: Option<Vec<String>>,
+}
+
+/// A model stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStep {
+    /// Which model.
+    pub model: Reference,
+    /// Outputs to compute; empty means all.
+    pub outputs: Vec<String>,
+    /// Most rows of concurrent requests run together (1: no batching).
+    pub batch: u32,
+}
+
+/// A function as its manifest declares it, every field valid on its own:
+/// the typed form the registry stores beside the text and hosts serve
+/// from. The registry then checks that what it names exists and fits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Function {
+    /// The function's name.
+    pub name: Name,
+    /// The stages, first to last.
     pub stages: Vec<Stage>,
+    /// How many instances serve the function.
+    pub scaling: Scaling,
+    /// What one invocation may use.
+    pub limits: Limits,
+    /// How the function is invoked.
+    pub triggers: Triggers,
+}
+
+/// A manifest as published: its text (what `cascade show` prints and the
+/// digest covers) and the [`Function`] it declares.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The text as published.
+    pub text: String,
+    /// What it declares.
+    pub function: Function,
 }
 
 /// Upper bounds that keep one function from starving a host.
@@ -222,8 +249,12 @@ pub const MAX_SUBJECT_BYTES: usize = 256;
 /// wildcards, and none of the prefixes the host and NATS keep for
 /// themselves (`cascade.`, `$…`, `_INBOX.`), so a function can neither
 /// forge registry events nor answer JetStream or system requests.
-fn check_subject(field: &str, subject: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("`{field}` {subject:?} {why}"));
+fn check_subject(field: &str, subject: &str) -> Result<(), RegistryError> {
+    let bad = |why: &str| {
+        Err(RegistryError::Invalid(format!(
+            "invalid manifest: `{field}` {subject:?} {why}"
+        )))
+    };
     if subject.is_empty() || subject.len() > MAX_SUBJECT_BYTES {
         return bad(&format!("must be 1 to {MAX_SUBJECT_BYTES} bytes"));
     }
@@ -244,9 +275,10 @@ fn check_subject(field: &str, subject: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses and statically validates a manifest.
-pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
-    let manifest: Manifest = toml::from_str(text)
+/// Parses and statically validates a manifest: the one place manifest text
+/// becomes types.
+pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
+    let manifest: ManifestFile = toml::from_str(text)
         .map_err(|e| RegistryError::Invalid(format!("invalid manifest: {e}")))?;
     let invalid = |m: String| Err(RegistryError::Invalid(format!("invalid manifest: {m}")));
     if manifest.stages.is_empty() || manifest.stages.len() > MAX_STAGES {
@@ -277,10 +309,8 @@ pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
             ("triggers.nats.result_subject", nats.result_subject.as_ref()),
         ];
         for (field, subject) in subjects {
-            if let Some(subject) = subject
-                && let Err(why) = check_subject(field, subject)
-            {
-                return invalid(why);
+            if let Some(subject) = subject {
+                check_subject(field, subject)?;
             }
         }
     }
@@ -290,7 +320,16 @@ pub fn parse(text: &str) -> Result<ValidatedManifest, RegistryError> {
         .enumerate()
         .map(|(i, spec)| stage(i, spec))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ValidatedManifest { manifest, stages })
+    Ok(Manifest {
+        text: text.to_string(),
+        function: Function {
+            name: manifest.name,
+            stages,
+            scaling: manifest.scaling,
+            limits: manifest.limits,
+            triggers: manifest.triggers,
+        },
+    })
 }
 
 fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
@@ -313,14 +352,14 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                     return invalid(&format!("names tensor {twice:?} twice in `inputs`"));
                 }
             }
-            Ok(Stage::Component {
+            Ok(Stage::Component(ComponentStep {
                 component: component.clone(),
                 files: spec.files.clone(),
                 config: spec.config.clone(),
                 models: spec.models.clone(),
                 inputs: spec.inputs.clone(),
                 load_bytes: spec.nn_load_bytes.unwrap_or(false),
-            })
+            }))
         }
         (None, Some(model)) => {
             if spec.files.is_some()
@@ -340,11 +379,11 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
                     "sets `batch` to {batch}; it must be 1 to {MAX_BATCH}"
                 ));
             }
-            Ok(Stage::Model {
+            Ok(Stage::Model(ModelStep {
                 model: model.clone(),
                 outputs: spec.outputs.clone().unwrap_or_default(),
                 batch,
-            })
+            }))
         }
         (Some(_), Some(_)) => {
             invalid("names both `component` and `model`; a stage is one or the other")
@@ -376,15 +415,13 @@ nats = { subject = "embed.requests" }
 
     #[test]
     fn a_full_manifest_parses_with_defaults() {
-        let v = parse(EMBED).expect("valid");
+        let v = parse(EMBED).expect("valid").function;
         assert_eq!(v.stages.len(), 3);
-        assert_eq!(v.manifest.scaling.max_instances, 2);
-        assert_eq!(v.manifest.scaling.idle_timeout_ms, 30_000);
-        assert_eq!(v.manifest.limits, Limits::default());
-        assert!(v.manifest.triggers.http);
-        assert!(
-            matches!(&v.stages[1], Stage::Model { outputs, .. } if outputs == &["onnx::Shape_422"])
-        );
+        assert_eq!(v.scaling.max_instances, 2);
+        assert_eq!(v.scaling.idle_timeout_ms, 30_000);
+        assert_eq!(v.limits, Limits::default());
+        assert!(v.triggers.http);
+        assert!(matches!(&v.stages[1], Stage::Model(m) if m.outputs == ["onnx::Shape_422"]));
     }
 
     fn error_of(text: &str) -> String {
@@ -437,7 +474,7 @@ nats = { subject = "embed.requests" }
         assert!(error_of(huge_body).contains("`limits.max_body_kb` must be 1 to 262144"));
         let batched =
             parse("name = \"e\"\n[[stages]]\nmodel = \"m@1.0.0\"\nbatch = 8").expect("valid");
-        assert!(matches!(&batched.stages[0], Stage::Model { batch: 8, .. }));
+        assert!(matches!(&batched.function.stages[0], Stage::Model(m) if m.batch == 8));
     }
 
     fn with_nats(subject: &str, result: &str) -> String {
@@ -479,7 +516,7 @@ nats = { subject = "embed.requests" }
         use proptest::prelude::*;
 
         /// A 400 that says it is about the manifest, or a valid manifest.
-        fn precise(result: Result<ValidatedManifest, RegistryError>) -> Result<(), TestCaseError> {
+        fn precise(result: Result<Manifest, RegistryError>) -> Result<(), TestCaseError> {
             match result {
                 Ok(_) => Ok(()),
                 Err(e) => {

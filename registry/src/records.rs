@@ -1,7 +1,39 @@
 //! What the registry stores about each artifact (JSON in redb, and the API's
 //! response bodies).
 
+use crate::manifest::Function;
+use crate::names::Reference;
 use serde::{Deserialize, Serialize};
+
+/// The Cascade world a component implements, told by its exports at
+/// publish (spelled as the WIT spells it in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum World {
+    /// Exports `preprocess`: message → tensors; only a function's first stage.
+    Preprocessor,
+    /// Exports `postprocess`: tensors → message; only a function's last stage.
+    Postprocessor,
+    /// Exports `infer`: tensors → tensors; the only world given `wasi:nn`.
+    Inferencer,
+}
+
+impl World {
+    /// The world's name as the WIT spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Preprocessor => "preprocessor",
+            World::Postprocessor => "postprocessor",
+            World::Inferencer => "inferencer",
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A published component.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -14,8 +46,8 @@ pub struct ComponentRecord {
     pub digest: String,
     /// Size in bytes.
     pub size: u64,
-    /// Which Cascade world it implements: preprocessor, postprocessor, inferencer.
-    pub world: String,
+    /// Which Cascade world it implements.
+    pub world: World,
     /// Seconds since the Unix epoch.
     pub published_at: u64,
 }
@@ -88,8 +120,67 @@ pub struct FunctionRecord {
     pub digest: String,
     /// The manifest text as published.
     pub manifest: String,
-    /// Components and models it uses, as `component:name@version` / `model:name@version`.
-    pub uses: Vec<String>,
+    /// Components and models it uses (in JSON `component:name@version` /
+    /// `model:name@version`).
+    pub uses: Vec<Use>,
     /// Seconds since the Unix epoch.
     pub published_at: u64,
+}
+
+/// An artifact a function revision uses: what keeps it from being deleted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Use {
+    /// A component version (a stage).
+    Component(Reference),
+    /// A model version (a stage, a component's files, or a `wasi:nn` grant).
+    Model(Reference),
+}
+
+impl std::fmt::Display for Use {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Use::Component(r) => write!(f, "component:{r}"),
+            Use::Model(r) => write!(f, "model:{r}"),
+        }
+    }
+}
+
+impl TryFrom<String> for Use {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let (kind, reference) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} is not `component:…` or `model:…`"))?;
+        let reference: Reference = reference.parse().map_err(|e| format!("{text:?}: {e}"))?;
+        match kind {
+            "component" => Ok(Use::Component(reference)),
+            "model" => Ok(Use::Model(reference)),
+            _ => Err(format!("{text:?} is not `component:…` or `model:…`")),
+        }
+    }
+}
+
+impl From<Use> for String {
+    fn from(used: Use) -> String {
+        used.to_string()
+    }
+}
+
+/// A function revision as hosts serve it: the record the API shows and
+/// the typed function its manifest declared at publish, so nothing
+/// downstream parses the manifest again. Serialises as its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revision {
+    /// What the registry shows about it.
+    pub record: FunctionRecord,
+    /// What it declares.
+    pub function: Function,
+}
+
+impl Serialize for Revision {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.record.serialize(serializer)
+    }
 }

@@ -6,9 +6,12 @@
 
 use crate::RegistryError;
 use crate::blobs::{BlobStore, StagedBlob};
-use crate::manifest::{self, Stage};
+use crate::checks::{Lookup, check_stages};
+use crate::manifest::{self, Function, Manifest};
 use crate::names::{Name, Reference};
-use crate::records::{ComponentRecord, FileRecord, FunctionRecord, ModelRecord, ModelSignature};
+use crate::records::{
+    ComponentRecord, FileRecord, FunctionRecord, ModelRecord, ModelSignature, Revision, Use, World,
+};
 use crate::tables::{COMPONENTS, FUNCTION_HEADS, FUNCTION_REVISIONS, MODELS};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
@@ -64,6 +67,70 @@ fn now() -> u64 {
 
 fn decode<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, RegistryError> {
     Ok(serde_json::from_slice(bytes)?)
+}
+
+/// A function revision as stored: its record and the typed function.
+#[derive(Serialize)]
+struct StoredRevision<'a> {
+    #[serde(flatten)]
+    record: &'a FunctionRecord,
+    function: &'a Function,
+}
+
+/// A stored revision read back. Revisions stored before the typed form was
+/// kept have none: their manifest is parsed once more, on read.
+#[derive(serde::Deserialize)]
+struct StoredRevisionOwned {
+    #[serde(flatten)]
+    record: FunctionRecord,
+    function: Option<Function>,
+}
+
+fn decode_revision(bytes: &[u8]) -> Result<Revision, RegistryError> {
+    let stored: StoredRevisionOwned = decode(bytes)?;
+    let function = match stored.function {
+        Some(function) => function,
+        None => manifest::parse(&stored.record.manifest)?.function,
+    };
+    Ok(Revision {
+        record: stored.record,
+        function,
+    })
+}
+
+fn encode_revision(revision: &Revision) -> Result<Vec<u8>, RegistryError> {
+    Ok(serde_json::to_vec(&StoredRevision {
+        record: &revision.record,
+        function: &revision.function,
+    })?)
+}
+
+/// The component and model tables of a write transaction, for the
+/// publish-time checks.
+struct Tables<'txn> {
+    components: redb::Table<'txn, &'static str, &'static [u8]>,
+    models: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn of(txn: &'txn WriteTransaction) -> Result<Self, RegistryError> {
+        Ok(Tables {
+            components: txn.open_table(COMPONENTS)?,
+            models: txn.open_table(MODELS)?,
+        })
+    }
+}
+
+impl Lookup for Tables<'_> {
+    fn component(&self, reference: &Reference) -> Result<Option<ComponentRecord>, RegistryError> {
+        let found = self.components.get(reference.to_string().as_str())?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+
+    fn model(&self, reference: &Reference) -> Result<Option<ModelRecord>, RegistryError> {
+        let found = self.models.get(reference.to_string().as_str())?;
+        found.map(|v| decode(v.value())).transpose()
+    }
 }
 
 fn get<R: DeserializeOwned>(
@@ -154,7 +221,7 @@ impl Registry {
         &self,
         reference: &Reference,
         blob: StagedBlob,
-        world: &str,
+        world: World,
     ) -> Result<Published<ComponentRecord>, RegistryError> {
         self.store_component(reference, blob, world, Versions::Immutable)
     }
@@ -165,7 +232,7 @@ impl Registry {
         &self,
         reference: &Reference,
         blob: StagedBlob,
-        world: &str,
+        world: World,
     ) -> Result<Published<ComponentRecord>, RegistryError> {
         let published = self.store_component(reference, blob, world, Versions::FollowSource)?;
         self.collect_garbage(false)?;
@@ -176,7 +243,7 @@ impl Registry {
         &self,
         reference: &Reference,
         blob: StagedBlob,
-        world: &str,
+        world: World,
         versions: Versions,
     ) -> Result<Published<ComponentRecord>, RegistryError> {
         let key = reference.to_string();
@@ -202,7 +269,7 @@ impl Registry {
                 version: reference.version.to_string(),
                 digest: blob.digest.clone(),
                 size: blob.size,
-                world: world.to_string(),
+                world,
                 published_at: now(),
             };
             self.blobs.commit(blob)?;
@@ -309,23 +376,21 @@ impl Registry {
     /// Publishes a function manifest as its next revision, after checking
     /// that every stage exists and fits its position. An identical manifest
     /// to the current revision is not stored again.
-    pub fn publish_function(&self, text: &str) -> Result<Published<FunctionRecord>, RegistryError> {
-        let validated = manifest::parse(text)?;
-        let name = validated.manifest.name.to_string();
-        let digest = hex::encode(Sha256::digest(text.as_bytes()));
+    pub fn publish_function(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<Published<Revision>, RegistryError> {
+        let name = manifest.function.name.as_str();
+        let digest = hex::encode(Sha256::digest(manifest.text.as_bytes()));
         self.write(|txn| {
-            let uses = self.check_stages(txn, &validated.stages)?;
+            let uses = check_stages(&manifest.function.stages, &Tables::of(txn)?)?;
             let mut heads = txn.open_table(FUNCTION_HEADS)?;
             let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
-            let head = heads.get(name.as_str())?.map(|v| v.value());
+            let head = heads.get(name)?.map(|v| v.value());
             if let Some(head) = head {
-                let current: FunctionRecord = decode(
-                    revisions
-                        .get((name.as_str(), head))?
-                        .ok_or_else(|| corrupt(&name))?
-                        .value(),
-                )?;
-                if current.digest == digest {
+                let stored = revisions.get((name, head))?.ok_or_else(|| corrupt(name))?;
+                let current = decode_revision(stored.value())?;
+                if current.record.digest == digest {
                     return Ok(Published {
                         record: current,
                         created: false,
@@ -333,150 +398,31 @@ impl Registry {
                 }
             }
             let last = revisions
-                .range((name.as_str(), 0)..=(name.as_str(), u64::MAX))?
+                .range((name, 0)..=(name, u64::MAX))?
                 .next_back()
                 .transpose()?
                 .map_or(0, |(k, _)| k.value().1);
-            let record = FunctionRecord {
-                name: name.clone(),
-                revision: last + 1,
-                digest,
-                manifest: text.to_string(),
-                uses,
-                published_at: now(),
+            let revision = Revision {
+                record: FunctionRecord {
+                    name: name.to_string(),
+                    revision: last + 1,
+                    digest,
+                    manifest: manifest.text.clone(),
+                    uses,
+                    published_at: now(),
+                },
+                function: manifest.function.clone(),
             };
             revisions.insert(
-                (name.as_str(), record.revision),
-                serde_json::to_vec(&record)?.as_slice(),
+                (name, revision.record.revision),
+                encode_revision(&revision)?.as_slice(),
             )?;
-            heads.insert(name.as_str(), record.revision)?;
+            heads.insert(name, revision.record.revision)?;
             Ok(Published {
-                record,
+                record: revision,
                 created: true,
             })
         })
-    }
-
-    /// Checks references and positions; returns what the function uses.
-    fn check_stages(
-        &self,
-        txn: &WriteTransaction,
-        stages: &[Stage],
-    ) -> Result<Vec<String>, RegistryError> {
-        let components = txn.open_table(COMPONENTS)?;
-        let models = txn.open_table(MODELS)?;
-        let model = |r: &Reference, at: usize| -> Result<ModelRecord, RegistryError> {
-            let found = models.get(r.to_string().as_str())?;
-            let found = found.ok_or_else(|| {
-                RegistryError::Invalid(format!("`stages[{at}]`: model {r} is not published"))
-            })?;
-            decode(found.value())
-        };
-        let last = stages.len() - 1;
-        let mut uses = Vec::new();
-        let mut previous_outputs: Option<Vec<String>> = None;
-        for (at, stage) in stages.iter().enumerate() {
-            match stage {
-                Stage::Component {
-                    component,
-                    files,
-                    models,
-                    inputs,
-                    load_bytes,
-                    ..
-                } => {
-                    let found =
-                        components
-                            .get(component.to_string().as_str())?
-                            .ok_or_else(|| {
-                                RegistryError::Invalid(format!(
-                                    "`stages[{at}]`: component {component} is not published"
-                                ))
-                            })?;
-                    let record: ComponentRecord = decode(found.value())?;
-                    let misplaced = match record.world.as_str() {
-                        "preprocessor" if at != 0 => Some("the first"),
-                        "postprocessor" if at != last => Some("the last"),
-                        _ => None,
-                    };
-                    if let Some(place) = misplaced {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}]`: {component} is a {}, which can only be {place} stage",
-                            record.world
-                        )));
-                    }
-                    if let Some(files) = files {
-                        model(files, at)?;
-                        uses.push(format!("model:{files}"));
-                    }
-                    if !models.is_empty() && record.world != "inferencer" {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}].models`: {component} is a {}; only inferencers load models",
-                            record.world
-                        )));
-                    }
-                    if *load_bytes && record.world != "inferencer" {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}].nn_load_bytes`: {component} is a {}; only inferencers load models",
-                            record.world
-                        )));
-                    }
-                    if inputs.is_some() && record.world != "postprocessor" {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}].inputs`: {component} is a {}; only postprocessors take `inputs`",
-                            record.world
-                        )));
-                    }
-                    for granted in models {
-                        model(granted, at)?;
-                        uses.push(format!("model:{granted}"));
-                    }
-                    uses.push(format!("component:{component}"));
-                    previous_outputs = None;
-                }
-                Stage::Model {
-                    model: reference,
-                    outputs,
-                    ..
-                } => {
-                    let record = model(reference, at)?;
-                    let known: Vec<&str> = record
-                        .signature
-                        .outputs
-                        .iter()
-                        .map(|o| o.name.as_str())
-                        .collect();
-                    if let Some(unknown) = outputs.iter().find(|o| !known.contains(&o.as_str())) {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}].outputs`: {reference} has no output {unknown:?} (outputs: {})",
-                            known.join(", ")
-                        )));
-                    }
-                    if let Some(available) = &previous_outputs
-                        && let Some(missing) = record
-                            .signature
-                            .inputs
-                            .iter()
-                            .find(|i| !available.contains(&i.name))
-                    {
-                        return Err(RegistryError::Invalid(format!(
-                            "`stages[{at}]`: {reference} needs input {:?}, which the stage before does not produce",
-                            missing.name
-                        )));
-                    }
-                    previous_outputs = Some(if outputs.is_empty() {
-                        known.iter().map(|s| s.to_string()).collect()
-                    } else {
-                        outputs.clone()
-                    });
-                    uses.push(format!("model:{reference}"));
-                }
-            }
-        }
-        uses.dedup();
-        let mut seen = BTreeSet::new();
-        uses.retain(|u| seen.insert(u.clone()));
-        Ok(uses)
     }
 
     /// One component.
@@ -515,7 +461,7 @@ impl Registry {
     }
 
     /// The current revision of every function.
-    pub fn functions(&self) -> Result<Vec<FunctionRecord>, RegistryError> {
+    pub fn functions(&self) -> Result<Vec<Revision>, RegistryError> {
         let txn = self.db.begin_read()?;
         let heads = txn.open_table(FUNCTION_HEADS)?;
         let revisions = txn.open_table(FUNCTION_REVISIONS)?;
@@ -525,13 +471,13 @@ impl Registry {
             let record = revisions
                 .get((name.value(), revision.value()))?
                 .ok_or_else(|| corrupt(name.value()))?;
-            out.push(decode(record.value())?);
+            out.push(decode_revision(record.value())?);
         }
         Ok(out)
     }
 
     /// The current revision of a function.
-    pub fn function(&self, name: &str) -> Result<FunctionRecord, RegistryError> {
+    pub fn function(&self, name: &str) -> Result<Revision, RegistryError> {
         let txn = self.db.begin_read()?;
         let head = txn
             .open_table(FUNCTION_HEADS)?
@@ -541,18 +487,18 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("function {name} is not published")))?;
         let revisions = txn.open_table(FUNCTION_REVISIONS)?;
         let record = revisions.get((name, head))?.ok_or_else(|| corrupt(name))?;
-        decode(record.value())
+        decode_revision(record.value())
     }
 
     /// Every revision of a function, oldest first.
-    pub fn function_revisions(&self, name: &str) -> Result<Vec<FunctionRecord>, RegistryError> {
+    pub fn function_revisions(&self, name: &str) -> Result<Vec<Revision>, RegistryError> {
         let txn = self.db.begin_read()?;
         let revisions = txn.open_table(FUNCTION_REVISIONS)?;
-        let found: Vec<FunctionRecord> = revisions
+        let found: Vec<Revision> = revisions
             .range((name, 0)..=(name, u64::MAX))?
             .map(|e| {
                 e.map_err(RegistryError::from)
-                    .and_then(|(_, v)| decode(v.value()))
+                    .and_then(|(_, v)| decode_revision(v.value()))
             })
             .collect::<Result<_, _>>()?;
         if found.is_empty() {
@@ -564,30 +510,36 @@ impl Registry {
     }
 
     /// One revision of a function.
-    pub fn function_revision(
-        &self,
-        name: &str,
-        revision: u64,
-    ) -> Result<FunctionRecord, RegistryError> {
+    pub fn function_revision(&self, name: &str, revision: u64) -> Result<Revision, RegistryError> {
         let txn = self.db.begin_read()?;
         let revisions = txn.open_table(FUNCTION_REVISIONS)?;
         let record = revisions.get((name, revision))?.ok_or_else(|| {
             RegistryError::NotFound(format!("function {name} has no revision {revision}"))
         })?;
-        decode(record.value())
+        decode_revision(record.value())
     }
 
     /// Stores a revision exactly as another registry holds it and makes it
     /// the current one (for hosts that mirror a registry). The components
     /// and models it uses must already be here.
     pub fn mirror_function(&self, record: &FunctionRecord) -> Result<(), RegistryError> {
-        let validated = manifest::parse(&record.manifest)?;
+        let parsed = manifest::parse(&record.manifest)?;
+        if parsed.function.name.as_str() != record.name {
+            return Err(RegistryError::Invalid(format!(
+                "revision {} of function {} holds a manifest of function {}",
+                record.revision, record.name, parsed.function.name
+            )));
+        }
+        let revision = Revision {
+            record: record.clone(),
+            function: parsed.function,
+        };
         self.write(|txn| {
-            self.check_stages(txn, &validated.stages)?;
+            check_stages(&revision.function.stages, &Tables::of(txn)?)?;
             let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
             let key = (record.name.as_str(), record.revision);
             if revisions.get(key)?.is_none() {
-                revisions.insert(key, serde_json::to_vec(record)?.as_slice())?;
+                revisions.insert(key, encode_revision(&revision)?.as_slice())?;
             }
             txn.open_table(FUNCTION_HEADS)?
                 .insert(record.name.as_str(), record.revision)?;
@@ -596,10 +548,10 @@ impl Registry {
     }
 
     /// Serves an earlier revision again.
-    pub fn rollback(&self, name: &str, revision: u64) -> Result<FunctionRecord, RegistryError> {
+    pub fn rollback(&self, name: &str, revision: u64) -> Result<Revision, RegistryError> {
         self.write(|txn| {
             let revisions = txn.open_table(FUNCTION_REVISIONS)?;
-            let record: FunctionRecord = decode(
+            let record = decode_revision(
                 revisions
                     .get((name, revision))?
                     .ok_or_else(|| {
@@ -619,14 +571,15 @@ impl Registry {
         &self,
         reference: &Reference,
     ) -> Result<ComponentRecord, RegistryError> {
-        let record: ComponentRecord = self.delete_artifact(COMPONENTS, "component", reference)?;
+        let record: ComponentRecord =
+            self.delete_artifact(COMPONENTS, Use::Component(reference.clone()))?;
         self.collect_garbage(false)?;
         Ok(record)
     }
 
     /// Deletes a model version no function revision uses.
     pub fn delete_model(&self, reference: &Reference) -> Result<ModelRecord, RegistryError> {
-        let record: ModelRecord = self.delete_artifact(MODELS, "model", reference)?;
+        let record: ModelRecord = self.delete_artifact(MODELS, Use::Model(reference.clone()))?;
         self.collect_garbage(false)?;
         Ok(record)
     }
@@ -634,15 +587,18 @@ impl Registry {
     fn delete_artifact<R: DeserializeOwned + Serialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,
-        kind: &str,
-        reference: &Reference,
+        used_as: Use,
     ) -> Result<R, RegistryError> {
+        let (kind, reference) = match &used_as {
+            Use::Component(r) => ("component", r),
+            Use::Model(r) => ("model", r),
+        };
         let key = reference.to_string();
-        let used_as = format!("{kind}:{key}");
         self.write(|txn| {
             let revisions = txn.open_table(FUNCTION_REVISIONS)?;
             for entry in revisions.iter()? {
                 let (_, value) = entry?;
+                // The record alone: deleting never needs the typed stages.
                 let function: FunctionRecord = decode(value.value())?;
                 if function.uses.contains(&used_as) {
                     return Err(RegistryError::Conflict(format!(
@@ -660,12 +616,12 @@ impl Registry {
     }
 
     /// Deletes a function and all its revisions.
-    pub fn delete_function(&self, name: &str) -> Result<Vec<FunctionRecord>, RegistryError> {
+    pub fn delete_function(&self, name: &str) -> Result<Vec<Revision>, RegistryError> {
         let removed = self.function_revisions(name)?;
         self.write(|txn| {
             let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
-            for record in &removed {
-                revisions.remove((name, record.revision))?;
+            for revision in &removed {
+                revisions.remove((name, revision.record.revision))?;
             }
             txn.open_table(FUNCTION_HEADS)?.remove(name)?;
             Ok(())
@@ -835,6 +791,10 @@ mod tests {
         writer.finish().expect("finish")
     }
 
+    fn publish(registry: &Registry, text: &str) -> Result<Published<Revision>, RegistryError> {
+        registry.publish_function(&manifest::parse(text)?)
+    }
+
     fn reference(s: &str) -> Reference {
         s.parse().expect("valid reference")
     }
@@ -845,16 +805,16 @@ mod tests {
         let registry = Registry::open(dir.path()).expect("open");
         let r = reference("pre@1.0.0");
         let first = registry
-            .publish_component(&r, staged(&registry, b"one"), "preprocessor")
+            .publish_component(&r, staged(&registry, b"one"), World::Preprocessor)
             .expect("publish");
         assert!(first.created);
         assert_eq!(first.record.digest, hex::encode(Sha256::digest(b"one")));
         let again = registry
-            .publish_component(&r, staged(&registry, b"one"), "preprocessor")
+            .publish_component(&r, staged(&registry, b"one"), World::Preprocessor)
             .expect("same");
         assert!(!again.created);
         let err = registry
-            .publish_component(&r, staged(&registry, b"two"), "preprocessor")
+            .publish_component(&r, staged(&registry, b"two"), World::Preprocessor)
             .expect_err("conflict");
         assert_eq!(err.status(), 409);
         assert_eq!(
@@ -871,25 +831,25 @@ mod tests {
             .publish_component(
                 &reference("pre@1.0.0"),
                 staged(&registry, b"p"),
-                "preprocessor",
+                World::Preprocessor,
             )
             .expect("pre");
         registry
             .publish_component(
                 &reference("post@1.0.0"),
                 staged(&registry, b"q"),
-                "postprocessor",
+                World::Postprocessor,
             )
             .expect("post");
         let missing = "name = \"f\"\n[[stages]]\ncomponent = \"nope@1.0.0\"";
-        let err = registry.publish_function(missing).expect_err("missing");
+        let err = publish(&registry, missing).expect_err("missing");
         assert!(
             err.to_string()
                 .contains("component nope@1.0.0 is not published"),
             "{err}"
         );
         let swapped = "name = \"f\"\n[[stages]]\ncomponent = \"post@1.0.0\"\n[[stages]]\ncomponent = \"pre@1.0.0\"";
-        let err = registry.publish_function(swapped).expect_err("misplaced");
+        let err = publish(&registry, swapped).expect_err("misplaced");
         assert!(
             err.to_string()
                 .contains("post@1.0.0 is a postprocessor, which can only be the last stage"),
@@ -897,25 +857,28 @@ mod tests {
         );
         let good = "name = \"f\"\n[[stages]]\ncomponent = \"pre@1.0.0\"\n[[stages]]\ncomponent = \"post@1.0.0\"";
         assert_eq!(
-            registry
-                .publish_function(good)
+            publish(&registry, good)
                 .expect("good")
+                .record
                 .record
                 .revision,
             1
         );
-        assert!(!registry.publish_function(good).expect("same").created);
+        assert!(!publish(&registry, good).expect("same").created);
         let second = format!("{good}\n[limits]\ntimeout_ms = 100");
         assert_eq!(
-            registry
-                .publish_function(&second)
+            publish(&registry, &second)
                 .expect("second")
+                .record
                 .record
                 .revision,
             2
         );
-        assert_eq!(registry.rollback("f", 1).expect("rollback").revision, 1);
-        assert_eq!(registry.function("f").expect("head").revision, 1);
+        assert_eq!(
+            registry.rollback("f", 1).expect("rollback").record.revision,
+            1
+        );
+        assert_eq!(registry.function("f").expect("head").record.revision, 1);
         let err = registry
             .delete_component(&reference("pre@1.0.0"))
             .expect_err("in use");

@@ -5,6 +5,7 @@
 use cascade_registry::Registry;
 use cascade_registry::blobs::{StagedBlob, sha256_file};
 use cascade_registry::names::Reference;
+use cascade_registry::records::World;
 use std::sync::Arc;
 
 fn staged(registry: &Registry, bytes: &[u8]) -> StagedBlob {
@@ -28,7 +29,7 @@ fn garbage_collection_never_takes_a_blob_a_concurrent_publish_commits() {
             for i in 0..ROUNDS {
                 let blob = staged(&registry, format!("kept component {i}").as_bytes());
                 registry
-                    .publish_component(&reference("kept", i), blob, "preprocessor")
+                    .publish_component(&reference("kept", i), blob, World::Preprocessor)
                     .expect("publish");
             }
         })
@@ -40,7 +41,7 @@ fn garbage_collection_never_takes_a_blob_a_concurrent_publish_commits() {
                 let blob = staged(&registry, format!("churned component {i}").as_bytes());
                 let r = reference("churned", i);
                 registry
-                    .publish_component(&r, blob, "preprocessor")
+                    .publish_component(&r, blob, World::Preprocessor)
                     .expect("publish");
                 registry.delete_component(&r).expect("delete");
             }

@@ -1,7 +1,7 @@
 //! The host runtime end to end: the real `cascade` binary serving the
 //! example functions on real models, misbehaving guests, pools that scale.
 
-use cascade_host::shared_initializers::SharedInitializers;
+use cascade_host::model::shared_initializers::SharedInitializers;
 use cascade_tests::fixture;
 use cascade_tests::host::{Host, client, error_of};
 use serde_json::Value;
@@ -103,7 +103,7 @@ fn embed_reference() -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn onnxruntime_sessions_of_a_model_share_its_large_initializers() {
-    cascade_host::onnxruntime::init(&cascade_tests::onnxruntime_library()).expect("loads");
+    cascade_host::model::ort::init(&cascade_tests::onnxruntime_library()).expect("loads");
     let read = |file: &str| SharedInitializers::read(&cascade_tests::model_file(file));
     let minilm = read("paraphrase-MiniLM-L3-v2.onnx").expect("reads MiniLM");
     let names: Vec<&str> = minilm.names().collect();
@@ -123,7 +123,9 @@ fn onnxruntime_sessions_of_a_model_share_its_large_initializers() {
     assert_eq!(classifier.names().count(), 0, "its weights are all small");
     let error = read("tokenizer.json").err().expect("not a model");
     assert!(
-        error.contains("reading the model's initializers"),
+        error
+            .to_string()
+            .contains("reading the model's initializers"),
         "{error}"
     );
 }

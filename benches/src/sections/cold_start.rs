@@ -6,7 +6,7 @@ use crate::native::{MODEL_FILE, TOKEN_EMBEDDINGS};
 use crate::report::{Bar, Record, Section, num};
 use crate::stats::median;
 use anyhow::{Context, Result, bail};
-use cascade_host::inference::{InputShapes, ModelPlan};
+use cascade_host::model::{InputShapes, ModelPlan};
 use cascade_tests::host::{Host, cascade_binary, free_port};
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -3,10 +3,11 @@
 //! One listener serves everything; routes and what each needs of the caller
 //! come from [`crate::routes`]. Errors are JSON `{"error": {"code", "message"}}`.
 
-use crate::api;
 use crate::bindings::Message;
+use crate::error::InvokeError;
 use crate::http::{ApiError, Body, HttpState, check_length, full, json, read_body};
-use crate::pipeline::InvokeError;
+use crate::pipeline::{PreparedFunction, Trigger};
+use crate::registry_api;
 use crate::routes::{self, Route};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -155,7 +156,7 @@ async fn route(
                 .await?
                 .status(),
         )),
-        _ => api::route(state, &matched, request).await,
+        _ => registry_api::route(state, &matched, request).await,
     }
 }
 
@@ -200,19 +201,20 @@ async fn invoke(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .unwrap_or_else(|| state.next_request_id());
-    let result = invoke_inner(state, name, request).await;
-    let status = match &result {
-        Ok(_) => 200,
-        Err(e) => e.status.as_u16(),
+    // Unknown or unservable names are not recorded: they would grow the
+    // label set without bound.
+    let result = match state.runtime.function_when_loaded(name).await {
+        Ok(function) => {
+            let result = invoke_function(&function, request).await;
+            let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+            function.record(Trigger::Http, &request_id, status, started.elapsed());
+            result
+        }
+        Err(unknown) => {
+            tracing::debug!(request_id = %request_id, function = name, "invoke: {unknown}");
+            Err(ApiError::from(unknown))
+        }
     };
-    // Unknown names are not recorded: they would grow the label set without bound.
-    if state.runtime.function(name).is_ok() {
-        state
-            .runtime
-            .metrics
-            .observe_request(name, status, started.elapsed());
-    }
-    tracing::info!(request_id = %request_id, function = name, status, elapsed_ms = started.elapsed().as_millis() as u64, "invoke");
     let mut response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -223,13 +225,12 @@ async fn invoke(
     Ok(response)
 }
 
-async fn invoke_inner(
-    state: &Arc<HttpState>,
-    name: &str,
+async fn invoke_function(
+    function: &Arc<PreparedFunction>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let function = state.runtime.function_when_loaded(name).await?;
-    if !function.manifest.triggers.http {
+    let name = function.name();
+    if !function.function().triggers.http {
         return Err(ApiError::not_found(format!(
             "function {name} has no HTTP trigger"
         )));

@@ -7,17 +7,17 @@
 //! A message with a reply subject gets the output (or the micro services
 //! error headers); one without gets its output published to
 //! `result_subject`, or its failure, with the original payload, to
-//! `<subject>.errors`. Registry changes are announced as [`RegistryEvent`]s.
+//! `<subject>.errors`. Registry changes are announced by [`crate::events`].
 
 use crate::bindings::Message as GuestMessage;
-use crate::pipeline::{InvokeError, PreparedFunction};
+use crate::error::InvokeError;
+use crate::pipeline::{PreparedFunction, Trigger};
 use crate::runtime::Runtime;
 use crate::trigger::subjects;
 use async_nats::service::{Service, ServiceExt};
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,56 +86,6 @@ pub async fn connect(options: &NatsOptions, state: Arc<ConnectionState>) -> anyh
     Ok(client)
 }
 
-/// What the registry announces on every publish, delete and rollback.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryEvent {
-    /// `component`, `model` or `function`.
-    pub kind: &'static str,
-    /// What changed: `published`, `deleted` or `rolled-back`.
-    pub action: &'static str,
-    /// Artifact name.
-    pub name: String,
-    /// Component or model version.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// Function revision.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revision: Option<u64>,
-    /// Digest of what was published or deleted.
-    pub digest: String,
-}
-
-/// Publishes registry events when NATS is configured.
-#[derive(Clone, Default)]
-pub struct Events {
-    client: Option<Client>,
-}
-
-impl Events {
-    /// Events through `client`.
-    pub fn new(client: Option<Client>) -> Self {
-        Events { client }
-    }
-
-    /// Announces `event` (fire and forget; a host without NATS does nothing).
-    pub fn emit(&self, event: RegistryEvent) {
-        let Some(client) = self.client.clone() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let subject = subjects::registry_event(event.kind, &event.name);
-            match serde_json::to_vec(&event) {
-                Ok(payload) => {
-                    if let Err(e) = client.publish(subject, payload.into()).await {
-                        tracing::warn!("publishing registry event: {e}");
-                    }
-                }
-                Err(e) => tracing::warn!("encoding registry event: {e}"),
-            }
-        });
-    }
-}
-
 /// What a function's micro service is made of: while this stays the same
 /// across revisions, the running service keeps serving (each message runs
 /// on the revision current when it is handled), so a revision swap leaves
@@ -149,8 +99,8 @@ struct ServiceShape {
 
 impl ServiceShape {
     fn of(function: &PreparedFunction) -> Self {
-        let nats = function.manifest.triggers.nats.as_ref();
-        let scaling = &function.manifest.scaling;
+        let nats = function.function().triggers.nats.as_ref();
+        let scaling = &function.function().scaling;
         ServiceShape {
             subject: nats.map(|t| t.subject.clone()),
             result_subject: nats.and_then(|t| t.result_subject.clone()),
@@ -235,7 +185,7 @@ impl NatsTrigger {
             .runtime
             .served()
             .into_iter()
-            .map(|f| (f.name.clone(), f))
+            .map(|f| (f.name().to_string(), f))
             .collect();
         let gone: Vec<(String, Served)> = {
             let Ok(mut served) = self.served.lock() else {
@@ -287,7 +237,7 @@ impl NatsTrigger {
         function: &PreparedFunction,
         shape: ServiceShape,
     ) -> Result<Served, async_nats::Error> {
-        let name = function.name.clone();
+        let name = function.name().to_string();
         let service = self
             .client
             .service_builder()
@@ -345,14 +295,16 @@ impl NatsTrigger {
     ) {
         let started = Instant::now();
         let message = &request.message;
-        let outcome = self.invoke(name, message).await;
-        let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
-        // A function deleted meanwhile is not recorded: its labels are gone.
-        if self.runtime.function(name).is_ok() {
-            self.runtime
-                .metrics
-                .observe_request(name, status, started.elapsed());
-        }
+        let outcome = match self.runtime.function_when_loaded(name).await {
+            Ok(function) => {
+                let outcome = invoke(&function, message).await;
+                let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
+                let request_id = request_id(message);
+                function.record(Trigger::Nats, &request_id, status, started.elapsed());
+                outcome
+            }
+            Err(unknown) => Err(unknown),
+        };
         let sent = match (message.reply.is_some(), outcome) {
             (true, Ok(output)) => {
                 request
@@ -392,32 +344,41 @@ impl NatsTrigger {
             tracing::warn!(function = name, "answering over NATS: {e}");
         }
     }
+}
 
-    async fn invoke(
-        &self,
-        name: &str,
-        message: &async_nats::Message,
-    ) -> Result<GuestMessage, InvokeError> {
-        let function = self.runtime.function_when_loaded(name).await?;
-        let limit = function.max_body();
-        if message.payload.len() as u64 > limit {
-            return Err(InvokeError::TooLarge {
-                function: name.to_string(),
-                limit,
-            });
-        }
-        let content_type = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(subjects::CONTENT_TYPE))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_else(|| "application/octet-stream".into());
-        let input = GuestMessage {
-            content_type,
-            body: Bytes::clone(&message.payload).to_vec(),
-        };
-        Ok(function.invoke(input).await?.output)
+/// Runs `message` through `function`.
+async fn invoke(
+    function: &Arc<PreparedFunction>,
+    message: &async_nats::Message,
+) -> Result<GuestMessage, InvokeError> {
+    let limit = function.max_body();
+    if message.payload.len() as u64 > limit {
+        return Err(InvokeError::TooLarge {
+            function: function.name().to_string(),
+            limit,
+        });
     }
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subjects::CONTENT_TYPE))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let input = GuestMessage {
+        content_type,
+        body: Bytes::clone(&message.payload).to_vec(),
+    };
+    Ok(function.invoke(input).await?.output)
+}
+
+/// The message's `X-Request-Id` header, or its subject when it has none.
+fn request_id(message: &async_nats::Message) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subjects::REQUEST_ID))
+        .map(|v| header_text(v.as_str()))
+        .unwrap_or_else(|| message.subject.to_string())
 }
 
 fn content_type(value: &str) -> HeaderMap {

@@ -30,6 +30,8 @@ pub fn registry_event(kind: &str, name: &str) -> String {
 /// Every registry event, for subscribers.
 pub const REGISTRY_EVENTS: &str = "cascade.events.registry.>";
 
+/// The header carrying a request id a caller chose (as over HTTP).
+pub const REQUEST_ID: &str = "X-Request-Id";
 /// The header carrying a message's content type.
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// The micro services convention's error code header.

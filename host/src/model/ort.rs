@@ -12,10 +12,12 @@
 //! model. A run that starts while no other is in flight may instead use
 //! one session with more threads (`wide_runs.rs`).
 
+use super::ModelError;
+use super::shared_initializers::SharedInitializers;
+use super::tensors::{check_fills_shape, input_named};
+use super::wide_runs::{InFlight, Width, WidthChooser};
 use crate::bindings::{Tensor, TensorType};
-use crate::shared_initializers::SharedInitializers;
-use crate::stage::StageError;
-use crate::wide_runs::{InFlight, Width, WidthChooser};
+use crate::error::StageError;
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::PrepackedWeights;
@@ -50,15 +52,21 @@ pub struct RunCounts {
 
 /// Loads the library and creates the process's one ONNX Runtime
 /// environment; later calls reuse it.
-pub fn init(library: &Path) -> Result<(), String> {
+pub fn init(library: &Path) -> Result<(), ModelError> {
     if ENVIRONMENT.get().is_some() {
         return Ok(());
     }
     let environment = ort::init_from(library)
-        .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+        .map_err(|source| ModelError::OnnxRuntimeLibrary {
+            library: library.to_path_buf(),
+            source,
+        })?
         .with_name("cascade")
         .build()
-        .map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+        .map_err(|source| ModelError::OnnxRuntime {
+            doing: "cannot start ONNX Runtime".into(),
+            source,
+        })?;
     let _ = ENVIRONMENT.set(environment);
     Ok(())
 }
@@ -112,7 +120,7 @@ impl OrtModel {
         outputs: &[String],
         settings: &OrtSettings,
         counts: RunCounts,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         init(&settings.library)?;
         let shared = Shared {
             weights: PrepackedWeights::new(),
@@ -128,10 +136,10 @@ impl OrtModel {
             graph_outputs
         } else {
             if let Some(missing) = outputs.iter().find(|o| !graph_outputs.contains(o)) {
-                return Err(format!(
+                return Err(ModelError::Unsupported(format!(
                     "the model has no output {missing:?}; ONNX Runtime can return its graph outputs [{}]",
                     graph_outputs.join(", ")
-                ));
+                )));
             }
             outputs.to_vec()
         };
@@ -140,12 +148,12 @@ impl OrtModel {
             .iter()
             .map(|input| match input.dtype() {
                 ValueType::Tensor { ty, .. } => Ok((input.name().to_string(), *ty)),
-                other => Err(format!(
+                other => Err(ModelError::Unsupported(format!(
                     "input {:?} is a {other}, not a tensor",
                     input.name()
-                )),
+                ))),
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let wide = if settings.alone_threads > settings.threads {
             let session = new_session(path, settings.alone_threads, &shared)?;
             Some(Wide {
@@ -187,7 +195,7 @@ impl OrtModel {
             .inputs
             .iter()
             .map(|(name, ty)| {
-                let tensor = crate::inference::input_named(available, name)?;
+                let tensor = input_named(available, name)?;
                 elements += tensor
                     .dimensions
                     .iter()
@@ -277,7 +285,7 @@ impl OrtModel {
                         if let Ok(mut pool) = self.pool.lock() {
                             pool.alive -= 1;
                         }
-                        Err(StageError::Internal(e))
+                        Err(StageError::Internal(e.to_string()))
                     }
                 };
             }
@@ -302,31 +310,40 @@ impl Drop for Lease<'_> {
     }
 }
 
-fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, String> {
-    let environment = ENVIRONMENT.get().ok_or("ONNX Runtime is not loaded")?;
-    let failed = |e: &dyn std::fmt::Display| format!("ONNX Runtime cannot load the model: {e}");
+fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, ModelError> {
+    let environment = ENVIRONMENT.get().ok_or(ModelError::OnnxRuntimeNotLoaded)?;
     let builder = Session::builder(environment)
-        .map_err(|e| failed(&e))?
+        .map_err(failed)?
         .with_intra_threads(threads.max(1))
-        .map_err(|e| failed(&e))?
+        .map_err(failed)?
         .with_inter_threads(1)
-        .map_err(|e| failed(&e))?
+        .map_err(failed)?
         .with_prepacked_weights(&shared.weights)
-        .map_err(|e| failed(&e))?;
+        .map_err(failed)?;
     shared
         .initializers
-        .lend(builder)
-        .map_err(|e| failed(&e))?
+        .lend(builder)?
         .commit_from_file(path)
-        .map_err(|e| failed(&e))
+        .map_err(failed)
 }
 
-fn runner(session: Session, outputs: &[String]) -> Result<Runner, String> {
+/// ONNX Runtime's refusal to build a session for the model.
+fn failed(source: impl Into<ort::Error>) -> ModelError {
+    ModelError::OnnxRuntime {
+        doing: "ONNX Runtime cannot load the model".into(),
+        source: source.into(),
+    }
+}
+
+fn runner(session: Session, outputs: &[String]) -> Result<Runner, ModelError> {
     let selector = outputs
         .iter()
         .fold(OutputSelector::no_default(), |s, name| s.with(name.clone()));
     let options = RunOptions::new()
-        .map_err(|e| format!("ONNX Runtime run options: {e}"))?
+        .map_err(|source| ModelError::OnnxRuntime {
+            doing: "ONNX Runtime run options".into(),
+            source,
+        })?
         .with_outputs(selector);
     Ok(Runner { session, options })
 }
@@ -368,7 +385,7 @@ fn to_ort(tensor: &Tensor, expected: TensorElementType) -> Result<DynTensor, Sta
     }
     let shape: Vec<i64> = tensor.dimensions.iter().map(|&d| i64::from(d)).collect();
     let element_bytes = element.byte_size(1).unwrap_or(0);
-    crate::inference::check_fills_shape(tensor, element_bytes)?;
+    check_fills_shape(tensor, element_bytes)?;
     let mut value = DynTensor::new(&Allocator::default(), element, shape)
         .map_err(|e| StageError::Internal(format!("tensor {:?}: {e}", tensor.name)))?;
     if !tensor.data.is_empty() {

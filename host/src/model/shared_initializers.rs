@@ -11,6 +11,7 @@
 //! to 291-302 MB (benches/optimisations.md entry 23). Reading them costs
 //! ~0.1 s more when a model loads.
 
+use super::ModelError;
 use ort::session::builder::SessionBuilder;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor};
 use std::path::Path;
@@ -33,10 +34,13 @@ impl SharedInitializers {
     /// The initializers of the model at `path` of at least [`SHARE_AT_LEAST`]
     /// bytes, stored in the file as raw little-endian data of a plain
     /// numeric type; the others are left to each session.
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let proto = tract_onnx::onnx()
-            .proto_model_for_path(path)
-            .map_err(|e| format!("reading the model's initializers: {e}"))?;
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| {
+            ModelError::Initializers {
+                doing: "reading the model's initializers".into(),
+                error: e.to_string(),
+            }
+        })?;
         let Some(graph) = proto.graph else {
             return Ok(SharedInitializers::default());
         };
@@ -55,11 +59,14 @@ impl SharedInitializers {
     }
 
     /// `builder` told to use the shared copies instead of its own.
-    pub fn lend(&self, builder: SessionBuilder) -> Result<SessionBuilder, String> {
+    pub fn lend(&self, builder: SessionBuilder) -> Result<SessionBuilder, ModelError> {
         self.0.iter().try_fold(builder, |builder, (name, value)| {
             builder
                 .with_initializer(name, value.clone())
-                .map_err(|e| format!("sharing initializer {name:?}: {e}"))
+                .map_err(|source| ModelError::OnnxRuntime {
+                    doing: format!("sharing initializer {name:?}"),
+                    source: source.into(),
+                })
         })
     }
 }
@@ -67,7 +74,7 @@ impl SharedInitializers {
 /// `initializer` as an ONNX Runtime tensor over memory of ours (what
 /// `AddInitializer` requires), if it is worth sharing and held in a form
 /// this reads: raw little-endian data of a plain numeric type, in the file.
-fn shareable(initializer: &TensorProto) -> Result<Option<DynValue>, String> {
+fn shareable(initializer: &TensorProto) -> Result<Option<DynValue>, ModelError> {
     let data = &initializer.raw_data;
     if data.len() < SHARE_AT_LEAST || initializer.data_location == Some(EXTERNAL) {
         return Ok(None);
@@ -82,7 +89,10 @@ fn shareable(initializer: &TensorProto) -> Result<Option<DynValue>, String> {
         11 => owned(dims, data, f64::from_le_bytes),
         _ => return Ok(None),
     };
-    value.map_err(|e| format!("initializer {:?}: {e}", initializer.name))
+    value.map_err(|source| ModelError::OnnxRuntime {
+        doing: format!("initializer {:?}", initializer.name),
+        source,
+    })
 }
 
 /// A tensor of `dims` holding `data` decoded with `from`; `None` when the

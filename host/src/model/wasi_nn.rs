@@ -5,13 +5,14 @@
 //! `load-by-name`). Every compute waits its turn in the model's queue, at
 //! most one run per core, and gives up at the invocation's deadline.
 
+use super::plan::ModelPlan;
+use super::queue::ModelQueue;
 use crate::bindings::{Tensor, TensorType};
-use crate::inference::ModelPlan;
-use crate::model_queue::ModelQueue;
-use crate::sandbox::Deadline;
-use crate::stage::StageError;
+
+use crate::error::StageError;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 use wasmtime_wasi_nn::GraphRegistry;
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
@@ -225,4 +226,24 @@ fn to_nn(tensor: Tensor) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
         ty,
         tensor.data,
     ))
+}
+
+/// The deadline of an instance's current call, shared between its store
+/// and its `wasi:nn` context.
+#[derive(Clone)]
+pub struct Deadline(Arc<Mutex<Instant>>);
+
+impl Deadline {
+    pub(crate) fn new() -> Self {
+        Deadline(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    pub(crate) fn set(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
+    }
+
+    /// When the current call must stop.
+    pub fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }

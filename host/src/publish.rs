@@ -1,16 +1,16 @@
-//! The registry's HTTP API: publish, read, delete and roll back components,
-//! models and functions. Uploads stream to disk; components and models are
-//! validated (compiled, optimised) before they are published.
+//! Publishing: uploads stream to disk, and each artifact is checked before
+//! the registry stores it — a component compiles, links and has one
+//! Cascade world; a model parses and optimises; a manifest is parsed, once,
+//! into the typed function the registry stores and the host serves.
 
 use crate::capacity::Footprint;
-use crate::http::{ApiError, Body, HttpState, check_length, file, json, read_body};
-use crate::inference;
-use crate::routes::{Matched, Route};
-use crate::stage::World;
-use crate::trigger::nats::RegistryEvent;
-use cascade_registry::ModelPackage;
+use crate::events::{Action, RegistryEvent};
+use crate::http::{ApiError, Body, HttpState, blocking, check_length, json, read_body};
+use crate::model;
+use crate::stage::{self, World};
 use cascade_registry::blobs::StagedBlob;
-use cascade_registry::names::{Name, Reference};
+use cascade_registry::names::Reference;
+use cascade_registry::{ModelPackage, PACKAGE_MODEL_FILE};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
@@ -19,162 +19,6 @@ use std::sync::Arc;
 
 /// Largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
-
-/// Serves the registry's routes (`/v1/components`, `/v1/models`, `/v1/functions`).
-pub async fn route(
-    state: &Arc<HttpState>,
-    matched: &Matched<'_>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let registry = &state.runtime.registry;
-    match (matched.route, matched.params.as_slice()) {
-        (Route::ListComponents, []) => ok(&registry.components()?),
-        (Route::ComponentVersions, [name]) => ok(&registry.component_versions(&name.parse()?)?),
-        (Route::Component, [name, version]) => ok(&registry.component(&reference(name, version)?)?),
-        (Route::ComponentContent, [name, version]) => {
-            let record = registry.component(&reference(name, version)?)?;
-            file(&registry.blob_path(&record.digest), "application/wasm").await
-        }
-        (Route::PublishComponent, [name, version]) => {
-            publish_component(state, reference(name, version)?, request).await
-        }
-        (Route::DeleteComponent, [name, version]) => {
-            let r = reference(name, version)?;
-            let runtime = state.runtime.clone();
-            let record = blocking(move || {
-                let record = runtime.registry.delete_component(&r)?;
-                runtime.collect_compiled();
-                Ok::<_, ApiError>(record)
-            })
-            .await??;
-            state.events.emit(artifact_event(
-                "component",
-                "deleted",
-                &record.name,
-                &record.version,
-                &record.digest,
-            ));
-            ok(&record)
-        }
-        (Route::ListModels, []) => ok(&registry.models()?),
-        (Route::ModelVersions, [name]) => ok(&registry.model_versions(&name.parse()?)?),
-        (Route::Model, [name, version]) => ok(&registry.model(&reference(name, version)?)?),
-        (Route::ModelContent, [name, version]) => {
-            let record = registry.model(&reference(name, version)?)?;
-            file(
-                &registry.blob_path(&record.digest),
-                "application/octet-stream",
-            )
-            .await
-        }
-        (Route::ModelFile, [name, version, file_name]) => {
-            let record = registry.model(&reference(name, version)?)?;
-            let found = record
-                .files
-                .iter()
-                .find(|f| f.name == *file_name)
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("model {name}@{version} has no file {file_name:?}"))
-                })?;
-            file(
-                &registry.blob_path(&found.digest),
-                "application/octet-stream",
-            )
-            .await
-        }
-        (Route::PublishModel, [name, version]) => {
-            publish_model(state, reference(name, version)?, request).await
-        }
-        (Route::DeleteModel, [name, version]) => {
-            let r = reference(name, version)?;
-            let registry = registry.clone();
-            let record = blocking(move || registry.delete_model(&r)).await??;
-            state.events.emit(artifact_event(
-                "model",
-                "deleted",
-                &record.name,
-                &record.version,
-                &record.package_digest,
-            ));
-            ok(&record)
-        }
-        (Route::ListFunctions, []) => ok(&registry.functions()?),
-        (Route::Function, [name]) => ok(&registry.function(name)?),
-        (Route::FunctionRevisions, [name]) => ok(&registry.function_revisions(name)?),
-        (Route::FunctionRevision, [name, revision]) => {
-            ok(&registry.function_revision(name, revision_number(revision)?)?)
-        }
-        (Route::FunctionManifest, [name, revision]) => {
-            let record = registry.function_revision(name, revision_number(revision)?)?;
-            let mut response = Response::new(crate::http::full(record.manifest));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/toml"),
-            );
-            Ok(response)
-        }
-        (Route::PublishFunction, [name]) => publish_function(state, name, request).await,
-        (Route::DeleteFunction, [name]) => {
-            let (runtime, name) = (state.runtime.clone(), name.to_string());
-            let removed = blocking(move || {
-                let removed = runtime.registry.delete_function(&name)?;
-                let _ = runtime.reload(&name);
-                Ok::<_, ApiError>(removed)
-            })
-            .await??;
-            if let Some(last) = removed.last() {
-                state.events.emit(function_event("deleted", last));
-            }
-            ok(
-                &serde_json::json!({ "deleted": removed.iter().map(|r| r.revision).collect::<Vec<_>>() }),
-            )
-        }
-        (Route::Rollback, [name]) => {
-            let body = read_body(request.into_body(), 4096).await?;
-            #[derive(serde::Deserialize)]
-            struct Rollback {
-                revision: u64,
-            }
-            let Rollback { revision } = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::invalid(format!("expected JSON {{\"revision\": N}}: {e}"))
-            })?;
-            let (runtime, name) = (state.runtime.clone(), name.to_string());
-            let record = blocking(move || {
-                let record = runtime.registry.rollback(&name, revision)?;
-                runtime.reload(&name).map_err(ApiError::internal)?;
-                Ok::<_, ApiError>(record)
-            })
-            .await??;
-            state.events.emit(function_event("rolled-back", &record));
-            ok(&record)
-        }
-        (route, params) => Err(ApiError::internal(format!(
-            "route {route:?} with parameters {params:?} reached the registry API"
-        ))),
-    }
-}
-
-fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
-    Ok(json(StatusCode::OK, value))
-}
-
-fn reference(name: &str, version: &str) -> Result<Reference, ApiError> {
-    let name: Name = name.parse()?;
-    Ok(Reference::new(name, version.parse()?))
-}
-
-fn revision_number(text: &str) -> Result<u64, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::invalid(format!("invalid revision {text:?}: expected a number")))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)
-}
 
 /// Streams the request body into a staged blob, hashing as it goes.
 async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<StagedBlob, ApiError> {
@@ -205,7 +49,8 @@ fn created(created: bool, value: &impl serde::Serialize) -> Result<Response<Body
     ))
 }
 
-async fn publish_component(
+/// `PUT /v1/components/{name}/{version}`.
+pub async fn component(
     state: &Arc<HttpState>,
     reference: Reference,
     request: Request<Incoming>,
@@ -218,55 +63,20 @@ async fn publish_component(
         let footprint = Footprint::of(&bytes).map_err(ApiError::invalid)?;
         let published = runtime
             .registry
-            .publish_component(&reference, staged, world.name())?;
+            .publish_component(&reference, staged, world)?;
         Ok::<_, ApiError>((published, footprint))
     })
     .await??;
     if published.created {
-        let r = &published.record;
-        state.events.emit(artifact_event(
-            "component",
-            "published",
-            &r.name,
-            &r.version,
-            &r.digest,
+        state.events.emit(RegistryEvent::component(
+            Action::Published,
+            &published.record,
         ));
     }
     // What one instance takes from a host's pools, for sizing `--max-instances`.
     let mut body = serde_json::to_value(&published.record).map_err(ApiError::internal)?;
     body["footprint"] = serde_json::to_value(footprint).map_err(ApiError::internal)?;
     created(published.created, &body)
-}
-
-fn artifact_event(
-    kind: &'static str,
-    action: &'static str,
-    name: &str,
-    version: &str,
-    digest: &str,
-) -> RegistryEvent {
-    RegistryEvent {
-        kind,
-        action,
-        name: name.to_string(),
-        version: Some(version.to_string()),
-        revision: None,
-        digest: digest.to_string(),
-    }
-}
-
-fn function_event(
-    action: &'static str,
-    record: &cascade_registry::records::FunctionRecord,
-) -> RegistryEvent {
-    RegistryEvent {
-        kind: "function",
-        action,
-        name: record.name.clone(),
-        version: None,
-        revision: Some(record.revision),
-        digest: record.digest.clone(),
-    }
 }
 
 /// Checks that the bytes are a component of a Cascade world (compiling it
@@ -296,14 +106,14 @@ fn component_world(
         .map_err(|e| ApiError::invalid(format!("invalid component: {e:#}")))?;
     runtime.count_load(cached);
     let engine = runtime.engine.engine();
-    let world = World::of(&component, engine).map_err(ApiError::invalid)?;
-    world
-        .check_imports(&component, engine)
+    let world = stage::world_of(&component, engine).map_err(ApiError::invalid)?;
+    stage::check_imports(world, &component, engine)
         .map_err(|e| ApiError::invalid(format!("invalid component: {e}")))?;
     Ok(world)
 }
 
-async fn publish_model(
+/// `PUT /v1/models/{name}/{version}`: an ONNX file, or a package tar.
+pub async fn model(
     state: &Arc<HttpState>,
     reference: Reference,
     request: Request<Incoming>,
@@ -323,7 +133,7 @@ async fn publish_model(
         } else {
             (staged, Vec::new())
         };
-        let signature = inference::inspect(model.path(), &shapes)
+        let signature = model::inspect(model.path(), &shapes)
             .map_err(|e| ApiError::invalid(format!("invalid ONNX model: {e}")))?;
         Ok::<_, ApiError>(runtime.registry.publish_model(
             &reference,
@@ -340,8 +150,8 @@ async fn publish_model(
 }
 
 /// `input_shape=x:N,3,48,192` query parameters (repeatable).
-fn input_shapes(query: &str) -> Result<inference::InputShapes, ApiError> {
-    let mut shapes = inference::InputShapes::new();
+fn input_shapes(query: &str) -> Result<model::InputShapes, ApiError> {
+    let mut shapes = model::InputShapes::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let Some(value) = pair.strip_prefix("input_shape=") else {
             return Err(ApiError::invalid(format!(
@@ -369,9 +179,6 @@ fn input_shapes(query: &str) -> Result<inference::InputShapes, ApiError> {
     }
     Ok(shapes)
 }
-
-/// The file name inside a package tar that holds the model.
-pub const PACKAGE_MODEL_FILE: &str = "model.onnx";
 
 /// Splits a package tar into the model and its named files.
 fn unpack_package(
@@ -412,7 +219,9 @@ fn unpack_package(
     Ok((model, files))
 }
 
-async fn publish_function(
+/// `PUT /v1/functions/{name}`: a manifest, stored as the next revision
+/// and served at once.
+pub async fn function(
     state: &Arc<HttpState>,
     name: &str,
     request: Request<Incoming>,
@@ -424,23 +233,24 @@ async fn publish_function(
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::invalid("the manifest is not UTF-8"))?;
     let manifest = cascade_registry::manifest::parse(&text)?;
-    if manifest.manifest.name.as_str() != name {
+    if manifest.function.name.as_str() != name {
         return Err(ApiError::invalid(format!(
             "the manifest names function {:?} but was sent to /v1/functions/{name}",
-            manifest.manifest.name.as_str()
+            manifest.function.name.as_str()
         )));
     }
-    let (runtime, name) = (state.runtime.clone(), name.to_string());
+    let runtime = state.runtime.clone();
     let (published, served) = blocking(move || {
-        let published = runtime.registry.publish_function(&text)?;
-        let served = runtime.reload(&name);
+        let published = runtime.registry.publish_function(&manifest)?;
+        let served = runtime.serve(&published.record);
         Ok::<_, ApiError>((published, served))
     })
     .await??;
     if published.created {
-        state
-            .events
-            .emit(function_event("published", &published.record));
+        state.events.emit(RegistryEvent::function(
+            Action::Published,
+            &published.record.record,
+        ));
     }
     let mut body = serde_json::to_value(&published.record).map_err(ApiError::internal)?;
     if let Err(e) = served {

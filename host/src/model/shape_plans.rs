@@ -15,6 +15,7 @@
 //! constants with the general plan, where re-reading the file for each
 //! would copy MiniLM's 47 MB embedding table into every plan.
 
+use super::ModelError;
 use prometheus::IntGauge;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -112,7 +113,7 @@ impl ShapePlans {
         template: TypedModel,
         inputs: &[String],
         specialisation: Specialisation,
-    ) -> Result<Option<Arc<ShapePlans>>, String> {
+    ) -> Result<Option<Arc<ShapePlans>>, ModelError> {
         if specialisation.limit == 0 {
             return Ok(None);
         }
@@ -123,8 +124,14 @@ impl ShapePlans {
                 .inputs
                 .iter()
                 .position(|o| &template.node(o.node).name == name)
-                .ok_or_else(|| format!("the decluttered model lost input {name:?}"))?;
-            let fact = template.input_fact(index).map_err(|e| e.to_string())?;
+                .ok_or_else(|| ModelError::Graph {
+                    doing: "specialising plans to shapes",
+                    error: format!("the decluttered model lost input {name:?}"),
+                })?;
+            let fact = template.input_fact(index).map_err(|e| ModelError::Graph {
+                doing: "specialising plans to shapes",
+                error: format!("{e:#}"),
+            })?;
             let input_axes = fact
                 .shape
                 .iter()
@@ -228,7 +235,7 @@ impl ShapePlans {
             .zip(&values)
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
-        crate::inference::release_freed_memory();
+        super::memory::release_freed_memory();
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -283,14 +290,12 @@ mod tests {
     use tract_onnx::prelude::{DatumType, IntoTValue, Tensor, TypedFact};
 
     /// A model that returns its `[batch, 3]` input, with `batch` a symbol.
-    fn identity_model() -> Result<TypedModel, String> {
+    fn identity_model() -> tract_onnx::prelude::TractResult<TypedModel> {
         let mut model = TypedModel::default();
         let batch = model.symbols.sym("batch");
         let fact = TypedFact::dt_shape(DatumType::F32, [TDim::Sym(batch), TDim::Val(3)]);
-        let x = model.add_source("x", fact).map_err(|e| e.to_string())?;
-        model
-            .select_output_outlets(&[x])
-            .map_err(|e| e.to_string())?;
+        let x = model.add_source("x", fact)?;
+        model.select_output_outlets(&[x])?;
         Ok(model)
     }
 

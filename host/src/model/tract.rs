@@ -1,19 +1,17 @@
 //! Models run natively with tract: `model_for_path → into_optimized →
-//! into_runnable`, one plan per model digest and output selection, shared
-//! by every invocation — or, on a host started with `--onnxruntime`, by
-//! ONNX Runtime (`onnxruntime.rs`). Callers run [`ModelPlan::run`] where
-//! blocking is allowed, never on the async reactor. Publishing always
-//! checks a model with tract.
+//! into_runnable`. tract checks every model at publish ([`inspect`]) and is
+//! the pure-Rust backend of [`super::ModelPlan`]. Callers run plans where
+//! blocking is allowed, never on the async reactor.
 
+use super::ModelError;
+use super::shape_plans::{ShapePlans, Specialisation};
+use super::tensors::{check_fills_shape, input_named};
 use crate::bindings::{Tensor, TensorType};
-use crate::onnxruntime::{OrtModel, OrtSettings, RunCounts};
-use crate::shape_plans::{ShapePlans, Specialisation};
-use crate::stage::StageError;
+use crate::error::StageError;
 use cascade_registry::records::{ModelSignature, TensorSpec};
-use prometheus::{IntCounterVec, IntGaugeVec};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, TValue, Tensor as TractTensor, TypedRunnableModel,
 };
@@ -26,7 +24,7 @@ use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, ShapeFactoid};
 pub type InputShapes = BTreeMap<String, Vec<String>>;
 
 /// Reads a model's inputs and outputs, proving it parses and optimises.
-pub fn inspect(path: &Path, shapes: &InputShapes) -> Result<ModelSignature, String> {
+pub fn inspect(path: &Path, shapes: &InputShapes) -> Result<ModelSignature, ModelError> {
     let typed = optimise(declutter(load(path, shapes)?, shapes)?, shapes)?;
     Ok(ModelSignature {
         inputs: input_specs(&typed)?,
@@ -36,53 +34,70 @@ pub fn inspect(path: &Path, shapes: &InputShapes) -> Result<ModelSignature, Stri
 
 /// Translates to tract's typed graph and simplifies it: the form a plan is
 /// optimised from, for the general plan and for each specialised one.
-fn declutter(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, String> {
+fn declutter(model: InferenceModel, shapes: &InputShapes) -> Result<TypedModel, ModelError> {
     model
         .into_typed()
         .and_then(|typed| typed.into_decluttered())
         .map_err(|e| not_optimisable(e, shapes))
 }
 
-fn optimise(model: TypedModel, shapes: &InputShapes) -> Result<TypedModel, String> {
+fn optimise(model: TypedModel, shapes: &InputShapes) -> Result<TypedModel, ModelError> {
     model
         .into_optimized()
         .map_err(|e| not_optimisable(e, shapes))
 }
 
-fn not_optimisable(e: tract_onnx::prelude::TractError, shapes: &InputShapes) -> String {
+fn not_optimisable(e: tract_onnx::prelude::TractError, shapes: &InputShapes) -> ModelError {
     let hint = if shapes.is_empty() {
         "; if its inputs have dynamic dimensions, fix them when publishing \
          (e.g. `cascade publish model --input-shape x=N,3,48,192`)"
     } else {
         ""
     };
-    format!("the model does not optimise: {e:#}{hint}")
+    ModelError::NotOptimisable {
+        error: format!("{e:#}"),
+        hint,
+    }
+}
+
+/// A tract failure in reading the model's graph, with what was being done.
+fn graph_error(doing: &'static str) -> impl Fn(tract_onnx::prelude::TractError) -> ModelError {
+    move |e| ModelError::Graph {
+        doing,
+        error: format!("{e:#}"),
+    }
 }
 
 /// Parses the model, applies `shapes`, and names every remaining unnamed
 /// dynamic input dimension, so exports that leave dimensions as `?` (e.g.
 /// PaddleOCR's) get symbols tract can reason about.
-fn load(path: &Path, shapes: &InputShapes) -> Result<InferenceModel, String> {
+fn load(path: &Path, shapes: &InputShapes) -> Result<InferenceModel, ModelError> {
     let model = tract_onnx::onnx()
         .model_for_path(path)
-        .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+        .map_err(|e| ModelError::NotOnnx(format!("{e:#}")))?;
     with_shapes(model, shapes)
 }
 
-fn with_shapes(mut model: InferenceModel, shapes: &InputShapes) -> Result<InferenceModel, String> {
+fn with_shapes(
+    mut model: InferenceModel,
+    shapes: &InputShapes,
+) -> Result<InferenceModel, ModelError> {
     let names: Vec<String> = model
         .inputs
         .iter()
         .map(|o| model.node(o.node).name.clone())
         .collect();
     if let Some(unknown) = shapes.keys().find(|k| !names.contains(k)) {
-        return Err(format!(
-            "input shape given for {unknown:?}, but the inputs are [{}]",
-            names.join(", ")
-        ));
+        return Err(ModelError::UnknownInput {
+            given: unknown.clone(),
+            inputs: names,
+        });
     }
     for (input, name) in names.iter().enumerate() {
-        let mut fact = model.input_fact(input).map_err(|e| e.to_string())?.clone();
+        let mut fact = model
+            .input_fact(input)
+            .map_err(graph_error("reading an input"))?
+            .clone();
         if let Some(dims) = shapes.get(name) {
             let dims = dims
                 .iter()
@@ -108,7 +123,7 @@ fn with_shapes(mut model: InferenceModel, shapes: &InputShapes) -> Result<Infere
         }
         model
             .set_input_fact(input, fact)
-            .map_err(|e| e.to_string())?;
+            .map_err(graph_error("fixing an input shape"))?;
     }
     Ok(model)
 }
@@ -119,7 +134,7 @@ fn template(
     mut model: InferenceModel,
     shapes: &InputShapes,
     outputs: &[String],
-) -> Result<TypedModel, String> {
+) -> Result<TypedModel, ModelError> {
     if !outputs.is_empty() {
         let outlets = outputs
             .iter()
@@ -127,12 +142,12 @@ fn template(
                 model
                     .find_outlet_label(name)
                     .or_else(|| model.node_by_name(name).ok().map(|n| n.id.into()))
-                    .ok_or_else(|| format!("the model has no output {name:?}"))
+                    .ok_or_else(|| ModelError::NoOutput(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         model
             .select_output_outlets(&outlets)
-            .map_err(|e| e.to_string())?;
+            .map_err(graph_error("selecting outputs"))?;
     }
     declutter(model, shapes)
 }
@@ -146,10 +161,12 @@ fn has_symbolic_input(model: &TypedModel) -> bool {
     })
 }
 
-fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
+fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, ModelError> {
     (0..model.inputs.len())
         .map(|i| {
-            let fact = model.input_fact(i).map_err(|e| e.to_string())?;
+            let fact = model
+                .input_fact(i)
+                .map_err(graph_error("reading an input"))?;
             Ok(TensorSpec {
                 name: model.node(model.inputs[i].node).name.clone(),
                 ty: format!("{:?}", fact.datum_type).to_lowercase(),
@@ -159,12 +176,14 @@ fn input_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
         .collect()
 }
 
-fn output_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, String> {
+fn output_specs(model: &TypedModel) -> Result<Vec<TensorSpec>, ModelError> {
     model
         .outputs
         .iter()
         .map(|&outlet| {
-            let fact = model.outlet_fact(outlet).map_err(|e| e.to_string())?;
+            let fact = model
+                .outlet_fact(outlet)
+                .map_err(graph_error("reading an output"))?;
             Ok(TensorSpec {
                 name: output_name(model, outlet),
                 ty: format!("{:?}", fact.datum_type).to_lowercase(),
@@ -193,130 +212,6 @@ where
         .to_string()
 }
 
-/// An optimised, runnable model.
-pub enum ModelPlan {
-    /// Run by tract.
-    Tract(TractPlan),
-    /// Run by ONNX Runtime.
-    OnnxRuntime(Box<OrtModel>),
-}
-
-impl std::fmt::Debug for ModelPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModelPlan::Tract(plan) => f
-                .debug_struct("ModelPlan::Tract")
-                .field("inputs", &plan.inputs)
-                .field("outputs", &plan.outputs)
-                .finish(),
-            ModelPlan::OnnxRuntime(_) => f.write_str("ModelPlan::OnnxRuntime"),
-        }
-    }
-}
-
-impl ModelPlan {
-    /// Loads the model at `path` and optimises it with tract, computing
-    /// only `outputs` (all when empty).
-    pub fn load(
-        path: &Path,
-        shapes: &InputShapes,
-        outputs: &[String],
-        specialisation: Option<Specialisation>,
-    ) -> Result<Self, String> {
-        let model = template(load(path, shapes)?, shapes, outputs)?;
-        TractPlan::prepare(model, shapes, specialisation).map(ModelPlan::Tract)
-    }
-
-    /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
-    /// over) and optimises it with tract, computing every output.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut std::io::Cursor::new(bytes))
-            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
-        let shapes = InputShapes::new();
-        let template = template(with_shapes(model, &shapes)?, &shapes, &[])?;
-        TractPlan::prepare(template, &shapes, None).map(ModelPlan::Tract)
-    }
-
-    /// Runs the model on the tensors it needs, picked by name from `available`.
-    pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
-        match self {
-            ModelPlan::Tract(plan) => plan.run(available),
-            ModelPlan::OnnxRuntime(model) => model.run(available),
-        }
-    }
-
-    /// The names of the tensors the model takes.
-    pub fn input_names(&self) -> Vec<String> {
-        match self {
-            ModelPlan::Tract(plan) => plan.inputs.iter().map(|(name, _)| name.clone()).collect(),
-            ModelPlan::OnnxRuntime(model) => model.input_names(),
-        }
-    }
-}
-
-/// Which engine runs a host's models.
-#[derive(Debug, Clone, Default)]
-pub enum Backend {
-    /// tract, in process (the default).
-    #[default]
-    Tract,
-    /// ONNX Runtime, loaded from its shared library.
-    OnnxRuntime(OrtSettings),
-}
-
-/// The tensor named `name` in `available`, or an error naming what came.
-pub(crate) fn input_named<'a>(
-    available: &'a [Tensor],
-    name: &str,
-) -> Result<&'a Tensor, StageError> {
-    input_position(available, name).map(|at| &available[at])
-}
-
-/// Where the tensor called `name` is in `available`, or an error naming
-/// what there is instead.
-pub(crate) fn input_position(available: &[Tensor], name: &str) -> Result<usize, StageError> {
-    available
-        .iter()
-        .position(|t| t.name == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = available.iter().map(|t| t.name.as_str()).collect();
-            StageError::InvalidInput(format!(
-                "the model needs tensor {name:?}; got [{}]",
-                names.join(", ")
-            ))
-        })
-}
-
-/// Bytes of one element of a tensor of type `ty`.
-pub(crate) fn element_bytes(ty: TensorType) -> usize {
-    match ty {
-        TensorType::U8 => 1,
-        TensorType::Fp16 | TensorType::Bf16 => 2,
-        TensorType::Fp32 | TensorType::I32 => 4,
-        TensorType::Fp64 | TensorType::I64 => 8,
-    }
-}
-
-/// Checks that `tensor`'s bytes exactly fill its shape, for elements of
-/// `element_bytes` bytes.
-pub(crate) fn check_fills_shape(tensor: &Tensor, element_bytes: usize) -> Result<(), StageError> {
-    let needed = tensor
-        .dimensions
-        .iter()
-        .try_fold(element_bytes, |acc, &d| acc.checked_mul(d as usize));
-    if needed != Some(tensor.data.len()) {
-        return Err(StageError::InvalidInput(format!(
-            "tensor {:?} holds {} bytes but its shape {:?} needs {:?}",
-            tensor.name,
-            tensor.data.len(),
-            tensor.dimensions,
-            needed
-        )));
-    }
-    Ok(())
-}
-
 /// A model optimised by tract.
 pub struct TractPlan {
     /// The plan for any shape the model accepts.
@@ -327,12 +222,49 @@ pub struct TractPlan {
     outputs: Vec<String>,
 }
 
+impl std::fmt::Debug for TractPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractPlan")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
 impl TractPlan {
+    /// Loads the model at `path` and optimises it, computing only `outputs`
+    /// (all when empty).
+    pub fn load(
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+        specialisation: Option<Specialisation>,
+    ) -> Result<Self, ModelError> {
+        let model = template(load(path, shapes)?, shapes, outputs)?;
+        TractPlan::prepare(model, shapes, specialisation)
+    }
+
+    /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
+    /// over) and optimises it, computing every output.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .map_err(|e| ModelError::NotOnnx(format!("{e:#}")))?;
+        let shapes = InputShapes::new();
+        let template = template(with_shapes(model, &shapes)?, &shapes, &[])?;
+        TractPlan::prepare(template, &shapes, None)
+    }
+
+    /// The names of the tensors the model takes.
+    pub fn input_names(&self) -> Vec<String> {
+        self.inputs.iter().map(|(name, _)| name.clone()).collect()
+    }
+
     fn prepare(
         template: TypedModel,
         shapes: &InputShapes,
         specialisation: Option<Specialisation>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         // Keep the decluttered model only where shape plans can use it.
         let specialisation =
             specialisation.filter(|s| s.limit > 0 && has_symbolic_input(&template));
@@ -345,14 +277,18 @@ impl TractPlan {
             .collect();
         let inputs = (0..typed.inputs.len())
             .map(|i| {
-                let fact = typed.input_fact(i).map_err(|e| e.to_string())?;
+                let fact = typed
+                    .input_fact(i)
+                    .map_err(graph_error("reading an input"))?;
                 Ok((
                     typed.node(typed.inputs[i].node).name.clone(),
                     fact.datum_type,
                 ))
             })
-            .collect::<Result<Vec<_>, String>>()?;
-        let plan = typed.into_runnable().map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let plan = typed
+            .into_runnable()
+            .map_err(graph_error("making the plan runnable"))?;
         let shaped = match (specialisation, kept) {
             (Some(s), Some(template)) => {
                 let input_names: Vec<String> =
@@ -449,106 +385,10 @@ fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, StageError> {
     })
 }
 
-/// Model digest plus shape overrides, and the selected outputs.
-type PlanKey = (String, Vec<String>);
-
-/// Plans shared across functions, keyed by model digest and output selection.
-pub struct PlanCache {
-    plans: Mutex<HashMap<PlanKey, Arc<ModelPlan>>>,
-    backend: Backend,
-    shape_plans: usize,
-    built: IntGaugeVec,
-    ort_runs: IntCounterVec,
-}
-
-impl PlanCache {
-    /// An empty cache of plans run by `backend`; tract plans specialise
-    /// themselves to at most `shape_plans` shapes each, counted in `built`
-    /// by model; ONNX Runtime runs are counted in `ort_runs`.
-    pub fn new(
-        backend: Backend,
-        shape_plans: usize,
-        built: IntGaugeVec,
-        ort_runs: IntCounterVec,
-    ) -> Self {
-        PlanCache {
-            plans: Mutex::new(HashMap::new()),
-            backend,
-            shape_plans,
-            built,
-            ort_runs,
-        }
-    }
-
-    /// The plan for `digest` (known as `label`) with `outputs`, loading it
-    /// from `path` on first use.
-    pub fn get(
-        &self,
-        label: &str,
-        digest: &str,
-        path: &Path,
-        shapes: &InputShapes,
-        outputs: &[String],
-    ) -> Result<Arc<ModelPlan>, String> {
-        let key = (format!("{digest}{shapes:?}"), outputs.to_vec());
-        if let Some(plan) = self.plans.lock().map_err(|e| e.to_string())?.get(&key) {
-            return Ok(plan.clone());
-        }
-        let plan = Arc::new(match &self.backend {
-            Backend::Tract => {
-                let specialisation = Specialisation {
-                    limit: self.shape_plans,
-                    label: label.to_string(),
-                    built: self.built.with_label_values(&[label]),
-                };
-                ModelPlan::load(path, shapes, outputs, Some(specialisation))?
-            }
-            Backend::OnnxRuntime(settings) => {
-                let counts = |threads: usize| {
-                    self.ort_runs
-                        .with_label_values(&[label, &threads.to_string()])
-                };
-                let counts = RunCounts {
-                    narrow: counts(settings.threads),
-                    wide: counts(settings.alone_threads),
-                };
-                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(path, outputs, settings, counts)?))
-            }
-        });
-        self.plans
-            .lock()
-            .map_err(|e| e.to_string())?
-            .insert(key, plan.clone());
-        Ok(plan)
-    }
-
-    /// Forgets plans nothing serves any more (no stage or grant holds
-    /// them); returns how many went.
-    pub fn collect(&self) -> usize {
-        let Ok(mut plans) = self.plans.lock() else {
-            return 0;
-        };
-        let before = plans.len();
-        plans.retain(|_, plan| Arc::strong_count(plan) > 1);
-        before - plans.len()
-    }
-}
-
-/// Hands memory freed by a one-off burst of work (compiling components,
-/// parsing and optimising a model: hundreds of MB in small pieces) back to
-/// the system; glibc keeps it otherwise, and the host's resident size would
-/// count it for as long as the host runs.
-pub(crate) fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and returns the allocator's free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tensors::element_bytes;
     use proptest::prelude::*;
 
     fn tensor_type() -> impl Strategy<Value = TensorType> {

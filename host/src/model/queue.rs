@@ -13,10 +13,11 @@
 //! and under load one run serves several requests (ONNX Runtime runs
 //! MiniLM-L3 ~15 % cheaper per row at 2–4 rows than at 1).
 
+use super::plan::ModelPlan;
+use super::tensors::{check_fills_shape, element_bytes, input_position};
+use super::threads::ModelThreads;
 use crate::bindings::{Tensor, TensorType};
-use crate::inference::{ModelPlan, check_fills_shape, element_bytes, input_position};
-use crate::model_threads::ModelThreads;
-use crate::stage::StageError;
+use crate::error::StageError;
 use prometheus::IntCounter;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -380,8 +381,8 @@ fn split(outputs: &[Tensor], group: &[Request], total: usize) -> Result<Vec<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::input_named;
-    use crate::model_threads::{KEEP_ALIVE, MAX_THREADS};
+    use crate::model::tensors::input_named;
+    use crate::model::threads::{KEEP_ALIVE, MAX_THREADS};
     use std::sync::mpsc;
     use std::thread::ThreadId;
     use std::time::Duration;

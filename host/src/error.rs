@@ -1,0 +1,150 @@
+//! The error vocabulary of the request path: why a call into one stage
+//! failed ([`StageError`]), and why an invocation failed as a caller sees it
+//! ([`InvokeError`], one HTTP status and NATS error code each).
+
+use crate::bindings::GuestError;
+use wasmtime::Trap;
+
+/// Why a call into a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The guest rejected its input (a client error).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The guest reported an internal failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The guest ran past its deadline and was interrupted.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The guest trapped (panic, out of memory, bad instruction); the
+    /// instance must be discarded.
+    #[error("guest trapped: {0}")]
+    Trap(String),
+    /// No room in the host's instance pools for another instance now.
+    #[error("{0}")]
+    Capacity(String),
+}
+
+impl StageError {
+    /// Whether the instance that produced this error may serve again.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(self, StageError::DeadlineExceeded | StageError::Trap(_))
+    }
+
+    pub(crate) fn from_guest(error: GuestError) -> Self {
+        match error {
+            GuestError::InvalidInput(m) => StageError::InvalidInput(m),
+            GuestError::Internal(m) => StageError::Internal(m),
+        }
+    }
+
+    pub(crate) fn from_trap(error: wasmtime::Error) -> Self {
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => StageError::DeadlineExceeded,
+            Some(trap) => StageError::Trap(trap.to_string()),
+            None => StageError::Trap(format!("{error:#}")),
+        }
+    }
+}
+
+/// Why an invocation failed; each maps to one HTTP status and NATS error code.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The function does not exist (404).
+    #[error("function {0} is not published")]
+    NotFound(String),
+    /// The request body is over the function's limit (413).
+    #[error("function {function}: body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Function name.
+        function: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// A stage rejected the input (400).
+    #[error("function {function}, stage {stage}: {message}")]
+    InvalidInput {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// The guest's message.
+        message: String,
+    },
+    /// Every instance is busy and the queue is full (503).
+    #[error("function {0} is overloaded; retry later")]
+    Overloaded(String),
+    /// The host's instance pools are full (503).
+    #[error("function {function}, stage {stage}: {message}")]
+    NoCapacity {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// What is full.
+        message: String,
+    },
+    /// The function is stored but this host cannot serve it (503).
+    #[error(
+        "function {function} revision {revision} is published, but this host cannot serve it: {reason}"
+    )]
+    Unservable {
+        /// Function name.
+        function: String,
+        /// The revision that could not be prepared.
+        revision: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The deadline passed (504).
+    #[error("function {function}, stage {stage}: deadline of {timeout_ms} ms exceeded")]
+    DeadlineExceeded {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// The function's timeout.
+        timeout_ms: u64,
+    },
+    /// A stage failed or trapped (500).
+    #[error("function {function}, stage {stage}: {message}")]
+    Internal {
+        /// Function name.
+        function: String,
+        /// Stage label.
+        stage: String,
+        /// What went wrong, without host internals.
+        message: String,
+    },
+}
+
+impl InvokeError {
+    /// HTTP status (also the NATS micro `Nats-Service-Error-Code`).
+    pub fn status(&self) -> u16 {
+        match self {
+            InvokeError::InvalidInput { .. } => 400,
+            InvokeError::NotFound(_) => 404,
+            InvokeError::TooLarge { .. } => 413,
+            InvokeError::Internal { .. } => 500,
+            InvokeError::Overloaded(_)
+            | InvokeError::NoCapacity { .. }
+            | InvokeError::Unservable { .. } => 503,
+            InvokeError::DeadlineExceeded { .. } => 504,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::InvalidInput { .. } => "invalid_input",
+            InvokeError::NotFound(_) => "not_found",
+            InvokeError::TooLarge { .. } => "too_large",
+            InvokeError::Internal { .. } => "internal",
+            InvokeError::Overloaded(_) => "overloaded",
+            InvokeError::NoCapacity { .. } => "capacity",
+            InvokeError::Unservable { .. } => "unservable",
+            InvokeError::DeadlineExceeded { .. } => "deadline_exceeded",
+        }
+    }
+}

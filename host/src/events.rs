@@ -1,0 +1,156 @@
+//! Registry events: what changed in the registry (a publish, a delete, a
+//! rollback), announced on `cascade.events.registry.<kind>.<name>` so
+//! mirrors and operators follow changes as they happen.
+
+use crate::trigger::subjects;
+use async_nats::Client;
+use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord};
+use serde::Serialize;
+
+/// What kind of artifact changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    /// A component version.
+    Component,
+    /// A model version.
+    Model,
+    /// A function (a revision of it).
+    Function,
+}
+
+impl ArtifactKind {
+    /// As the event subject spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactKind::Component => "component",
+            ArtifactKind::Model => "model",
+            ArtifactKind::Function => "function",
+        }
+    }
+}
+
+/// What happened to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Newly published (identical re-publishes announce nothing).
+    Published,
+    /// Deleted.
+    Deleted,
+    /// A function's earlier revision is served again.
+    RolledBack,
+}
+
+/// What the registry announces on every publish, delete and rollback.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryEvent {
+    /// What kind of artifact.
+    pub kind: ArtifactKind,
+    /// What changed.
+    pub action: Action,
+    /// Artifact name.
+    pub name: String,
+    /// Component or model version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Function revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Digest of what was published or deleted.
+    pub digest: String,
+}
+
+impl RegistryEvent {
+    /// A component version published or deleted.
+    pub fn component(action: Action, record: &ComponentRecord) -> Self {
+        RegistryEvent {
+            kind: ArtifactKind::Component,
+            action,
+            name: record.name.clone(),
+            version: Some(record.version.clone()),
+            revision: None,
+            digest: record.digest.clone(),
+        }
+    }
+
+    /// A model version published or deleted (its package digest).
+    pub fn model(action: Action, record: &ModelRecord) -> Self {
+        RegistryEvent {
+            kind: ArtifactKind::Model,
+            action,
+            name: record.name.clone(),
+            version: Some(record.version.clone()),
+            revision: None,
+            digest: record.package_digest.clone(),
+        }
+    }
+
+    /// A function revision published, rolled back to, or (the last one) deleted.
+    pub fn function(action: Action, record: &FunctionRecord) -> Self {
+        RegistryEvent {
+            kind: ArtifactKind::Function,
+            action,
+            name: record.name.clone(),
+            version: None,
+            revision: Some(record.revision),
+            digest: record.digest.clone(),
+        }
+    }
+}
+
+/// Publishes registry events when NATS is configured.
+#[derive(Clone, Default)]
+pub struct Events {
+    client: Option<Client>,
+}
+
+impl Events {
+    /// Events through `client`.
+    pub fn new(client: Option<Client>) -> Self {
+        Events { client }
+    }
+
+    /// Announces `event` (fire and forget; a host without NATS does nothing).
+    pub fn emit(&self, event: RegistryEvent) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let subject = subjects::registry_event(event.kind.name(), &event.name);
+            match serde_json::to_vec(&event) {
+                Ok(payload) => {
+                    if let Err(e) = client.publish(subject, payload.into()).await {
+                        tracing::warn!("publishing registry event: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("encoding registry event: {e}"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_keep_their_wire_form() {
+        let record = FunctionRecord {
+            name: "embed".into(),
+            revision: 3,
+            digest: "abc".into(),
+            manifest: String::new(),
+            uses: Vec::new(),
+            published_at: 0,
+        };
+        let event = RegistryEvent::function(Action::RolledBack, &record);
+        assert_eq!(
+            serde_json::to_value(&event).expect("json"),
+            serde_json::json!({
+                "kind": "function", "action": "rolled-back", "name": "embed",
+                "revision": 3, "digest": "abc"
+            })
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The one face of the model wing the pipeline sees: a [`ModelPlan`] runs
+//! a model on tensors, whichever backend holds it, and the [`PlanCache`]
+//! shares plans across functions by model digest and output selection.
+
+use super::ModelError;
+use super::ort::{OrtModel, OrtSettings, RunCounts};
+use super::shape_plans::Specialisation;
+use super::tract::{InputShapes, TractPlan};
+use crate::bindings::Tensor;
+use crate::error::StageError;
+use prometheus::{IntCounterVec, IntGaugeVec};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// An optimised, runnable model.
+pub enum ModelPlan {
+    /// Run by tract.
+    Tract(TractPlan),
+    /// Run by ONNX Runtime.
+    OnnxRuntime(Box<OrtModel>),
+}
+
+impl std::fmt::Debug for ModelPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelPlan::Tract(plan) => write!(f, "ModelPlan::Tract({plan:?})"),
+            ModelPlan::OnnxRuntime(_) => f.write_str("ModelPlan::OnnxRuntime"),
+        }
+    }
+}
+
+impl ModelPlan {
+    /// Loads the model at `path` and optimises it with tract, computing
+    /// only `outputs` (all when empty).
+    pub fn load(
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+        specialisation: Option<Specialisation>,
+    ) -> Result<Self, ModelError> {
+        TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
+    }
+
+    /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
+    /// over) and optimises it with tract, computing every output.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        TractPlan::from_bytes(bytes).map(ModelPlan::Tract)
+    }
+
+    /// Runs the model on the tensors it needs, picked by name from `available`.
+    pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        match self {
+            ModelPlan::Tract(plan) => plan.run(available),
+            ModelPlan::OnnxRuntime(model) => model.run(available),
+        }
+    }
+
+    /// The names of the tensors the model takes.
+    pub fn input_names(&self) -> Vec<String> {
+        match self {
+            ModelPlan::Tract(plan) => plan.input_names(),
+            ModelPlan::OnnxRuntime(model) => model.input_names(),
+        }
+    }
+}
+
+/// Which engine runs a host's models.
+#[derive(Debug, Clone, Default)]
+pub enum Backend {
+    /// tract, in process (the default).
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded from its shared library.
+    OnnxRuntime(OrtSettings),
+}
+
+/// Model digest plus shape overrides, and the selected outputs.
+type PlanKey = (String, Vec<String>);
+
+/// Plans shared across functions, keyed by model digest and output selection.
+pub struct PlanCache {
+    plans: Mutex<HashMap<PlanKey, Arc<ModelPlan>>>,
+    backend: Backend,
+    shape_plans: usize,
+    built: IntGaugeVec,
+    ort_runs: IntCounterVec,
+}
+
+impl PlanCache {
+    /// An empty cache of plans run by `backend`; tract plans specialise
+    /// themselves to at most `shape_plans` shapes each, counted in `built`
+    /// by model; ONNX Runtime runs are counted in `ort_runs`.
+    pub fn new(
+        backend: Backend,
+        shape_plans: usize,
+        built: IntGaugeVec,
+        ort_runs: IntCounterVec,
+    ) -> Self {
+        PlanCache {
+            plans: Mutex::new(HashMap::new()),
+            backend,
+            shape_plans,
+            built,
+            ort_runs,
+        }
+    }
+
+    /// The plan for `digest` (known as `label`) with `outputs`, loading it
+    /// from `path` on first use.
+    pub fn get(
+        &self,
+        label: &str,
+        digest: &str,
+        path: &Path,
+        shapes: &InputShapes,
+        outputs: &[String],
+    ) -> Result<Arc<ModelPlan>, ModelError> {
+        let key = (format!("{digest}{shapes:?}"), outputs.to_vec());
+        if let Some(plan) = self
+            .plans
+            .lock()
+            .map_err(|_| ModelError::Poisoned)?
+            .get(&key)
+        {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(match &self.backend {
+            Backend::Tract => {
+                let specialisation = Specialisation {
+                    limit: self.shape_plans,
+                    label: label.to_string(),
+                    built: self.built.with_label_values(&[label]),
+                };
+                ModelPlan::load(path, shapes, outputs, Some(specialisation))?
+            }
+            Backend::OnnxRuntime(settings) => {
+                let counts = |threads: usize| {
+                    self.ort_runs
+                        .with_label_values(&[label, &threads.to_string()])
+                };
+                let counts = RunCounts {
+                    narrow: counts(settings.threads),
+                    wide: counts(settings.alone_threads),
+                };
+                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(path, outputs, settings, counts)?))
+            }
+        });
+        self.plans
+            .lock()
+            .map_err(|_| ModelError::Poisoned)?
+            .insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// Forgets plans nothing serves any more (no stage or grant holds
+    /// them); returns how many went.
+    pub fn collect(&self) -> usize {
+        let Ok(mut plans) = self.plans.lock() else {
+            return 0;
+        };
+        let before = plans.len();
+        plans.retain(|_, plan| Arc::strong_count(plan) > 1);
+        before - plans.len()
+    }
+}

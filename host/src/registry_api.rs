@@ -1,0 +1,208 @@
+//! The registry's HTTP routes: read, delete and roll back components,
+//! models and functions, and hand publishing to [`crate::publish`]. Every
+//! change is announced as a [`RegistryEvent`].
+
+use crate::events::{Action, RegistryEvent};
+use crate::http::{ApiError, Body, HttpState, blocking, file, full, json, read_body};
+use crate::publish;
+use crate::routes::{Matched, Route};
+use cascade_registry::names::{Name, Reference};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
+
+/// Serves the registry's routes (`/v1/components`, `/v1/models`, `/v1/functions`).
+pub async fn route(
+    state: &Arc<HttpState>,
+    matched: &Matched<'_>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    match (matched.route, matched.params.as_slice()) {
+        (Route::PublishComponent, [name, version]) => {
+            publish::component(state, reference(name, version)?, request).await
+        }
+        (Route::PublishModel, [name, version]) => {
+            publish::model(state, reference(name, version)?, request).await
+        }
+        (Route::PublishFunction, [name]) => publish::function(state, name, request).await,
+        (Route::Rollback, [name]) => rollback(state, name, request).await,
+        (route, [name, version]) if is_component(route) => {
+            component(state, route, reference(name, version)?).await
+        }
+        (route, [name, version, ..]) if is_model(route) => {
+            model(state, route, reference(name, version)?, matched.param(2)).await
+        }
+        (route, params) => read_or_delete(state, route, params).await,
+    }
+}
+
+fn is_component(route: Route) -> bool {
+    matches!(
+        route,
+        Route::Component | Route::ComponentContent | Route::DeleteComponent
+    )
+}
+
+fn is_model(route: Route) -> bool {
+    matches!(
+        route,
+        Route::Model | Route::ModelContent | Route::ModelFile | Route::DeleteModel
+    )
+}
+
+/// Routes on one component version.
+async fn component(
+    state: &Arc<HttpState>,
+    route: Route,
+    reference: Reference,
+) -> Result<Response<Body>, ApiError> {
+    let registry = &state.runtime.registry;
+    match route {
+        Route::ComponentContent => {
+            let record = registry.component(&reference)?;
+            file(&registry.blob_path(&record.digest), "application/wasm").await
+        }
+        Route::DeleteComponent => {
+            let runtime = state.runtime.clone();
+            let record = blocking(move || {
+                let record = runtime.registry.delete_component(&reference)?;
+                runtime.collect_compiled();
+                Ok::<_, ApiError>(record)
+            })
+            .await??;
+            state
+                .events
+                .emit(RegistryEvent::component(Action::Deleted, &record));
+            ok(&record)
+        }
+        _ => ok(&registry.component(&reference)?),
+    }
+}
+
+/// Routes on one model version (`file`: the extra file asked for, if any).
+async fn model(
+    state: &Arc<HttpState>,
+    route: Route,
+    reference: Reference,
+    file_name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let registry = &state.runtime.registry;
+    match route {
+        Route::ModelContent => {
+            let record = registry.model(&reference)?;
+            file(&registry.blob_path(&record.digest), OCTETS).await
+        }
+        Route::ModelFile => {
+            let record = registry.model(&reference)?;
+            let found = record
+                .files
+                .iter()
+                .find(|f| f.name == file_name)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("model {reference} has no file {file_name:?}"))
+                })?;
+            file(&registry.blob_path(&found.digest), OCTETS).await
+        }
+        Route::DeleteModel => {
+            let registry = registry.clone();
+            let record = blocking(move || registry.delete_model(&reference)).await??;
+            state
+                .events
+                .emit(RegistryEvent::model(Action::Deleted, &record));
+            ok(&record)
+        }
+        _ => ok(&registry.model(&reference)?),
+    }
+}
+
+const OCTETS: &str = "application/octet-stream";
+
+/// Listings, versions, function revisions and function deletes.
+async fn read_or_delete(
+    state: &Arc<HttpState>,
+    route: Route,
+    params: &[&str],
+) -> Result<Response<Body>, ApiError> {
+    let registry = &state.runtime.registry;
+    match (route, params) {
+        (Route::ListComponents, []) => ok(&registry.components()?),
+        (Route::ComponentVersions, [name]) => ok(&registry.component_versions(&name.parse()?)?),
+        (Route::ListModels, []) => ok(&registry.models()?),
+        (Route::ModelVersions, [name]) => ok(&registry.model_versions(&name.parse()?)?),
+        (Route::ListFunctions, []) => ok(&registry.functions()?),
+        (Route::Function, [name]) => ok(&registry.function(name)?),
+        (Route::FunctionRevisions, [name]) => ok(&registry.function_revisions(name)?),
+        (Route::FunctionRevision, [name, revision]) => {
+            ok(&registry.function_revision(name, revision_number(revision)?)?)
+        }
+        (Route::FunctionManifest, [name, revision]) => {
+            let revision = registry.function_revision(name, revision_number(revision)?)?;
+            let mut response = Response::new(full(revision.record.manifest));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/toml"));
+            Ok(response)
+        }
+        (Route::DeleteFunction, [name]) => delete_function(state, name).await,
+        (route, params) => Err(ApiError::internal(format!(
+            "route {route:?} with parameters {params:?} reached the registry API"
+        ))),
+    }
+}
+
+async fn delete_function(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, ApiError> {
+    let (runtime, name) = (state.runtime.clone(), name.to_string());
+    let removed = blocking(move || {
+        let removed = runtime.registry.delete_function(&name)?;
+        let _ = runtime.reload(&name);
+        Ok::<_, ApiError>(removed)
+    })
+    .await??;
+    if let Some(last) = removed.last() {
+        state
+            .events
+            .emit(RegistryEvent::function(Action::Deleted, &last.record));
+    }
+    let revisions: Vec<u64> = removed.iter().map(|r| r.record.revision).collect();
+    ok(&serde_json::json!({ "deleted": revisions }))
+}
+
+async fn rollback(
+    state: &Arc<HttpState>,
+    name: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Rollback {
+        revision: u64,
+    }
+    let body = read_body(request.into_body(), 4096).await?;
+    let Rollback { revision } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("expected JSON {{\"revision\": N}}: {e}")))?;
+    let (runtime, name) = (state.runtime.clone(), name.to_string());
+    let record = blocking(move || {
+        let record = runtime.registry.rollback(&name, revision)?;
+        runtime.reload(&name).map_err(ApiError::internal)?;
+        Ok::<_, ApiError>(record)
+    })
+    .await??;
+    state
+        .events
+        .emit(RegistryEvent::function(Action::RolledBack, &record.record));
+    ok(&record)
+}
+
+fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
+    Ok(json(StatusCode::OK, value))
+}
+
+fn reference(name: &str, version: &str) -> Result<Reference, ApiError> {
+    let name: Name = name.parse()?;
+    Ok(Reference::new(name, version.parse()?))
+}
+
+fn revision_number(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::invalid(format!("invalid revision {text:?}: expected a number")))
+}
