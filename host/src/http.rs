@@ -1,7 +1,7 @@
 //! HTTP plumbing the triggers and the registry API share: bodies, JSON and
 //! file responses, the error response, body limits, and the state every
 //! request handler sees. Routes live in [`crate::routes`]; the listener and
-//! invocation in [`crate::trigger::http`]; registry routes in [`crate::api`].
+//! invocation in [`crate::trigger::http`]; registry routes in [`crate::registry_api`].
 
 use crate::access::Access;
 use crate::error::InvokeError;
@@ -23,33 +23,52 @@ use std::time::Duration;
 /// Response bodies: whole buffers or streamed files.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// What every request handler shares.
+/// A readiness probe of `/readyz`: a name and whether it holds now.
+pub type Readiness = (String, Box<dyn Fn() -> bool + Send + Sync>);
+
+/// What every request handler shares; built once, whole, before serving.
 pub struct HttpState {
+    /// Functions and registry.
+    pub(crate) runtime: Arc<Runtime>,
+    /// Who may do what.
+    pub(crate) access: Access,
+    /// Largest upload to the registry, in bytes.
+    pub(crate) max_upload: u64,
+    /// Extra readiness checks (functions loaded, NATS connected, mirror synced).
+    pub(crate) readiness: Vec<Readiness>,
+    /// Where registry changes are announced.
+    pub(crate) events: crate::events::Events,
+    /// Set on hosts that serve another host's registry: writes go there.
+    pub(crate) mirror_of: Option<String>,
+    next_request: AtomicU64,
+}
+
+/// Everything an [`HttpState`] is made of.
+pub struct HttpSettings {
     /// Functions and registry.
     pub runtime: Arc<Runtime>,
     /// Who may do what.
     pub access: Access,
     /// Largest upload to the registry, in bytes.
     pub max_upload: u64,
-    /// Extra readiness checks (e.g. NATS connected): name and probe.
-    pub readiness: Vec<(String, Box<dyn Fn() -> bool + Send + Sync>)>,
+    /// Extra readiness checks.
+    pub readiness: Vec<Readiness>,
     /// Where registry changes are announced.
     pub events: crate::events::Events,
-    /// Set on hosts that serve another host's registry: writes go there.
+    /// The source registry, on a mirror.
     pub mirror_of: Option<String>,
-    next_request: AtomicU64,
 }
 
 impl HttpState {
     /// Shared state for the HTTP trigger.
-    pub fn new(runtime: Arc<Runtime>, access: Access, max_upload: u64) -> Self {
+    pub fn new(settings: HttpSettings) -> Self {
         HttpState {
-            runtime,
-            access,
-            max_upload,
-            readiness: Vec::new(),
-            events: Default::default(),
-            mirror_of: None,
+            runtime: settings.runtime,
+            access: settings.access,
+            max_upload: settings.max_upload,
+            readiness: settings.readiness,
+            events: settings.events,
+            mirror_of: settings.mirror_of,
             next_request: AtomicU64::new(1),
         }
     }
@@ -183,7 +202,14 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let (status, body) = match serde_json::to_vec_pretty(value) {
+        Ok(body) => (status, body),
+        Err(e) => {
+            tracing::error!("encoding a JSON response: {e}");
+            let body = br#"{"error": {"code": "internal", "message": "internal error"}}"#;
+            (StatusCode::INTERNAL_SERVER_ERROR, body.to_vec())
+        }
+    };
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response

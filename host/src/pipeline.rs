@@ -573,3 +573,71 @@ fn tensors_as_json(tensors: &[Tensor]) -> Message {
             .into_bytes(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, value: f32) -> Tensor {
+        Tensor {
+            name: name.into(),
+            dimensions: vec![1],
+            ty: TensorType::Fp32,
+            data: value.to_le_bytes().to_vec(),
+        }
+    }
+
+    fn values(tensors: &[Tensor]) -> Vec<(String, f32)> {
+        tensors
+            .iter()
+            .map(|t| {
+                let bytes: [u8; 4] = t.data[..4].try_into().expect("four bytes");
+                (t.name.clone(), f32::from_le_bytes(bytes))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn selection_keeps_the_asked_order_and_the_later_stage() {
+        // The stage before's inputs come first, then its outputs: a name
+        // both produced resolves to the output.
+        let flowed = vec![
+            tensor("mask", 1.0),
+            tensor("hidden", 2.0),
+            tensor("mask", 3.0),
+        ];
+        let picked = select(&["mask".into(), "hidden".into()], flowed).expect("both there");
+        assert_eq!(
+            values(&picked),
+            [("mask".to_string(), 3.0), ("hidden".to_string(), 2.0)]
+        );
+    }
+
+    #[test]
+    fn selecting_a_tensor_nobody_produced_names_what_there_is() {
+        let error = select(&["logits".into()], vec![tensor("hidden", 2.0)]).expect_err("absent");
+        assert_eq!(
+            error.to_string(),
+            "internal error: the stage's `inputs` names tensor \"logits\", which the stages \
+             before did not produce (they produced [hidden])"
+        );
+    }
+
+    #[test]
+    fn tensors_become_json_numbers() {
+        let mut ids = tensor("ids", 0.0);
+        ids.ty = TensorType::I64;
+        ids.dimensions = vec![2];
+        ids.data = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let message = tensors_as_json(&[tensor("score", 0.5), ids]);
+        assert_eq!(message.content_type, "application/json");
+        let json: serde_json::Value = serde_json::from_slice(&message.body).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"tensors": [
+                {"name": "score", "dimensions": [1], "type": "fp32", "data": [0.5]},
+                {"name": "ids", "dimensions": [2], "type": "i64", "data": [7, -1]},
+            ]})
+        );
+    }
+}

@@ -397,4 +397,44 @@ mod tests {
         assert_eq!(waiting.await.map(drop), Err(Refused::TimedOut));
         assert_eq!(gate.waiting(), 0);
     }
+
+    #[test]
+    fn surplus_keeps_the_minimum_and_the_fresh() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let fresh = now - Duration::from_secs(1);
+        let timeout = Duration::from_secs(30);
+        assert_eq!(surplus(&[old, old, fresh], 3, 0, now, timeout), 2);
+        assert_eq!(surplus(&[old, old, fresh], 3, 2, now, timeout), 1);
+        assert_eq!(surplus(&[fresh], 1, 0, now, timeout), 0);
+        // Busy instances count as live but are not in the idle list.
+        assert_eq!(surplus(&[old], 4, 3, now, timeout), 1);
+        assert_eq!(surplus(&[old], 3, 3, now, timeout), 0);
+        // Exactly at the timeout counts as expired.
+        assert_eq!(surplus(&[now - timeout], 1, 0, now, timeout), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever the pool looks like, reaping never goes below the
+        /// minimum, never drops more than the idle, and drops only the
+        /// oldest expired ones.
+        #[test]
+        fn surplus_never_breaks_the_minimum(
+            ages in proptest::collection::vec(0u64..120, 0..12),
+            busy in 0usize..6,
+            min in 0usize..10,
+        ) {
+            let now = Instant::now() + Duration::from_secs(1000);
+            let mut ages = ages;
+            ages.sort_unstable_by(|a, b| b.cmp(a));
+            let idle: Vec<Instant> = ages.iter().map(|&a| now - Duration::from_secs(a)).collect();
+            let live = idle.len() + busy;
+            let timeout = Duration::from_secs(30);
+            let dropped = surplus(&idle, live, min, now, timeout);
+            let expired = ages.iter().filter(|&&a| a >= 30).count();
+            proptest::prop_assert!(dropped <= expired);
+            proptest::prop_assert!(live - dropped >= min.min(live));
+            proptest::prop_assert_eq!(dropped, expired.min(live.saturating_sub(min)));
+        }
+    }
 }

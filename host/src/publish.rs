@@ -25,7 +25,7 @@ async fn stage_body(state: &HttpState, request: Request<Incoming>) -> Result<Sta
     if let Err(refused) = check_length(&request, state.max_upload) {
         return Err(refused.refusing(request.into_body()));
     }
-    let mut writer = state.runtime.registry.stage(state.max_upload)?;
+    let mut writer = state.runtime.registry().stage(state.max_upload)?;
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::invalid(format!("reading the body: {e}")))?;
@@ -62,7 +62,7 @@ pub async fn component(
         let bytes = std::fs::read(staged.path()).map_err(ApiError::internal)?;
         let footprint = Footprint::of(&bytes).map_err(ApiError::invalid)?;
         let published = runtime
-            .registry
+            .registry()
             .publish_component(&reference, staged, world)?;
         Ok::<_, ApiError>((published, footprint))
     })
@@ -101,11 +101,11 @@ fn component_world(
         ));
     }
     let (component, cached) = runtime
-        .engine
+        .engine()
         .load_component(staged.path(), &staged.digest, runtime.compiled_dir())
         .map_err(|e| ApiError::invalid(format!("invalid component: {e:#}")))?;
     runtime.count_load(cached);
-    let engine = runtime.engine.engine();
+    let engine = runtime.engine().engine();
     let world = stage::world_of(&component, engine).map_err(ApiError::invalid)?;
     stage::check_imports(world, &component, engine)
         .map_err(|e| ApiError::invalid(format!("invalid component: {e}")))?;
@@ -129,13 +129,13 @@ pub async fn model(
     let max_upload = state.max_upload;
     let published = blocking(move || {
         let (model, files) = if is_tar {
-            unpack_package(&runtime.registry, staged.path(), max_upload)?
+            unpack_package(&runtime.registry(), staged.path(), max_upload)?
         } else {
             (staged, Vec::new())
         };
         let signature = model::inspect(model.path(), &shapes)
             .map_err(|e| ApiError::invalid(format!("invalid ONNX model: {e}")))?;
-        Ok::<_, ApiError>(runtime.registry.publish_model(
+        Ok::<_, ApiError>(runtime.registry().publish_model(
             &reference,
             ModelPackage {
                 model,
@@ -241,7 +241,7 @@ pub async fn function(
     }
     let runtime = state.runtime.clone();
     let (published, served) = blocking(move || {
-        let published = runtime.registry.publish_function(&manifest)?;
+        let published = runtime.registry().publish_function(&manifest)?;
         let served = runtime.serve(&published.record);
         Ok::<_, ApiError>((published, served))
     })

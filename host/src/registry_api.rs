@@ -57,7 +57,7 @@ async fn component(
     route: Route,
     reference: Reference,
 ) -> Result<Response<Body>, ApiError> {
-    let registry = &state.runtime.registry;
+    let registry = &state.runtime.registry();
     match route {
         Route::ComponentContent => {
             let record = registry.component(&reference)?;
@@ -66,7 +66,7 @@ async fn component(
         Route::DeleteComponent => {
             let runtime = state.runtime.clone();
             let record = blocking(move || {
-                let record = runtime.registry.delete_component(&reference)?;
+                let record = runtime.registry().delete_component(&reference)?;
                 runtime.collect_compiled();
                 Ok::<_, ApiError>(record)
             })
@@ -87,7 +87,7 @@ async fn model(
     reference: Reference,
     file_name: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let registry = &state.runtime.registry;
+    let registry = &state.runtime.registry();
     match route {
         Route::ModelContent => {
             let record = registry.model(&reference)?;
@@ -105,7 +105,7 @@ async fn model(
             file(&registry.blob_path(&found.digest), OCTETS).await
         }
         Route::DeleteModel => {
-            let registry = registry.clone();
+            let registry = Arc::clone(registry);
             let record = blocking(move || registry.delete_model(&reference)).await??;
             state
                 .events
@@ -124,7 +124,7 @@ async fn read_or_delete(
     route: Route,
     params: &[&str],
 ) -> Result<Response<Body>, ApiError> {
-    let registry = &state.runtime.registry;
+    let registry = &state.runtime.registry();
     match (route, params) {
         (Route::ListComponents, []) => ok(&registry.components()?),
         (Route::ComponentVersions, [name]) => ok(&registry.component_versions(&name.parse()?)?),
@@ -154,7 +154,7 @@ async fn read_or_delete(
 async fn delete_function(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, ApiError> {
     let (runtime, name) = (state.runtime.clone(), name.to_string());
     let removed = blocking(move || {
-        let removed = runtime.registry.delete_function(&name)?;
+        let removed = runtime.registry().delete_function(&name)?;
         let _ = runtime.reload(&name);
         Ok::<_, ApiError>(removed)
     })
@@ -182,7 +182,7 @@ async fn rollback(
         .map_err(|e| ApiError::invalid(format!("expected JSON {{\"revision\": N}}: {e}")))?;
     let (runtime, name) = (state.runtime.clone(), name.to_string());
     let record = blocking(move || {
-        let record = runtime.registry.rollback(&name, revision)?;
+        let record = runtime.registry().rollback(&name, revision)?;
         runtime.reload(&name).map_err(ApiError::internal)?;
         Ok::<_, ApiError>(record)
     })

@@ -58,12 +58,9 @@ pub enum PrepareError {
 
 /// Everything needed to run functions.
 pub struct Runtime {
-    /// The wasmtime engine.
-    pub engine: ServingEngine,
-    /// The registry served from.
-    pub registry: Arc<Registry>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    engine: ServingEngine,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     plans: PlanCache,
     compiled_dir: PathBuf,
     components: Mutex<HashMap<String, Arc<ComponentStage>>>,
@@ -105,6 +102,21 @@ impl Runtime {
             loading: AtomicBool::new(true),
             unservable: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &ServingEngine {
+        &self.engine
+    }
+
+    /// The registry served from.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Where compiled components are cached.

@@ -6,7 +6,7 @@ use crate::access::Access;
 use crate::config::ServeConfig;
 use crate::engine::{EngineSettings, ServingEngine};
 use crate::events::Events;
-use crate::http::HttpState;
+use crate::http::{HttpSettings, HttpState, Readiness};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::model::Backend;
@@ -31,31 +31,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config.token_read,
         config.tokens.as_deref(),
     )?;
-    let registry = Registry::open(&config.data)
-        .with_context(|| format!("opening the registry in {}", config.data.display()))?;
-    let engine = ServingEngine::new(&EngineSettings {
-        max_instances: config.max_instances,
-        max_memory_mb: cascade_registry::manifest::MAX_MEMORY_MB,
-    })
-    .map_err(anyhow::Error::from)?;
-    let metrics = Arc::new(Metrics::new()?);
-    let backend = config.backend();
-    if let Backend::OnnxRuntime(settings) = &backend {
-        // Fail at start, not at the first model, when the library is wrong.
-        crate::model::ort::init(&settings.library)?;
-        tracing::info!(
-            "models run with ONNX Runtime from {}",
-            settings.library.display()
-        );
-    }
-    let runtime = Arc::new(Runtime::new(
-        engine,
-        Arc::new(registry),
-        metrics,
-        config.data.join("compiled"),
-        backend,
-        config.shape_plans,
-    ));
+    let runtime = Arc::new(open_runtime(&config)?);
     let mirror = match &config.registry_url {
         Some(url) => Some(Arc::new(start_mirror(&config, url, &runtime).await?)),
         None => None,
@@ -67,83 +43,140 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || loading.load_all()),
         tokio::spawn(reap(runtime.clone())),
     ];
-
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!("cascade listening on http://{}", listener.local_addr()?);
-    let mut state = HttpState::new(runtime.clone(), access, config.max_upload_mb << 20);
-    let loaded = runtime.clone();
-    state
-        .readiness
-        .push(("functions".into(), Box::new(move || !loaded.is_loading())));
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let stop = CancellationToken::new();
-    let mut nats_trigger = None;
-    let mut nats_client = None;
-    let mut nats_connection = None;
-    if let Some(url) = &config.nats_url {
-        let options = NatsOptions {
-            url: url.clone(),
-            token: config.nats_token.clone(),
-            credentials: config.nats_creds.clone(),
-            tls: config.nats_tls,
+    let nats = match &config.nats_url {
+        Some(url) => Some(connect_nats(&config, url).await?),
+        None => None,
+    };
+    let readiness = readiness(&runtime, nats.as_ref(), mirror.as_ref());
+    if let Some(mirror) = &mirror {
+        let events = match &nats {
+            Some(nats) => Some((
+                nats.client.subscribe(subjects::REGISTRY_EVENTS).await?,
+                nats.connection.clone(),
+            )),
+            None => None,
         };
-        let connection = Arc::new(ConnectionState::default());
-        let client = nats::connect(&options, connection.clone())
-            .await
-            .context("connecting to NATS")?;
-        state.events = Events::new(Some(client.clone()));
-        let probe = connection.clone();
-        state.readiness.push((
+        let follow = crate::mirror::run(mirror.clone(), runtime.clone(), events);
+        tasks.push(tokio::spawn(follow));
+    }
+    let state = HttpState::new(HttpSettings {
+        runtime: runtime.clone(),
+        access,
+        max_upload: config.max_upload_mb << 20,
+        readiness,
+        events: Events::new(nats.as_ref().map(|n| n.client.clone())),
+        mirror_of: mirror.map(|m| m.source().to_string()),
+    });
+    serve_until_stopped(&config, listener, Arc::new(state), nats, runtime).await;
+    for task in tasks {
+        task.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The registry, the engine, the model backend and the runtime over them.
+fn open_runtime(config: &ServeConfig) -> Result<Runtime> {
+    let registry = Registry::open(&config.data)
+        .with_context(|| format!("opening the registry in {}", config.data.display()))?;
+    let engine = ServingEngine::new(&EngineSettings {
+        max_instances: config.max_instances,
+        max_memory_mb: cascade_registry::manifest::MAX_MEMORY_MB,
+    })
+    .map_err(anyhow::Error::from)?;
+    let backend = config.backend();
+    if let Backend::OnnxRuntime(settings) = &backend {
+        // Fail at start, not at the first model, when the library is wrong.
+        crate::model::ort::init(&settings.library)?;
+        tracing::info!(
+            "models run with ONNX Runtime from {}",
+            settings.library.display()
+        );
+    }
+    Ok(Runtime::new(
+        engine,
+        Arc::new(registry),
+        Arc::new(Metrics::new()?),
+        config.data.join("compiled"),
+        backend,
+        config.shape_plans,
+    ))
+}
+
+/// A host's NATS connection and what follows its state.
+struct Nats {
+    client: async_nats::Client,
+    connection: Arc<ConnectionState>,
+}
+
+async fn connect_nats(config: &ServeConfig, url: &str) -> Result<Nats> {
+    let options = NatsOptions {
+        url: url.to_string(),
+        token: config.nats_token.clone(),
+        credentials: config.nats_creds.clone(),
+        tls: config.nats_tls,
+    };
+    let connection = Arc::new(ConnectionState::default());
+    let client = nats::connect(&options, connection.clone())
+        .await
+        .context("connecting to NATS")?;
+    Ok(Nats { client, connection })
+}
+
+/// `/readyz`'s checks beyond the registry: functions loaded, NATS
+/// connected, the mirror's last sync complete.
+fn readiness(
+    runtime: &Arc<Runtime>,
+    nats: Option<&Nats>,
+    mirror: Option<&Arc<Mirror>>,
+) -> Vec<Readiness> {
+    let loaded = runtime.clone();
+    let mut checks: Vec<Readiness> =
+        vec![("functions".into(), Box::new(move || !loaded.is_loading()))];
+    if let Some(nats) = nats {
+        let probe = nats.connection.clone();
+        checks.push((
             "nats".into(),
             Box::new(move || probe.connected.load(Ordering::SeqCst)),
         ));
-        nats_connection = Some(connection);
-        nats_trigger = Some(tokio::spawn(
-            NatsTrigger::new(client.clone(), runtime.clone()).run(stop.clone(), grace),
-        ));
-        nats_client = Some(client);
     }
     if let Some(mirror) = mirror {
-        state.mirror_of = Some(mirror.source().to_string());
         let synced = mirror.clone();
-        state.readiness.push((
+        checks.push((
             "mirror".into(),
             Box::new(move || synced.failures().is_some_and(|f| f.is_empty())),
         ));
-        let events = match (&nats_client, nats_connection) {
-            (Some(client), Some(connection)) => Some((
-                client.subscribe(subjects::REGISTRY_EVENTS).await?,
-                connection,
-            )),
-            _ => None,
-        };
-        tasks.push(tokio::spawn(crate::mirror::run(
-            mirror,
-            runtime.clone(),
-            events,
-        )));
     }
+    checks
+}
+
+/// Serves HTTP (and NATS) until SIGTERM/SIGINT; then both stop taking
+/// work and finish what they took, side by side, within the grace period.
+async fn serve_until_stopped(
+    config: &ServeConfig,
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    nats: Option<Nats>,
+    runtime: Arc<Runtime>,
+) {
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let stop = CancellationToken::new();
     let signalled = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         signalled.cancel();
     });
+    let nats_trigger = nats
+        .map(|nats| tokio::spawn(NatsTrigger::new(nats.client, runtime).run(stop.clone(), grace)));
     let limits = Limits {
         max_connections: config.max_connections as usize,
         header_timeout: Duration::from_secs(config.header_timeout_secs),
     };
-    let stopped = stop.clone();
-    let http = http::serve(
-        listener,
-        Arc::new(state),
-        limits,
-        stopped.cancelled_owned(),
-        grace,
-    );
-    // HTTP and NATS wind down side by side: each stops taking work and
-    // finishes what it took, within the grace period.
+    let http = http::serve(listener, state, limits, stop.cancelled_owned(), grace);
     match nats_trigger {
         Some(nats) => {
             let (_, drained) = tokio::join!(http, nats);
@@ -153,11 +186,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         }
         None => http.await,
     }
-    for task in tasks {
-        task.abort();
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Mirrors `url` into this host's registry, syncing once before serving.
@@ -165,9 +193,9 @@ async fn start_mirror(config: &ServeConfig, url: &str, runtime: &Arc<Runtime>) -
     let mirror = Mirror::new(
         url,
         config.registry_token.clone(),
-        runtime.registry.clone(),
+        runtime.registry().clone(),
         config.max_upload_mb << 20,
-        runtime.metrics.mirror_failures.clone(),
+        runtime.metrics().mirror_failures.clone(),
     )?;
     if let Err(e) = mirror.sync().await {
         tracing::warn!(

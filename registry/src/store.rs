@@ -314,23 +314,7 @@ impl Registry {
             input_shapes,
             signature,
         } = package;
-        let mut names = BTreeSet::new();
-        for (name, _) in &files {
-            check_file_name(name)?;
-            if !names.insert(name.clone()) {
-                return Err(RegistryError::Invalid(format!(
-                    "file {name:?} appears twice in the package"
-                )));
-            }
-        }
-        let file_records: Vec<FileRecord> = files
-            .iter()
-            .map(|(name, blob)| FileRecord {
-                name: name.clone(),
-                digest: blob.digest.clone(),
-                size: blob.size,
-            })
-            .collect();
+        let file_records = file_records(&files)?;
         let package_digest = package_digest(&model.digest, &file_records, &input_shapes);
         let key = reference.to_string();
         self.write(|txn| {
@@ -744,6 +728,27 @@ fn non_empty<R>(found: Vec<R>, kind: &str, name: &Name) -> Result<Vec<R>, Regist
 
 fn corrupt(name: &str) -> RegistryError {
     RegistryError::Storage(format!("function {name} points at a missing revision"))
+}
+
+/// The records of a package's extra files, each name valid and once.
+fn file_records(files: &[(String, StagedBlob)]) -> Result<Vec<FileRecord>, RegistryError> {
+    let mut names = BTreeSet::new();
+    for (name, _) in files {
+        check_file_name(name)?;
+        if !names.insert(name.clone()) {
+            return Err(RegistryError::Invalid(format!(
+                "file {name:?} appears twice in the package"
+            )));
+        }
+    }
+    Ok(files
+        .iter()
+        .map(|(name, blob)| FileRecord {
+            name: name.clone(),
+            digest: blob.digest.clone(),
+            size: blob.size,
+        })
+        .collect())
 }
 
 fn check_file_name(name: &str) -> Result<(), RegistryError> {

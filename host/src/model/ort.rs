@@ -127,22 +127,7 @@ impl OrtModel {
             initializers: SharedInitializers::read(path)?,
         };
         let session = new_session(path, settings.threads, &shared)?;
-        let graph_outputs: Vec<String> = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
-        let outputs = if outputs.is_empty() {
-            graph_outputs
-        } else {
-            if let Some(missing) = outputs.iter().find(|o| !graph_outputs.contains(o)) {
-                return Err(ModelError::Unsupported(format!(
-                    "the model has no output {missing:?}; ONNX Runtime can return its graph outputs [{}]",
-                    graph_outputs.join(", ")
-                )));
-            }
-            outputs.to_vec()
-        };
+        let outputs = selected_outputs(&session, outputs)?;
         let inputs = session
             .inputs()
             .iter()
@@ -325,6 +310,25 @@ fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, 
         .lend(builder)?
         .commit_from_file(path)
         .map_err(failed)
+}
+
+/// `outputs` (every graph output when empty), each one the graph has.
+fn selected_outputs(session: &Session, outputs: &[String]) -> Result<Vec<String>, ModelError> {
+    let graph_outputs: Vec<String> = session
+        .outputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    if outputs.is_empty() {
+        return Ok(graph_outputs);
+    }
+    if let Some(missing) = outputs.iter().find(|o| !graph_outputs.contains(o)) {
+        return Err(ModelError::Unsupported(format!(
+            "the model has no output {missing:?}; ONNX Runtime can return its graph outputs [{}]",
+            graph_outputs.join(", ")
+        )));
+    }
+    Ok(outputs.to_vec())
 }
 
 /// ONNX Runtime's refusal to build a session for the model.

@@ -6,7 +6,7 @@
 use crate::bindings::Message;
 use crate::error::InvokeError;
 use crate::http::{ApiError, Body, HttpState, check_length, full, json, read_body};
-use crate::pipeline::{PreparedFunction, Trigger};
+use crate::pipeline::{Invocation, PreparedFunction, Trigger};
 use crate::registry_api;
 use crate::routes::{self, Route};
 use hyper::body::Incoming;
@@ -140,7 +140,7 @@ async fn route(
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         Route::Readyz => Ok(readyz(state)),
         Route::Metrics => {
-            let mut response = Response::new(full(state.runtime.metrics.render()));
+            let mut response = Response::new(full(state.runtime.metrics().render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -164,7 +164,7 @@ fn readyz(state: &HttpState) -> Response<Body> {
     let mut checks = serde_json::Map::new();
     checks.insert(
         "registry".into(),
-        state.runtime.registry.functions().is_ok().into(),
+        state.runtime.registry().functions().is_ok().into(),
     );
     for (name, probe) in &state.readiness {
         checks.insert(name.clone(), probe().into());
@@ -236,15 +236,8 @@ async fn invoke_function(
         )));
     }
     let limit = function.max_body();
-    let too_large = || {
-        ApiError::from(InvokeError::TooLarge {
-            function: name.into(),
-            limit,
-        })
-        .closing()
-    };
     if check_length(&request, limit).is_err() {
-        return Err(too_large().refusing(request.into_body()));
+        return Err(too_large(name, limit).refusing(request.into_body()));
     }
     let content_type = request
         .headers()
@@ -258,31 +251,45 @@ async fn invoke_function(
         Ok(admission) => admission,
         Err(refused) => return Err(ApiError::from(refused).refusing(request.into_body())),
     };
-    let body =
-        match tokio::time::timeout(admission.remaining(), read_body(request.into_body(), limit))
-            .await
-        {
-            Ok(Ok(body)) => body,
-            Ok(Err(e)) if e.status == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!("function {name}: the request body did not arrive within the deadline"),
-                )
-                .closing());
-            }
-        };
-    let invocation = function
-        .run(
-            admission,
-            Message {
-                content_type,
-                body: body.to_vec(),
-            },
+    let body = read_within(name, request.into_body(), limit, admission.remaining()).await?;
+    let input = Message {
+        content_type,
+        body: body.to_vec(),
+    };
+    Ok(reply(function.run(admission, input).await?))
+}
+
+/// A 413 for a body over `limit`, on a connection then closed.
+fn too_large(name: &str, limit: u64) -> ApiError {
+    ApiError::from(InvokeError::TooLarge {
+        function: name.into(),
+        limit,
+    })
+    .closing()
+}
+
+/// The request body, read within what is left of the deadline.
+async fn read_within(
+    name: &str,
+    body: Incoming,
+    limit: u64,
+    remaining: Duration,
+) -> Result<bytes::Bytes, ApiError> {
+    match tokio::time::timeout(remaining, read_body(body, limit)).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) if e.status == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large(name, limit)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("function {name}: the request body did not arrive within the deadline"),
         )
-        .await?;
+        .closing()),
+    }
+}
+
+/// The reply message, with each stage's time in `Server-Timing`.
+fn reply(invocation: Invocation) -> Response<Body> {
     let timing: Vec<String> = invocation
         .timings
         .iter()
@@ -302,5 +309,5 @@ async fn invoke_function(
     if let Ok(value) = HeaderValue::from_str(&timing.join(", ")) {
         headers.insert("server-timing", value);
     }
-    Ok(response)
+    response
 }
