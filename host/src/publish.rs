@@ -129,7 +129,7 @@ pub async fn model(
     let max_upload = state.max_upload;
     let published = blocking(move || {
         let (model, files) = if is_tar {
-            unpack_package(&runtime.registry(), staged.path(), max_upload)?
+            unpack_package(runtime.registry(), staged.path(), max_upload)?
         } else {
             (staged, Vec::new())
         };
