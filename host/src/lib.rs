@@ -6,20 +6,21 @@
 //! - [`config`]: its flags and environment, validated once;
 //! - [`trigger`]: how requests arrive — [`trigger::http`] (listener, invoke), [`trigger::nats`] (micro services), [`trigger::subjects`];
 //! - [`routes`]: every HTTP route and the scope it needs; [`access`]: tokens and scopes;
-//! - [`http`]: HTTP plumbing shared by the triggers and the registry API (bodies, errors, limits);
-//! - [`api`]: the registry's routes (publish, read, delete, roll back);
-//! - [`runtime`]: the functions served, prepared from registry records and swapped by revision;
-//! - [`pipeline`]: one invocation through a function's stages;
+//! - [`http`]: HTTP plumbing shared by the triggers and the registry API (bodies, errors, limits, state);
+//! - [`registry_api`]: the registry's routes (read, delete, roll back);
+//! - [`publish`]: publish-time checks (component world, model, the manifest parsed once);
+//! - [`events`]: typed registry events, announced over NATS;
+//! - [`runtime`]: the functions served, prepared from typed registry revisions and swapped by revision;
+//! - [`pipeline`]: one invocation through a function's stages, recorded once whatever the trigger;
+//! - [`error`]: the request path's errors ([`error::StageError`], [`error::InvokeError`]);
 //! - [`pool`]: admission per function and warm instances per stage;
 //! - [`capacity`]: what the engine's pools hold and what each instance takes;
 //! - [`stage`]: a compiled component stage and its live instances; [`bindings`]: the generated WIT bindings;
 //! - [`sandbox`]: what a guest may see (config, read-only model files, limits);
 //! - [`engine`]: the one wasmtime `Engine` and its serving settings;
-//! - [`model_queue`], [`model_threads`], [`wide_runs`]: how model runs wait, where they run, how many threads a lone one gets;
-//! - [`inference`] (tract), [`onnxruntime`], [`shape_plans`], [`shared_initializers`]: the model backends;
-//! - [`nn`]: `wasi:nn` for inferencer components, on the same plans and queues;
+//! - [`model`]: the model wing — plans (tract, ONNX Runtime), queues, threads, `wasi:nn`;
 //! - [`metrics`]: every Prometheus metric name;
-//! - [`mirror`]: a serving host's copy of another host's registry; [`client`]: the CLI's registry client.
+//! - [`client`]: the one client of the registry API (CLI and mirrors); [`mirror`]: a serving host's copy of another host's registry.
 //!
 //! ```no_run
 //! use cascade_host::{engine, stage::{ComponentStage, Grant}};

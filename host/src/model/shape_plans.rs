@@ -34,7 +34,7 @@ const DECAY_EVERY: u32 = 1024;
 /// Values of a model's symbols, in [`ShapePlans::symbols`] order.
 type SymbolValues = Vec<usize>;
 
-/// Whether and how a [`ModelPlan`] specialises itself to concrete shapes.
+/// Whether and how a [`super::ModelPlan`] specialises itself to concrete shapes.
 pub struct Specialisation {
     /// Most shapes given a plan of their own (0: none).
     pub limit: usize,

@@ -1,5 +1,5 @@
 //! Triggers: how requests reach functions. Each trigger turns its own wire
-//! format into an invocation and maps [`crate::pipeline::InvokeError`] back.
+//! format into an invocation and maps [`crate::error::InvokeError`] back.
 
 pub mod http;
 pub mod nats;
