@@ -6,14 +6,57 @@
 //! data directory (so restarts need no network), and reports which
 //! functions changed so the runtime can hot-reload them.
 
-use crate::client::{Kind, RegistryClient, paths};
-use anyhow::Context;
+use crate::client::{ClientError, Kind, RegistryClient, paths};
 use cascade_registry::records::{FunctionRecord, Use};
-use cascade_registry::{ModelPackage, Registry, blobs::StagedBlob, names::Reference};
+use cascade_registry::{
+    ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
+};
 use futures_util::StreamExt;
 use prometheus::IntGauge;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// Why a mirror could not copy something from its source.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The source refused or could not be reached.
+    #[error(transparent)]
+    Source(#[from] ClientError),
+    /// A download broke off.
+    #[error("downloading {path}: {source}")]
+    Download {
+        /// What was downloaded.
+        path: String,
+        /// Why it stopped.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The local registry refused or failed.
+    #[error(transparent)]
+    Local(#[from] RegistryError),
+    /// Fetched bytes are not what the source lists.
+    #[error("{path}: fetched bytes have digest {fetched}, the registry lists {listed}")]
+    Digest {
+        /// What was fetched.
+        path: String,
+        /// The digest of the bytes.
+        fetched: String,
+        /// The digest the source's record lists.
+        listed: String,
+    },
+    /// A model package stored here differs from the source's.
+    #[error("model {0}: package digest differs from the source registry")]
+    PackageDigest(Reference),
+    /// Copying one thing a function uses failed.
+    #[error("copying {used}: {source}")]
+    Copy {
+        /// What was being copied.
+        used: Use,
+        /// Why it failed.
+        #[source]
+        source: Box<MirrorError>,
+    },
+}
 
 /// The source registry and the local copy.
 pub struct Mirror {
@@ -33,7 +76,7 @@ impl Mirror {
         registry: Arc<Registry>,
         limit: u64,
         failed_gauge: IntGauge,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, MirrorError> {
         Ok(Mirror {
             source: RegistryClient::new(source, token)?,
             registry,
@@ -49,20 +92,24 @@ impl Mirror {
     }
 
     /// Streams `path` into a staged blob and checks it has `digest`.
-    async fn fetch(&self, path: &str, digest: &str) -> anyhow::Result<StagedBlob> {
+    async fn fetch(&self, path: &str, digest: &str) -> Result<StagedBlob, MirrorError> {
         let response = self.source.download(path).await?;
         let mut writer = self.registry.stage(self.limit)?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
+            let chunk = chunk.map_err(|source| MirrorError::Download {
+                path: path.to_string(),
+                source,
+            })?;
             tokio::task::block_in_place(|| writer.write_chunk(&chunk))?;
         }
         let staged = tokio::task::block_in_place(|| writer.finish())?;
         if staged.digest != digest {
-            anyhow::bail!(
-                "{path}: fetched bytes have digest {}, the registry lists {digest}",
-                staged.digest
-            );
+            return Err(MirrorError::Digest {
+                path: path.to_string(),
+                fetched: staged.digest,
+                listed: digest.to_string(),
+            });
         }
         Ok(staged)
     }
@@ -71,7 +118,7 @@ impl Mirror {
     /// on its own: one whose artifacts cannot be copied is reported in
     /// [`SyncReport::failed`] while the others, and deletions, go ahead.
     /// Fails as a whole only when the source cannot be listed.
-    pub async fn sync(&self) -> anyhow::Result<SyncReport> {
+    pub async fn sync(&self) -> Result<SyncReport, MirrorError> {
         let remote = self.source.functions().await?;
         let mut report = SyncReport::default();
         let replaced = self.follow_replaced_artifacts(&mut report).await?;
@@ -88,7 +135,7 @@ impl Mirror {
                 Ok(()) => report.changed.push(function.name.clone()),
                 Err(e) => report
                     .failed
-                    .push((format!("function {}", function.name), format!("{e:#}"))),
+                    .push((format!("function {}", function.name), e.to_string())),
             }
         }
         for gone in local
@@ -108,11 +155,14 @@ impl Mirror {
     }
 
     /// Copies what `function` uses, then the revision itself.
-    async fn copy_function(&self, function: &FunctionRecord) -> anyhow::Result<()> {
+    async fn copy_function(&self, function: &FunctionRecord) -> Result<(), MirrorError> {
         for used in &function.uses {
             self.copy(used, false)
                 .await
-                .with_context(|| format!("copying {used}"))?;
+                .map_err(|source| MirrorError::Copy {
+                    used: used.clone(),
+                    source: Box::new(source),
+                })?;
         }
         tokio::task::block_in_place(|| self.registry.mirror_function(function))?;
         Ok(())
@@ -121,7 +171,10 @@ impl Mirror {
     /// Compares the digests of local components and models with the
     /// source's and copies again every version whose bytes differ there
     /// (deleted and re-published); returns them.
-    async fn follow_replaced_artifacts(&self, report: &mut SyncReport) -> anyhow::Result<Vec<Use>> {
+    async fn follow_replaced_artifacts(
+        &self,
+        report: &mut SyncReport,
+    ) -> Result<Vec<Use>, MirrorError> {
         let components = self.source.components().await?;
         let models = self.source.models().await?;
         let mut stale = Vec::new();
@@ -147,7 +200,7 @@ impl Mirror {
         for used in stale {
             match self.copy(&used, true).await {
                 Ok(()) => replaced.push(used),
-                Err(e) => report.failed.push((used.to_string(), format!("{e:#}"))),
+                Err(e) => report.failed.push((used.to_string(), e.to_string())),
             }
         }
         Ok(replaced)
@@ -164,14 +217,18 @@ impl Mirror {
 
     /// Copies one use from the source: when `replace`, even over a local
     /// version with other bytes; else only when missing.
-    async fn copy(&self, used: &Use, replace: bool) -> anyhow::Result<()> {
+    async fn copy(&self, used: &Use, replace: bool) -> Result<(), MirrorError> {
         match used {
             Use::Component(reference) => self.copy_component(reference, replace).await,
             Use::Model(reference) => self.copy_model(reference, replace).await,
         }
     }
 
-    async fn copy_component(&self, reference: &Reference, replace: bool) -> anyhow::Result<()> {
+    async fn copy_component(
+        &self,
+        reference: &Reference,
+        replace: bool,
+    ) -> Result<(), MirrorError> {
         if !replace && self.registry.component(reference).is_ok() {
             return Ok(());
         }
@@ -186,7 +243,7 @@ impl Mirror {
         Ok(())
     }
 
-    async fn copy_model(&self, reference: &Reference, replace: bool) -> anyhow::Result<()> {
+    async fn copy_model(&self, reference: &Reference, replace: bool) -> Result<(), MirrorError> {
         if !replace && self.registry.model(reference).is_ok() {
             return Ok(());
         }
@@ -208,14 +265,14 @@ impl Mirror {
         let published =
             tokio::task::block_in_place(|| self.registry.mirror_model(reference, package))?;
         if published.record.package_digest != record.package_digest {
-            anyhow::bail!("model {reference}: package digest differs from the source registry");
+            return Err(MirrorError::PackageDigest(reference.clone()));
         }
         Ok(())
     }
 }
 
 /// The reference of a record's name and version.
-fn reference(name: &str, version: &str) -> anyhow::Result<Reference> {
+fn reference(name: &str, version: &str) -> Result<Reference, RegistryError> {
     Ok(Reference::new(name.parse()?, version.parse()?))
 }
 
@@ -262,7 +319,7 @@ pub async fn run(
                     }
                 }
             }
-            Err(e) => tracing::warn!("syncing from {}: {e:#}", mirror.source()),
+            Err(e) => tracing::warn!("syncing from {}: {e}", mirror.source()),
         }
         match events.as_mut() {
             Some((subscriber, connection)) => {

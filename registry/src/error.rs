@@ -18,11 +18,14 @@ pub enum RegistryError {
     /// The disk is full (507): the registry stays readable, publishing
     /// fails until space is freed.
     #[error("the registry's disk is full: {0}")]
-    StorageFull(String),
+    StorageFull(#[source] Cause),
     /// The disk or the database failed (500).
     #[error("storage error: {0}")]
-    Storage(String),
+    Storage(#[source] Cause),
 }
+
+/// The underlying failure of a storage error, kept for its chain of causes.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl RegistryError {
     /// The HTTP status for this error.
@@ -52,24 +55,30 @@ impl RegistryError {
 
 /// A storage failure, told apart when it is a full disk: the error or one
 /// of its sources is an I/O error of that kind (redb wraps them).
-fn storage(e: &(dyn std::error::Error + 'static)) -> RegistryError {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn storage(e: impl std::error::Error + Send + Sync + 'static) -> RegistryError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut full = false;
     while let Some(error) = cause {
         if let Some(io) = error.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::StorageFull
         {
-            return RegistryError::StorageFull(e.to_string());
+            full = true;
+            break;
         }
         cause = error.source();
     }
-    RegistryError::Storage(e.to_string())
+    if full {
+        RegistryError::StorageFull(Box::new(e))
+    } else {
+        RegistryError::Storage(Box::new(e))
+    }
 }
 
 macro_rules! storage_from {
     ($($source:ty),*) => {$(
         impl From<$source> for RegistryError {
             fn from(e: $source) -> Self {
-                storage(&e)
+                storage(e)
             }
         }
     )*};

@@ -727,7 +727,7 @@ fn non_empty<R>(found: Vec<R>, kind: &str, name: &Name) -> Result<Vec<R>, Regist
 }
 
 fn corrupt(name: &str) -> RegistryError {
-    RegistryError::Storage(format!("function {name} points at a missing revision"))
+    RegistryError::Storage(format!("function {name} points at a missing revision").into())
 }
 
 /// The records of a package's extra files, each name valid and once.

@@ -48,8 +48,28 @@ pub struct ConnectionState {
     pub reconnected: tokio::sync::Notify,
 }
 
+/// Why the host could not set up its NATS connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The `.creds` file cannot be read.
+    #[error("reading NATS credentials {}: {source}", path.display())]
+    Credentials {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client refused the options (a malformed URL, say).
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
+}
+
 /// Connects, retrying in the background until the server is reachable.
-pub async fn connect(options: &NatsOptions, state: Arc<ConnectionState>) -> anyhow::Result<Client> {
+pub async fn connect(
+    options: &NatsOptions,
+    state: Arc<ConnectionState>,
+) -> Result<Client, ConnectError> {
     let flag = state.clone();
     let mut connect = ConnectOptions::new()
         .name("cascade")
@@ -77,7 +97,13 @@ pub async fn connect(options: &NatsOptions, state: Arc<ConnectionState>) -> anyh
         connect = connect.token(token.clone());
     }
     if let Some(credentials) = &options.credentials {
-        connect = connect.credentials_file(credentials).await?;
+        connect = connect
+            .credentials_file(credentials)
+            .await
+            .map_err(|source| ConnectError::Credentials {
+                path: credentials.clone(),
+                source,
+            })?;
     }
     let client = connect.connect(options.url.as_str()).await?;
     if client.connection_state() == async_nats::connection::State::Connected {
