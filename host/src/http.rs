@@ -73,6 +73,38 @@ impl HttpState {
         }
     }
 
+    /// `/readyz`'s checks by name: the registry answers, every readiness
+    /// probe holds, and every stored function is servable here.
+    pub fn readiness_checks(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut checks = serde_json::Map::new();
+        checks.insert(
+            "registry".into(),
+            self.runtime.registry().functions().is_ok().into(),
+        );
+        for (name, probe) in &self.readiness {
+            checks.insert(name.clone(), probe().into());
+        }
+        let servable = self.runtime.unservable().is_empty();
+        checks.insert("servable".into(), servable.into());
+        checks
+    }
+
+    /// Whether every readiness check holds.
+    pub fn is_ready(&self) -> bool {
+        self.readiness_checks()
+            .values()
+            .all(|v| v.as_bool() == Some(true))
+    }
+
+    /// The request's `X-Request-Id`, or a new one when it brought none.
+    pub fn request_id(&self, headers: &hyper::HeaderMap) -> String {
+        headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| self.next_request_id())
+    }
+
     /// A request id for a request that brought none (`X-Request-Id`).
     pub fn next_request_id(&self) -> String {
         format!("{:016x}", self.next_request.fetch_add(1, Ordering::Relaxed))
@@ -149,11 +181,19 @@ impl ApiError {
 
     /// The JSON error response (`Retry-After` on a 503).
     pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        self.respond(&body)
+    }
+
+    /// The error as the Open Inference Protocol spells it: `{"error": "..."}`.
+    pub fn into_oip_response(self) -> Response<Body> {
+        let body = serde_json::json!({ "error": self.message });
+        self.respond(&body)
+    }
+
+    fn respond(self, body: &serde_json::Value) -> Response<Body> {
         let close = self.close_connection;
-        let mut response = json(
-            self.status,
-            &serde_json::json!({ "error": { "code": self.code, "message": self.message } }),
-        );
+        let mut response = json(self.status, body);
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -292,4 +332,49 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(ApiError::internal)
+}
+
+/// A 413 for a body over `limit`, on a connection then closed.
+pub fn too_large(name: &str, limit: u64) -> ApiError {
+    ApiError::from(InvokeError::TooLarge {
+        function: name.into(),
+        limit,
+    })
+    .closing()
+}
+
+/// The request body, read within what is left of the deadline.
+pub async fn read_within(
+    name: &str,
+    body: Incoming,
+    limit: u64,
+    remaining: Duration,
+) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(remaining, read_body(body, limit)).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) if e.status == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large(name, limit)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("function {name}: the request body did not arrive within the deadline"),
+        )
+        .closing()),
+    }
+}
+
+/// Each stage's time as a `Server-Timing` header value
+/// (`s0;desc="bert-tokenizer@0.1.0";dur=0.196, ...`).
+pub fn server_timing(timings: &[(String, Duration)]) -> Option<HeaderValue> {
+    let entries: Vec<String> = timings
+        .iter()
+        .enumerate()
+        .map(|(i, (label, took))| {
+            format!(
+                "s{i};desc=\"{label}\";dur={:.3}",
+                took.as_secs_f64() * 1000.0
+            )
+        })
+        .collect();
+    HeaderValue::from_str(&entries.join(", ")).ok()
 }

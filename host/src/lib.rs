@@ -7,6 +7,7 @@
 //! - [`trigger`]: how requests arrive — [`trigger::http`] (listener, invoke), [`trigger::nats`] (micro services), [`trigger::subjects`];
 //! - [`routes`]: every HTTP route and the scope it needs; [`access`]: tokens and scopes;
 //! - [`http`]: HTTP plumbing shared by the triggers and the registry API (bodies, errors, limits, state);
+//! - [`oip`]: the Open Inference Protocol's REST routes (`/v2`), for Triton and KServe clients;
 //! - [`registry_api`]: the registry's routes (read, delete, roll back);
 //! - [`publish`]: publish-time checks (component world, model, the manifest parsed once);
 //! - [`events`]: typed registry events, announced over NATS;
@@ -45,6 +46,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod model;
+pub mod oip;
 pub mod pipeline;
 pub mod pool;
 pub mod publish;

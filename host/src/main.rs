@@ -78,6 +78,21 @@ enum Command {
         #[arg(long, default_value = "text/plain")]
         content_type: String,
     },
+    /// Serves a published model on its own, as a function of one model
+    /// stage (an Open Inference Protocol model, like Triton's).
+    ServeModel {
+        /// The model, `NAME@VERSION`.
+        model: String,
+        /// The function's name (default: the model's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// An output to compute (repeatable; default: all).
+        #[arg(long = "output")]
+        outputs: Vec<String>,
+        /// Rows of concurrent requests run together (dynamic batching).
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+    },
     /// Tells which Cascade world a local component file implements.
     Inspect {
         /// Path to a `.wasm` component.
@@ -241,28 +256,80 @@ async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
             data,
             file,
             content_type,
-        } => {
-            let body = match (data, file) {
-                (Some(data), _) => data.into_bytes(),
-                (None, Some(file)) => {
-                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
-                }
-                (None, None) => {
-                    let mut buffer = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)?;
-                    buffer
-                }
-            };
-            let reply = client.invoke(&name, &content_type, body).await?;
-            writeln!(
-                std::io::stdout().lock(),
-                "{}",
-                String::from_utf8_lossy(&reply)
-            )?;
-            Ok(())
-        }
+        } => invoke(client, &name, data, file, &content_type).await,
+        Command::ServeModel {
+            model,
+            name,
+            outputs,
+            batch,
+        } => serve_model(client, &model, name, &outputs, batch).await,
         Command::Serve(_) | Command::Inspect { .. } => Ok(()),
     }
+}
+
+/// Invokes a function with `data`, the bytes of `file`, or standard input,
+/// and prints its reply.
+async fn invoke(
+    client: &RegistryClient,
+    name: &str,
+    data: Option<String>,
+    file: Option<PathBuf>,
+    content_type: &str,
+) -> Result<()> {
+    let body = match (data, file) {
+        (Some(data), _) => data.into_bytes(),
+        (None, Some(file)) => {
+            std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
+        }
+        (None, None) => {
+            let mut buffer = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)?;
+            buffer
+        }
+    };
+    let reply = client.invoke(name, content_type, body).await?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    )?;
+    Ok(())
+}
+
+/// Publishes a function of one model stage and prints its record.
+async fn serve_model(
+    client: &RegistryClient,
+    model: &str,
+    name: Option<String>,
+    outputs: &[String],
+    batch: u32,
+) -> Result<()> {
+    let reference: cascade_registry::names::Reference = model.parse()?;
+    let name = name.unwrap_or_else(|| reference.name.to_string());
+    let manifest = format!(
+        "name = {}\n[[stages]]\nmodel = {}\noutputs = {}\nbatch = {batch}\n",
+        toml_string(&name),
+        toml_string(model),
+        serde_json::to_string(outputs)?,
+    );
+    // Checked here first, so a mistake names the flag's value at once.
+    cascade_registry::manifest::parse(&manifest)?;
+    let published = client
+        .put_bytes(
+            &paths::function(&name),
+            "application/toml",
+            manifest.into_bytes(),
+        )
+        .await?;
+    if let Some(warning) = published.get("warning").and_then(|w| w.as_str()) {
+        eprintln!("warning: {warning}");
+    }
+    print(&published)
+}
+
+/// `text` as a TOML basic string (JSON's escapes are TOML's).
+fn toml_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
 }
 
 async fn publish(client: &RegistryClient, publish: Publish) -> Result<()> {

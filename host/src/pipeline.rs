@@ -14,7 +14,7 @@ use crate::model::ModelQueue;
 use crate::model::wide_runs::RequestInFlight;
 use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
 use cascade_registry::manifest::Function;
-use cascade_registry::records::World;
+use cascade_registry::records::{ModelSignature, World};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +40,8 @@ pub enum PreparedStage {
         label: String,
         /// Its runs, queued (and batched, with `batch` > 1).
         queue: Arc<ModelQueue>,
+        /// What it takes, and what it gives (the selected outputs).
+        signature: ModelSignature,
     },
 }
 
@@ -70,6 +72,8 @@ pub struct PreparedFunction {
 pub enum Trigger {
     /// `POST /v1/functions/{name}/invoke`.
     Http,
+    /// `POST /v2/models/{name}/infer` (Open Inference Protocol, REST).
+    OipRest,
     /// A NATS message (the micro service or the manifest's subject).
     Nats,
 }
@@ -78,6 +82,7 @@ impl Trigger {
     fn name(self) -> &'static str {
         match self {
             Trigger::Http => "http",
+            Trigger::OipRest => "oip-rest",
             Trigger::Nats => "nats",
         }
     }
@@ -91,6 +96,12 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Brings the deadline forward to at most `within` from now (a caller's
+    /// own timeout tighter than the function's); never later.
+    pub fn tighten(&mut self, within: Duration) {
+        self.deadline = self.deadline.min(Instant::now() + within);
+    }
+
     /// Time left before the invocation's deadline.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
@@ -99,8 +110,27 @@ impl Admission {
 
 /// A successful invocation: the reply and each stage's duration.
 pub struct Invocation {
-    /// The last stage's message.
+    /// The last stage's message (tensors a last model stage yields come
+    /// as JSON, see [`tensors_as_json`]).
     pub output: Message,
+    /// (stage label, duration) in order.
+    pub timings: Vec<(String, Duration)>,
+}
+
+/// What an invocation carries in or out: a message (what a preprocessor
+/// takes and a postprocessor gives) or tensors (what models take and give).
+pub enum Payload {
+    /// A message.
+    Message(Message),
+    /// Tensors.
+    Tensors(Vec<Tensor>),
+}
+
+/// A successful invocation at the tensor level: what the last stage gave,
+/// and each stage's duration.
+pub struct Outcome {
+    /// The last stage's message or tensors.
+    pub output: Payload,
     /// (stage label, duration) in order.
     pub timings: Vec<(String, Duration)>,
 }
@@ -225,8 +255,33 @@ impl PreparedFunction {
         admission: Admission,
         input: Message,
     ) -> Result<Invocation, InvokeError> {
+        let outcome = self.run_payload(admission, Payload::Message(input)).await?;
+        let output = match outcome.output {
+            Payload::Message(message) => message,
+            Payload::Tensors(tensors) => tensors_as_json(&tensors),
+        };
+        Ok(Invocation {
+            output,
+            timings: outcome.timings,
+        })
+    }
+
+    /// Runs an admitted invocation that starts from a message or from
+    /// tensors (for a function whose first stage takes tensors), and gives
+    /// what the last stage gave.
+    pub async fn run_payload(
+        self: &Arc<Self>,
+        admission: Admission,
+        input: Payload,
+    ) -> Result<Outcome, InvokeError> {
         let deadline = admission.deadline;
-        let mut flow = Flow::Message(input);
+        let mut flow = match input {
+            Payload::Message(message) => Flow::Message(message),
+            Payload::Tensors(outputs) => Flow::Tensors {
+                inputs: Vec::new(),
+                outputs,
+            },
+        };
         let mut timings = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             let stage_started = Instant::now();
@@ -241,10 +296,10 @@ impl PreparedFunction {
             timings.push((stage.label().to_string(), took));
         }
         let output = match flow {
-            Flow::Message(message) => message,
-            Flow::Tensors { outputs, .. } => tensors_as_json(&outputs),
+            Flow::Message(message) => Payload::Message(message),
+            Flow::Tensors { outputs, .. } => Payload::Tensors(outputs),
         };
-        Ok(Invocation { output, timings })
+        Ok(Outcome { output, timings })
     }
 
     /// A request the gate did not admit: 503 when the queue was full, 504
@@ -441,6 +496,9 @@ async fn call_guest(
         }
         (World::Postprocessor, Flow::Message(_)) => Err(StageError::InvalidInput(
             "this function starts with a postprocessor, which takes tensors, not a message".into(),
+        )),
+        (World::Preprocessor, Flow::Tensors { .. }) => Err(StageError::InvalidInput(
+            "this function starts with a preprocessor, which takes a message, not tensors".into(),
         )),
         _ => Err(StageError::Internal(
             "stage does not fit its position".into(),

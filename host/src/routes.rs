@@ -60,6 +60,43 @@ pub enum Route {
     DeleteFunction,
     /// `POST /v1/functions/{name}/rollback`
     Rollback,
+    /// `GET /v2`: OIP server metadata
+    OipServer,
+    /// `GET /v2/health/live`
+    OipLive,
+    /// `GET /v2/health/ready`
+    OipReady,
+    /// `GET /v2/models/{name}`: OIP model metadata
+    OipModel,
+    /// `GET /v2/models/{name}/versions/{version}`
+    OipModelVersion,
+    /// `GET /v2/models/{name}/ready`
+    OipModelReady,
+    /// `GET /v2/models/{name}/versions/{version}/ready`
+    OipModelVersionReady,
+    /// `POST /v2/models/{name}/infer`
+    OipInfer,
+    /// `POST /v2/models/{name}/versions/{version}/infer`
+    OipInferVersion,
+}
+
+impl Route {
+    /// Whether the route is one of the Open Inference Protocol's (errors
+    /// are then `{"error": "..."}`).
+    pub fn is_oip(self) -> bool {
+        matches!(
+            self,
+            Route::OipServer
+                | Route::OipLive
+                | Route::OipReady
+                | Route::OipModel
+                | Route::OipModelVersion
+                | Route::OipModelReady
+                | Route::OipModelVersionReady
+                | Route::OipInfer
+                | Route::OipInferVersion
+        )
+    }
 }
 
 const PUBLISH: Need = Need::Scope(Scope::Publish);
@@ -173,6 +210,50 @@ const TABLE: &[(Method, &str, Route, Need)] = &[
         "/v1/functions/{}/rollback",
         Route::Rollback,
         PUBLISH,
+    ),
+    (Method::GET, "/v2", Route::OipServer, Need::Nothing),
+    (
+        Method::GET,
+        "/v2/health/live",
+        Route::OipLive,
+        Need::Nothing,
+    ),
+    (
+        Method::GET,
+        "/v2/health/ready",
+        Route::OipReady,
+        Need::Nothing,
+    ),
+    (Method::GET, "/v2/models/{}", Route::OipModel, READ),
+    (
+        Method::GET,
+        "/v2/models/{}/versions/{}",
+        Route::OipModelVersion,
+        READ,
+    ),
+    (
+        Method::GET,
+        "/v2/models/{}/ready",
+        Route::OipModelReady,
+        READ,
+    ),
+    (
+        Method::GET,
+        "/v2/models/{}/versions/{}/ready",
+        Route::OipModelVersionReady,
+        READ,
+    ),
+    (
+        Method::POST,
+        "/v2/models/{}/infer",
+        Route::OipInfer,
+        Need::InvokeFunction,
+    ),
+    (
+        Method::POST,
+        "/v2/models/{}/versions/{}/infer",
+        Route::OipInferVersion,
+        Need::InvokeFunction,
     ),
 ];
 

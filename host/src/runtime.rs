@@ -445,9 +445,18 @@ impl Runtime {
                     .with_label_values(&labels),
             }
         });
+        let mut signature = record.signature.clone();
+        if !outputs.is_empty() {
+            signature.outputs = outputs
+                .iter()
+                .filter_map(|name| signature.outputs.iter().find(|o| &o.name == name))
+                .cloned()
+                .collect();
+        }
         Ok(PreparedStage::Model {
             label,
             queue: ModelQueue::new(plan, *batch as usize, counts),
+            signature,
         })
     }
 

@@ -83,6 +83,23 @@ fn routes() -> Vec<(Method, &'static str, Option<&'static str>)> {
             "/v1/functions/invoke/rollback",
             Some("publish"),
         ),
+        (Method::GET, "/v2", None),
+        (Method::GET, "/v2/health/live", None),
+        (Method::GET, "/v2/health/ready", None),
+        (Method::GET, "/v2/models/invoke", Some("read")),
+        (Method::GET, "/v2/models/invoke/versions/1", Some("read")),
+        (Method::GET, "/v2/models/invoke/ready", Some("read")),
+        (
+            Method::GET,
+            "/v2/models/invoke/versions/1/ready",
+            Some("read"),
+        ),
+        (Method::POST, "/v2/models/invoke/infer", Some("invoke")),
+        (
+            Method::POST,
+            "/v2/models/invoke/versions/1/infer",
+            Some("invoke"),
+        ),
     ]
 }
 

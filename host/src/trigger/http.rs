@@ -4,8 +4,10 @@
 //! come from [`crate::routes`]. Errors are JSON `{"error": {"code", "message"}}`.
 
 use crate::bindings::Message;
-use crate::error::InvokeError;
-use crate::http::{ApiError, Body, HttpState, check_length, full, json, read_body};
+use crate::http::{
+    ApiError, Body, HttpState, check_length, full, json, read_within, server_timing, too_large,
+};
+use crate::oip;
 use crate::pipeline::{Invocation, PreparedFunction, Trigger};
 use crate::registry_api;
 use crate::routes::{self, Route};
@@ -94,8 +96,12 @@ async fn handle(
     state: Arc<HttpState>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Open Inference Protocol clients read errors as `{"error": "..."}`.
+    let path = request.uri().path();
+    let oip = path == "/v2" || path.starts_with("/v2/");
     let response = match route(&state, request).await {
         Ok(response) => response,
+        Err(error) if oip => error.into_oip_response(),
         Err(error) => error.into_response(),
     };
     Ok(response)
@@ -156,21 +162,14 @@ async fn route(
                 .await?
                 .status(),
         )),
+        route if route.is_oip() => oip::rest::route(state, &matched, request).await,
         _ => registry_api::route(state, &matched, request).await,
     }
 }
 
 fn readyz(state: &HttpState) -> Response<Body> {
-    let mut checks = serde_json::Map::new();
-    checks.insert(
-        "registry".into(),
-        state.runtime.registry().functions().is_ok().into(),
-    );
-    for (name, probe) in &state.readiness {
-        checks.insert(name.clone(), probe().into());
-    }
+    let checks = state.readiness_checks();
     let unservable = state.runtime.unservable();
-    checks.insert("servable".into(), unservable.is_empty().into());
     let ready = checks.values().all(|v| v.as_bool() == Some(true));
     let status = if ready {
         StatusCode::OK
@@ -195,12 +194,7 @@ async fn invoke(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| state.next_request_id());
+    let request_id = state.request_id(request.headers());
     // Unknown or unservable names are not recorded: they would grow the
     // label set without bound.
     let result = match state.runtime.function_when_loaded(name).await {
@@ -259,54 +253,14 @@ async fn invoke_function(
     Ok(reply(function.run(admission, input).await?))
 }
 
-/// A 413 for a body over `limit`, on a connection then closed.
-fn too_large(name: &str, limit: u64) -> ApiError {
-    ApiError::from(InvokeError::TooLarge {
-        function: name.into(),
-        limit,
-    })
-    .closing()
-}
-
-/// The request body, read within what is left of the deadline.
-async fn read_within(
-    name: &str,
-    body: Incoming,
-    limit: u64,
-    remaining: Duration,
-) -> Result<bytes::Bytes, ApiError> {
-    match tokio::time::timeout(remaining, read_body(body, limit)).await {
-        Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) if e.status == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large(name, limit)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!("function {name}: the request body did not arrive within the deadline"),
-        )
-        .closing()),
-    }
-}
-
 /// The reply message, with each stage's time in `Server-Timing`.
 fn reply(invocation: Invocation) -> Response<Body> {
-    let timing: Vec<String> = invocation
-        .timings
-        .iter()
-        .enumerate()
-        .map(|(i, (label, took))| {
-            format!(
-                "s{i};desc=\"{label}\";dur={:.3}",
-                took.as_secs_f64() * 1000.0
-            )
-        })
-        .collect();
     let mut response = Response::new(full(invocation.output.body));
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&invocation.output.content_type) {
         headers.insert(CONTENT_TYPE, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&timing.join(", ")) {
+    if let Some(value) = server_timing(&invocation.timings) {
         headers.insert("server-timing", value);
     }
     response
