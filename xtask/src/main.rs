@@ -85,10 +85,16 @@ fn build_components(root: &Path) -> Result<PathBuf> {
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cargo_with(root, args, &[])
+}
+
+/// Runs cargo with `args` and the environment variables `env`.
+fn cargo_with(root: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(root)
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
@@ -117,7 +123,16 @@ fn test(root: &Path) -> Result<()> {
             &host_target,
         ],
     )?;
-    cargo(root, &["test", "--workspace"])
+    // The reference OIP client, for tests/tests/oip_clients.rs.
+    let requirements = root.join("tests/python/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let python = venv::ensure(&catalog::cache_dir(), "oip-venv", &wanted)?;
+    cargo_with(
+        root,
+        &["test", "--workspace"],
+        &[("CASCADE_OIP_PYTHON", python.as_os_str())],
+    )
 }
 
 fn bench(root: &Path, extra: Vec<String>) -> Result<()> {

@@ -1,0 +1,58 @@
+//! The reference OIP client, tritonclient, works against the real binary
+//! unchanged (`tests/python/oip_clients.py`). `cargo xtask test` installs it
+//! in a cached venv and names its python in `CASCADE_OIP_PYTHON`; without
+//! it the test is skipped, except under `CI=true`, where it fails.
+
+use cascade_tests::host::Host;
+use cascade_tests::render_line;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("CASCADE_OIP_PYTHON").map(PathBuf::from);
+    if python.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CASCADE_OIP_PYTHON is not set: run the tests with `cargo xtask test`"
+        );
+        eprintln!("skipped: CASCADE_OIP_PYTHON is not set (cargo xtask test sets it)");
+    }
+    python
+}
+
+#[test]
+fn tritonclient_works_unchanged_over_http() {
+    let Some(python) = python() else {
+        return;
+    };
+    let host = Host::start();
+    host.publish_examples();
+    let out = host.cli(&[
+        "serve-model",
+        "minilm-l3@1.0.0",
+        "--name",
+        "minilm",
+        "--output",
+        "onnx::Shape_422",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = dir.path().join("line.png");
+    std::fs::write(&png, render_line("Cascade reads this line", false)).expect("png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_clients.py");
+    let run = Command::new(&python)
+        .arg(&script)
+        .arg(&host.url)
+        .arg(&png)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    eprintln!("{stdout}");
+}
