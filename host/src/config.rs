@@ -13,6 +13,10 @@ pub struct ServeConfig {
     /// Address to listen on.
     #[arg(long, env = "CASCADE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Also serve the Open Inference Protocol over gRPC on this address
+    /// (Triton's and KServe's convention: a port of its own, e.g. 8081).
+    #[arg(long, env = "CASCADE_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
     /// Data directory: registry.redb, blobs, compiled artifacts.
     #[arg(long, env = "CASCADE_DATA", default_value = "./cascade-data")]
     pub data: PathBuf,

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs a host: the registry API and every published function.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Publishes a component, a model or a function.
     #[command(subcommand)]
     Publish(Publish),
@@ -196,7 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(config) => runtime.block_on(cascade_host::serve::run(config)),
+        Command::Serve(config) => runtime.block_on(cascade_host::serve::run(*config)),
         Command::Inspect { component } => inspect(&component),
         command => {
             let client = RegistryClient::new(&cli.registry, cli.token)?;

@@ -74,6 +74,8 @@ pub enum Trigger {
     Http,
     /// `POST /v2/models/{name}/infer` (Open Inference Protocol, REST).
     OipRest,
+    /// `ModelInfer` (Open Inference Protocol, gRPC).
+    OipGrpc,
     /// A NATS message (the micro service or the manifest's subject).
     Nats,
 }
@@ -83,6 +85,7 @@ impl Trigger {
         match self {
             Trigger::Http => "http",
             Trigger::OipRest => "oip-rest",
+            Trigger::OipGrpc => "oip-grpc",
             Trigger::Nats => "nats",
         }
     }

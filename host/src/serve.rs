@@ -53,16 +53,16 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     };
     let readiness = readiness(&runtime, nats.as_ref(), mirror.as_ref());
     if let Some(mirror) = &mirror {
-        let events = match &nats {
-            Some(nats) => Some((
-                nats.client.subscribe(subjects::REGISTRY_EVENTS).await?,
-                nats.connection.clone(),
-            )),
-            None => None,
-        };
-        let follow = crate::mirror::run(mirror.clone(), runtime.clone(), events);
-        tasks.push(tokio::spawn(follow));
+        tasks.push(follow_source(mirror, &runtime, nats.as_ref()).await?);
     }
+    let grpc = match config.grpc_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for gRPC on {address}"))?,
+        ),
+        None => None,
+    };
     let state = HttpState::new(HttpSettings {
         runtime: runtime.clone(),
         access,
@@ -71,12 +71,34 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         events: Events::new(nats.as_ref().map(|n| n.client.clone())),
         mirror_of: mirror.map(|m| m.source().to_string()),
     });
-    serve_until_stopped(&config, listener, Arc::new(state), nats, runtime).await;
+    let listeners = Listeners {
+        http: listener,
+        grpc,
+    };
+    serve_until_stopped(&config, listeners, Arc::new(state), nats, runtime).await;
     for task in tasks {
         task.abort();
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps a mirror in step with its source, woken by registry events when
+/// NATS is there.
+async fn follow_source(
+    mirror: &Arc<Mirror>,
+    runtime: &Arc<Runtime>,
+    nats: Option<&Nats>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let events = match nats {
+        Some(nats) => Some((
+            nats.client.subscribe(subjects::REGISTRY_EVENTS).await?,
+            nats.connection.clone(),
+        )),
+        None => None,
+    };
+    let follow = crate::mirror::run(mirror.clone(), runtime.clone(), events);
+    Ok(tokio::spawn(follow))
 }
 
 /// The registry, the engine, the model backend and the runtime over them.
@@ -154,11 +176,46 @@ fn readiness(
     checks
 }
 
-/// Serves HTTP (and NATS) until SIGTERM/SIGINT; then both stop taking
-/// work and finish what they took, side by side, within the grace period.
+/// The sockets a host serves on.
+struct Listeners {
+    http: tokio::net::TcpListener,
+    grpc: Option<tokio::net::TcpListener>,
+}
+
+/// Serves the OIP gRPC service on `listener` until `stop`, then lets
+/// in-flight calls finish.
+async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    stop: CancellationToken,
+) {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!("cascade serving the Open Inference Protocol over gRPC on {address}");
+    }
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    });
+    let service = crate::oip::grpc::server(
+        state,
+        (cascade_registry::manifest::MAX_BODY_KB << 10) as usize,
+    );
+    let served = tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(service, incoming, stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!("gRPC server: {e}");
+    }
+}
+
+/// Serves HTTP, gRPC and NATS until SIGTERM/SIGINT; then each stops taking
+/// work and finishes what it took, side by side, within the grace period.
 async fn serve_until_stopped(
     config: &ServeConfig,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     state: Arc<HttpState>,
     nats: Option<Nats>,
     runtime: Arc<Runtime>,
@@ -176,7 +233,10 @@ async fn serve_until_stopped(
         max_connections: config.max_connections as usize,
         header_timeout: Duration::from_secs(config.header_timeout_secs),
     };
-    let http = http::serve(listener, state, limits, stop.cancelled_owned(), grace);
+    let grpc = listeners
+        .grpc
+        .map(|listener| tokio::spawn(serve_grpc(listener, state.clone(), stop.clone())));
+    let http = http::serve(listeners.http, state, limits, stop.cancelled_owned(), grace);
     match nats_trigger {
         Some(nats) => {
             let (_, drained) = tokio::join!(http, nats);
@@ -185,6 +245,9 @@ async fn serve_until_stopped(
             }
         }
         None => http.await,
+    }
+    if let Some(grpc) = grpc {
+        let _ = tokio::time::timeout(grace, grpc).await;
     }
 }
 

@@ -4,7 +4,10 @@ Cascade host, unchanged: health, readiness, metadata and inference on
 each answer compared with what `/v1` answers; mistakes must raise with the
 server's precise message.
 
-Usage: oip_clients.py URL PNG   (URL: http://127.0.0.1:PORT; PNG: a text line image)
+Every check runs over HTTP and over gRPC (tritonclient.grpc).
+
+Usage: oip_clients.py URL GRPC PNG   (URL: http://127.0.0.1:PORT; GRPC: 127.0.0.1:PORT;
+PNG: a text line image)
 Run by tests/tests/oip_clients.rs with the venv `cargo xtask test` prepares.
 """
 
@@ -12,6 +15,7 @@ import sys
 import urllib.request
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -36,49 +40,77 @@ def v1(url, function, body, content_type):
         return response.read()
 
 
-def message_function(client, url, function, body, content_type):
+def modes(kind):
+    """(binary?) modes a transport has: HTTP sends JSON or binary, gRPC raw bytes."""
+    return (True, False) if kind is httpclient else (True,)
+
+
+def tensor_input(kind, name, values, datatype, binary):
+    tensor = kind.InferInput(name, list(values.shape), datatype)
+    if kind is httpclient:
+        tensor.set_data_from_numpy(values, binary_data=binary)
+    else:
+        tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def requested(kind, name, binary):
+    if kind is httpclient:
+        return kind.InferRequestedOutput(name, binary_data=binary)
+    return kind.InferRequestedOutput(name)
+
+
+def message_function(kind, client, url, function, body, content_type):
     """A function that takes a message answers OIP with /v1's exact bytes."""
     expected = v1(url, function, body, content_type)
-    for binary in (True, False):
-        message = httpclient.InferInput("message", [1], "BYTES")
+    for binary in modes(kind):
         # JSON carries text only: an image goes as binary data either way.
         as_binary = binary or not content_type.startswith("text/")
-        message.set_data_from_numpy(np.array([body], dtype=np.object_), binary_data=as_binary)
-        wanted = httpclient.InferRequestedOutput("message", binary_data=binary)
+        message = tensor_input(kind, "message", np.array([body], dtype=np.object_), "BYTES", as_binary)
+        wanted = requested(kind, "message", binary)
         result = client.infer(function, [message], outputs=[wanted], request_id="r1")
         got = result.as_numpy("message")[0]
         got = got if isinstance(got, bytes) else str(got).encode()
         check(got == expected, f"{function} (binary={binary}): {got[:80]!r} != {expected[:80]!r}")
-        check(result.get_response()["id"] == "r1", "the request id is echoed")
+        response = result.get_response()
+        response_id = response["id"] if isinstance(response, dict) else response.id
+        check(response_id == "r1", "the request id is echoed")
 
 
 TOKENS = np.array([[101, 7592, 2088, 102]], dtype=np.int64)  # [CLS] hello world [SEP]
 
 
-def minilm_inputs(client, binary, datatype="INT64", shape=(1, 4)):
+def input_names(kind, client):
+    metadata = client.get_model_metadata("minilm", as_json=True) if kind is grpcclient \
+        else client.get_model_metadata("minilm")
+    return [spec["name"] for spec in metadata["inputs"]]
+
+
+def minilm_inputs(kind, client, binary, datatype="INT64", shape=(1, 4)):
     inputs = []
-    for spec in client.get_model_metadata("minilm")["inputs"]:
-        name = spec["name"]
+    for name in input_names(kind, client):
         values = np.ones_like(TOKENS) if "mask" in name else (
             np.zeros_like(TOKENS) if "type" in name else TOKENS)
         if name == "input_ids":
             values = values.astype(np.int32 if datatype == "INT32" else np.int64).reshape(shape)
-        tensor = httpclient.InferInput(name, list(values.shape),
-                                       datatype if name == "input_ids" else "INT64")
-        tensor.set_data_from_numpy(values, binary_data=binary)
-        inputs.append(tensor)
+        inputs.append(tensor_input(kind, name, values,
+                                   datatype if name == "input_ids" else "INT64", binary))
     return inputs
 
 
-def model_function(client, url):
-    """MiniLM alone: JSON and binary carry the same bits; pooled, /v1's embedding."""
+ANSWERS = []
+
+
+def model_function(kind, client, url):
+    """MiniLM alone: every mode carries the same bits; pooled, /v1's embedding."""
     answers = []
-    for binary in (True, False):
-        output = httpclient.InferRequestedOutput("onnx::Shape_422", binary_data=binary)
-        result = client.infer("minilm", minilm_inputs(client, binary), outputs=[output])
+    for binary in modes(kind):
+        output = requested(kind, "onnx::Shape_422", binary)
+        result = client.infer("minilm", minilm_inputs(kind, client, binary), outputs=[output])
         answers.append(result.as_numpy("onnx::Shape_422"))
+    ANSWERS.extend(answers)
     check(answers[0].shape == (1, 4, 384), f"shape {answers[0].shape}")
-    check(np.array_equal(answers[0], answers[1]), "binary and JSON answers are equal")
+    check(all(np.array_equal(ANSWERS[0], a) for a in ANSWERS), "every mode's answer is equal")
     pooled = answers[0][0].mean(axis=0)
     pooled = pooled / np.linalg.norm(pooled)
     import json
@@ -86,43 +118,63 @@ def model_function(client, url):
     check(np.abs(pooled - embedding).max() < 1e-4, "pooled token embeddings equal embed's answer")
 
 
-def raises(call, expected):
+# The status each transport gives a caller's mistake and an unknown model.
+STATUS = {
+    httpclient: {"invalid": "400", "missing": "404"},
+    grpcclient: {"invalid": "StatusCode.INVALID_ARGUMENT", "missing": "StatusCode.NOT_FOUND"},
+}
+
+
+def raises(call, expected, status=None):
     try:
         call()
     except InferenceServerException as e:
         check(expected in str(e), f"expected {expected!r} in {e}")
+        if status is not None:
+            check(str(e.status()) == status, f"status {e.status()} for {expected!r}, not {status}")
         return
     raise AssertionError(f"no error; expected {expected!r}")
 
 
-def mistakes(client):
-    raises(lambda: client.infer("minilm", minilm_inputs(client, True, "INT32")),
-           "input \"input_ids\" is INT32; model minilm takes INT64")
-    raises(lambda: client.infer("minilm", minilm_inputs(client, True, shape=(4,))),
-           "input \"input_ids\" has shape [4]; model minilm takes [-1, -1]")
-    raises(lambda: client.infer("minilm", minilm_inputs(client, True)[1:]), "model minilm needs input")
-    raises(lambda: client.infer("nope", minilm_inputs(client, True)), "function nope is not published")
-    raises(lambda: client.infer("minilm", minilm_inputs(client, True), model_version="9"),
-           "model minilm has no version 9")
-    raises(lambda: client.get_model_metadata("nope"), "function nope is not published")
+def mistakes(kind, client):
+    inputs = lambda **how: minilm_inputs(kind, client, True, **how)
+    invalid, missing = STATUS[kind]["invalid"], STATUS[kind]["missing"]
+    raises(lambda: client.infer("minilm", inputs(datatype="INT32")),
+           "input \"input_ids\" is INT32; model minilm takes INT64", invalid)
+    raises(lambda: client.infer("minilm", inputs(shape=(4,))),
+           "input \"input_ids\" has shape [4]; model minilm takes [-1, -1]", invalid)
+    raises(lambda: client.infer("minilm", inputs()[1:]), "model minilm needs input", invalid)
+    raises(lambda: client.infer("nope", inputs()), "function nope is not published", missing)
+    raises(lambda: client.infer("minilm", inputs(), model_version="9"),
+           "model minilm has no version 9", missing)
+    raises(lambda: client.get_model_metadata("nope"), "function nope is not published", missing)
 
 
-def main(url, png):
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+def transport(kind, client, url, png):
     check(client.is_server_live(), "live")
     check(client.is_server_ready(), "ready")
     check(client.is_model_ready("embed"), "embed ready")
     check(client.is_model_ready("minilm", "1"), "minilm version 1 ready")
-    check(not client.is_model_ready("minilm", "2"), "minilm version 2 is not")
-    check("binary_tensor_data" in client.get_server_metadata()["extensions"], "extension advertised")
-    check(client.get_model_metadata("minilm")["platform"] == "cascade", "metadata")
-    message_function(client, url, "embed", b"tritonclient speaks to Cascade unchanged", "text/plain")
+    if kind is httpclient:
+        check(not client.is_model_ready("minilm", "2"), "minilm version 2 is not")
+        server = client.get_server_metadata()
+    else:
+        raises(lambda: client.is_model_ready("minilm", "2"), "model minilm has no version 2")
+        server = client.get_server_metadata(as_json=True)
+    check("binary_tensor_data" in server["extensions"], "extension advertised")
+    message_function(kind, client, url, "embed", b"tritonclient speaks to Cascade unchanged",
+                     "text/plain")
     with open(png, "rb") as image:
-        message_function(client, url, "orientation", image.read(), "image/png")
-    model_function(client, url)
-    mistakes(client)
-    print(f"ok: {CHECKS} checks")
+        message_function(kind, client, url, "orientation", image.read(), "image/png")
+    model_function(kind, client, url)
+    mistakes(kind, client)
+
+
+def main(url, grpc_url, png):
+    transport(httpclient, httpclient.InferenceServerClient(url.removeprefix("http://")), url, png)
+    transport(grpcclient, grpcclient.InferenceServerClient(grpc_url), url, png)
+    print(f"ok: {CHECKS} checks over HTTP and gRPC")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -3,7 +3,7 @@
 //! in a cached venv and names its python in `CASCADE_OIP_PYTHON`; without
 //! it the test is skipped, except under `CI=true`, where it fails.
 
-use cascade_tests::host::Host;
+use cascade_tests::host::{Host, free_port};
 use cascade_tests::render_line;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,11 +21,12 @@ fn python() -> Option<PathBuf> {
 }
 
 #[test]
-fn tritonclient_works_unchanged_over_http() {
+fn tritonclient_works_unchanged_over_http_and_grpc() {
     let Some(python) = python() else {
         return;
     };
-    let host = Host::start();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let host = Host::start_with(&["--grpc-listen", &grpc]);
     host.publish_examples();
     let out = host.cli(&[
         "serve-model",
@@ -47,6 +48,7 @@ fn tritonclient_works_unchanged_over_http() {
     let run = Command::new(&python)
         .arg(&script)
         .arg(&host.url)
+        .arg(&grpc)
         .arg(&png)
         .output()
         .expect("python runs");

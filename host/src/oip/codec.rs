@@ -110,28 +110,6 @@ pub fn decode(
 
 fn decode_input(input: &RequestInput, binary: &mut &[u8]) -> Result<Input, BadRequest> {
     let name = &input.name;
-    if !KNOWN.contains(&input.datatype.as_str()) {
-        return Err(bad(format!(
-            "input {name:?}: unknown datatype {:?} (expected one of {})",
-            input.datatype,
-            KNOWN.join(", ")
-        )));
-    }
-    let shape = input
-        .shape
-        .iter()
-        .map(|&d| u64::try_from(d))
-        .collect::<Result<Vec<u64>, _>>()
-        .map_err(|_| {
-            bad(format!(
-                "input {name:?}: shape {:?} has a negative dimension",
-                input.shape
-            ))
-        })?;
-    let elements = shape
-        .iter()
-        .try_fold(1u64, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} is too large")))?;
     let data = match input.parameters.get("binary_data_size") {
         Some(size) => {
             let size = size
@@ -149,7 +127,10 @@ fn decode_input(input: &RequestInput, binary: &mut &[u8]) -> Result<Input, BadRe
             head.to_vec()
         }
         None => match &input.data {
-            Some(data) => json_to_binary(name, &input.datatype, data)?,
+            Some(data) => {
+                check_datatype(name, &input.datatype)?;
+                json_to_binary(name, &input.datatype, data)?
+            }
             None => {
                 return Err(bad(format!(
                     "input {name:?} has neither `data` nor a `binary_data_size` parameter"
@@ -157,13 +138,55 @@ fn decode_input(input: &RequestInput, binary: &mut &[u8]) -> Result<Input, BadRe
             }
         },
     };
-    check_size(name, &input.datatype, &shape, elements, &data)?;
+    input_from_binary(
+        name,
+        &input.datatype,
+        &input.shape,
+        input.parameters.clone(),
+        data,
+    )
+}
+
+fn check_datatype(name: &str, datatype: &str) -> Result<(), BadRequest> {
+    if KNOWN.contains(&datatype) {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "input {name:?}: unknown datatype {datatype:?} (expected one of {})",
+        KNOWN.join(", ")
+    )))
+}
+
+/// An input whose elements came in binary form (`data`), its datatype,
+/// shape and size checked.
+pub fn input_from_binary(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    parameters: Map<String, Value>,
+    data: Vec<u8>,
+) -> Result<Input, BadRequest> {
+    check_datatype(name, datatype)?;
+    let shape = shape
+        .iter()
+        .map(|&d| u64::try_from(d))
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(|_| {
+            bad(format!(
+                "input {name:?}: shape {shape:?} has a negative dimension"
+            ))
+        })?;
+    let elements = shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} is too large")))?;
+    check_size(name, datatype, &shape, elements, &data)?;
     Ok(Input {
-        name: name.clone(),
-        datatype: input.datatype.clone(),
+        name: name.to_string(),
+        datatype: datatype.to_string(),
         shape,
         data,
-        parameters: input.parameters.clone(),
+        parameters,
     })
 }
 
@@ -229,7 +252,7 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 /// JSON elements (flat or nested) in binary form.
-fn json_to_binary(name: &str, datatype: &str, data: &Value) -> Result<Vec<u8>, BadRequest> {
+pub fn json_to_binary(name: &str, datatype: &str, data: &Value) -> Result<Vec<u8>, BadRequest> {
     let mut values = Vec::new();
     flatten(data, &mut values);
     let mut out = Vec::with_capacity(values.len() * element_size(datatype).unwrap_or(8));
