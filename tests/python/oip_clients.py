@@ -8,6 +8,7 @@ Every check runs over HTTP and over gRPC (tritonclient.grpc).
 
 Usage: oip_clients.py URL GRPC PNG   (URL: http://127.0.0.1:PORT; GRPC: 127.0.0.1:PORT;
 PNG: a text line image)
+       oip_clients.py tokens GRPC TOKEN   (a host started with --token TOKEN --token-read)
 Run by tests/tests/oip_clients.rs with the venv `cargo xtask test` prepares.
 """
 
@@ -176,5 +177,27 @@ def main(url, grpc_url, png):
     print(f"ok: {CHECKS} checks over HTTP and gRPC")
 
 
+def tokens(grpc_url, token):
+    """gRPC calls need the token a REST call needs, in `authorization` metadata."""
+    client = grpcclient.InferenceServerClient(grpc_url)
+    check(client.is_server_live(), "live without a token")
+    raises(lambda: client.is_model_ready("embed"), "needs `Authorization: Bearer",
+           "StatusCode.UNAUTHENTICATED")
+    raises(lambda: client.is_model_ready("embed", headers={"authorization": "Bearer wrong"}),
+           "wrong token", "StatusCode.UNAUTHENTICATED")
+    check(client.is_model_ready("embed", headers={"authorization": f"Bearer {token}"}),
+          "ready with the token")
+    message = grpcclient.InferInput("message", [1], "BYTES")
+    message.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+    raises(lambda: client.infer("embed", [message]), "with the invoke scope",
+           "StatusCode.UNAUTHENTICATED")
+    result = client.infer("embed", [message], headers={"authorization": f"Bearer {token}"})
+    check(result.as_numpy("message")[0].startswith(b'{"embeddings"'), "infer with the token")
+    print(f"ok: {CHECKS} token checks over gRPC")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    if sys.argv[1] == "tokens":
+        tokens(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2], sys.argv[3])

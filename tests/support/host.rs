@@ -228,6 +228,29 @@ impl Host {
         .unwrap_or_else(|e| panic!("publishing the examples: {e}"));
     }
 
+    /// Publishes the example functions through the CLI with `--token token`
+    /// (for hosts that need one).
+    pub fn publish_examples_with_token(&self, token: &str) {
+        let components = component_path("bert-tokenizer")
+            .parent()
+            .expect("dir")
+            .to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("root");
+        for args in examples::publish_commands(root, &components, &models_dir()) {
+            let mut with_token = vec!["--token", token];
+            with_token.extend(args.iter().map(String::as_str));
+            let out = self.cli(&with_token);
+            assert!(
+                out.status.success(),
+                "cascade {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Publishes one built component as `name@0.1.0` through the CLI.
     pub fn publish_component(&self, name: &str) {
         let wasm = component_path(name);

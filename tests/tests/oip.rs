@@ -356,3 +356,97 @@ fn mistakes_get_the_precise_oip_error() {
         "model minilm has no output \"logits\" (outputs: onnx::Shape_422)"
     );
 }
+
+/// An OIP request for MiniLM on `tokens` (every input the metadata lists).
+fn tokens_request(inputs: &[String], tokens: [i64; 4]) -> Vec<u8> {
+    let inputs: Vec<Value> = inputs
+        .iter()
+        .map(|name| {
+            let values: Vec<i64> = tokens
+                .iter()
+                .map(|&t| {
+                    if name.contains("mask") {
+                        1
+                    } else if name.contains("type") {
+                        0
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            json!({"name": name, "shape": [1, 4], "datatype": "INT64", "data": values})
+        })
+        .collect();
+    json!({ "inputs": inputs }).to_string().into_bytes()
+}
+
+#[test]
+fn oip_requests_share_batched_model_runs_and_keep_their_own_answers() {
+    let host = Host::start();
+    host.publish_examples();
+    let out = host.cli(&[
+        "serve-model",
+        "minilm-l3@1.0.0",
+        "--name",
+        "minilm-batched",
+        "--output",
+        "onnx::Shape_422",
+        "--batch",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metadata: Value = host.get("/v2/models/minilm-batched").json().expect("json");
+    let names: Vec<String> = metadata["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|i| i["name"].as_str().expect("name").to_string())
+        .collect();
+    // Four different sentences of four tokens: rows of any two can share a run.
+    let kinds: [[i64; 4]; 4] = [
+        [101, 7592, 2088, 102],
+        [101, 2204, 2851, 102],
+        [101, 4937, 2015, 102],
+        [101, 3899, 2003, 102],
+    ];
+    let path = "/v2/models/minilm-batched/infer";
+    let answer = |tokens| {
+        let (status, header, _) = split(post(&host, path, tokens_request(&names, tokens), None));
+        assert_eq!(status, 200, "{header}");
+        header["outputs"][0]["data"].clone()
+    };
+    let alone: Vec<Value> = kinds.iter().map(|&k| answer(k)).collect();
+    let batches = "cascade_model_batches_total{function=\"minilm-batched\"";
+    for round in 0.. {
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..16)
+                .map(|i| scope.spawn(move || (i % 4, answer(kinds[i % 4]))))
+                .collect();
+            for run in runs {
+                let (kind, got) = run.join().expect("no panic");
+                let (got, want) = (
+                    got.as_array().expect("data"),
+                    alone[kind].as_array().expect("data"),
+                );
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .map(|(g, w)| (g.as_f64().expect("number") - w.as_f64().expect("number")).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < 1e-4, "kind {kind}: off by {worst}");
+            }
+        });
+        if host.metric(batches) > 0.0 {
+            break;
+        }
+        assert!(
+            round < 20,
+            "20 rounds of 16 concurrent OIP requests never shared a model run"
+        );
+    }
+}

@@ -58,3 +58,23 @@ fn tritonclient_works_unchanged_over_http_and_grpc() {
     assert!(stdout.starts_with("ok: "), "{stdout}");
     eprintln!("{stdout}");
 }
+
+#[test]
+fn grpc_calls_need_the_tokens_rest_calls_need() {
+    let Some(python) = python() else {
+        return;
+    };
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let host = Host::start_with(&["--grpc-listen", &grpc, "--token", "s3cret", "--token-read"]);
+    host.publish_examples_with_token("s3cret");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_clients.py");
+    let run = Command::new(&python)
+        .arg(&script)
+        .args(["tokens", &grpc, "s3cret"])
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+}
