@@ -21,6 +21,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// gRPC calls in flight at once on one connection.
+const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// How often idle instances are reaped.
 const REAP_EVERY: Duration = Duration::from_millis(250);
 
@@ -203,7 +206,10 @@ async fn serve_grpc(
         state,
         (cascade_registry::manifest::MAX_BODY_KB << 10) as usize,
     );
+    // Calls in flight per connection are bounded like HTTP/2 servers do
+    // by default; each still waits for admission to its function's queue.
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION)
         .serve_with_incoming_shutdown(service, incoming, stop.cancelled_owned())
         .await;
     if let Err(e) = served {
