@@ -232,6 +232,7 @@ fn up(root: &Path) -> Result<()> {
          curl -s {registry}/v1/functions/embed/invoke -H 'content-type: application/json' --data '{{\"inputs\": [\"first\", \"second\"]}}'\n  \
          curl -s {registry}/v1/functions/orientation/invoke -H 'content-type: image/png' --data-binary @{}\n  \
          curl -s {registry}/v1/functions/embed/status\n  \
+         curl -s {registry}/v2/models/embed   # the same function as an Open Inference Protocol model\n  \
          curl -s {registry}/metrics\n  \
          {} list\n\nPress Ctrl-C to stop.",
         png.display(),
