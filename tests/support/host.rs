@@ -211,17 +211,11 @@ impl Host {
 
     /// Publishes the example functions exactly as `cargo xtask publish-examples` does.
     pub fn publish_examples(&self) {
-        let components = component_path("bert-tokenizer")
-            .parent()
-            .expect("dir")
-            .to_path_buf();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("root");
+        let (root, components) = example_dirs();
         examples::publish(
             &cascade_binary(),
             &self.url,
-            root,
+            &root,
             &components,
             &models_dir(),
         )
@@ -231,14 +225,8 @@ impl Host {
     /// Publishes the example functions through the CLI with `--token token`
     /// (for hosts that need one).
     pub fn publish_examples_with_token(&self, token: &str) {
-        let components = component_path("bert-tokenizer")
-            .parent()
-            .expect("dir")
-            .to_path_buf();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("root");
-        for args in examples::publish_commands(root, &components, &models_dir()) {
+        let (root, components) = example_dirs();
+        for args in examples::publish_commands(&root, &components, &models_dir()) {
             let mut with_token = vec!["--token", token];
             with_token.extend(args.iter().map(String::as_str));
             let out = self.cli(&with_token);
@@ -249,6 +237,29 @@ impl Host {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// Serves MiniLM alone (its token embeddings) as the function `name`,
+    /// through `cascade serve-model` with `extra` flags.
+    pub fn serve_minilm(&self, name: &str, extra: &[&str]) {
+        let mut args = vec![
+            "serve-model",
+            "minilm-l3@1.0.0",
+            "--name",
+            name,
+            "--output",
+            "onnx::Shape_422",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("the printed record");
+        assert_eq!(record["name"], name, "{record}");
     }
 
     /// Publishes one built component as `name@0.1.0` through the CLI.
@@ -357,6 +368,19 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The project's root and the directory of the built components.
+fn example_dirs() -> (PathBuf, PathBuf) {
+    let components = component_path("bert-tokenizer")
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+        .to_path_buf();
+    (root, components)
 }
 
 /// A blocking HTTP client with a generous timeout.

@@ -10,21 +10,7 @@ use serde_json::{Value, json};
 fn host() -> Host {
     let host = Host::start();
     host.publish_examples();
-    let out = host.cli(&[
-        "serve-model",
-        "minilm-l3@1.0.0",
-        "--name",
-        "minilm",
-        "--output",
-        "onnx::Shape_422",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record: Value = serde_json::from_slice(&out.stdout).expect("the record");
-    assert_eq!(record["revision"], 1);
+    host.serve_minilm("minilm", &[]);
     host
 }
 
@@ -179,6 +165,19 @@ fn a_message_function_answers_oip_exactly_as_v1() {
 /// `hello world` as MiniLM's tokenizer gives it: [CLS] hello world [SEP].
 const TOKENS: [i64; 4] = [101, 7592, 2088, 102];
 
+/// What MiniLM's input `name` holds for `tokens`: the ids, a mask of ones,
+/// or token types of zeros.
+fn input_values(name: &str, tokens: [i64; 4]) -> Vec<i64> {
+    tokens
+        .iter()
+        .map(|&t| match name {
+            n if n.contains("mask") => 1,
+            n if n.contains("type") => 0,
+            _ => t,
+        })
+        .collect()
+}
+
 /// An infer request for `minilm` with every input the metadata lists.
 fn minilm_request(host: &Host, binary: bool) -> (Vec<u8>, Option<usize>) {
     let metadata: Value = host.get("/v2/models/minilm").json().expect("json");
@@ -186,18 +185,7 @@ fn minilm_request(host: &Host, binary: bool) -> (Vec<u8>, Option<usize>) {
     let mut tail = Vec::new();
     for input in metadata["inputs"].as_array().expect("inputs") {
         let name = input["name"].as_str().expect("name");
-        let values: Vec<i64> = TOKENS
-            .iter()
-            .map(|&t| {
-                if name.contains("mask") {
-                    1
-                } else if name.contains("type") {
-                    0
-                } else {
-                    t
-                }
-            })
-            .collect();
+        let values = input_values(name, TOKENS);
         let mut entry = json!({"name": name, "shape": [1, 4], "datatype": "INT64"});
         if binary {
             entry["parameters"] = json!({"binary_data_size": 32});
@@ -362,18 +350,7 @@ fn tokens_request(inputs: &[String], tokens: [i64; 4]) -> Vec<u8> {
     let inputs: Vec<Value> = inputs
         .iter()
         .map(|name| {
-            let values: Vec<i64> = tokens
-                .iter()
-                .map(|&t| {
-                    if name.contains("mask") {
-                        1
-                    } else if name.contains("type") {
-                        0
-                    } else {
-                        t
-                    }
-                })
-                .collect();
+            let values = input_values(name, tokens);
             json!({"name": name, "shape": [1, 4], "datatype": "INT64", "data": values})
         })
         .collect();
@@ -384,21 +361,7 @@ fn tokens_request(inputs: &[String], tokens: [i64; 4]) -> Vec<u8> {
 fn oip_requests_share_batched_model_runs_and_keep_their_own_answers() {
     let host = Host::start();
     host.publish_examples();
-    let out = host.cli(&[
-        "serve-model",
-        "minilm-l3@1.0.0",
-        "--name",
-        "minilm-batched",
-        "--output",
-        "onnx::Shape_422",
-        "--batch",
-        "8",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.serve_minilm("minilm-batched", &["--batch", "8"]);
     let metadata: Value = host.get("/v2/models/minilm-batched").json().expect("json");
     let names: Vec<String> = metadata["inputs"]
         .as_array()

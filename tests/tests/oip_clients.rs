@@ -28,19 +28,7 @@ fn tritonclient_works_unchanged_over_http_and_grpc() {
     let grpc = format!("127.0.0.1:{}", free_port());
     let host = Host::start_with(&["--grpc-listen", &grpc]);
     host.publish_examples();
-    let out = host.cli(&[
-        "serve-model",
-        "minilm-l3@1.0.0",
-        "--name",
-        "minilm",
-        "--output",
-        "onnx::Shape_422",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.serve_minilm("minilm", &[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("line.png");
     std::fs::write(&png, render_line("Cascade reads this line", false)).expect("png");
