@@ -894,4 +894,51 @@ mod tests {
             .expect("now free");
         assert_eq!(registry.components().expect("list").len(), 1);
     }
+
+    /// A data directory written before revisions kept their typed form
+    /// still serves: the record's manifest is parsed when read.
+    #[test]
+    fn revisions_stored_without_the_typed_form_are_read_from_their_manifest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("open");
+        registry
+            .publish_component(
+                &reference("pre@1.0.0"),
+                staged(&registry, b"p"),
+                World::Preprocessor,
+            )
+            .expect("pre");
+        let text =
+            "name = \"old\"\n[[stages]]\ncomponent = \"pre@1.0.0\"\n[limits]\ntimeout_ms = 250";
+        let legacy = serde_json::json!({
+            "name": "old",
+            "revision": 1,
+            "digest": hex::encode(Sha256::digest(text.as_bytes())),
+            "manifest": text,
+            "uses": ["component:pre@1.0.0"],
+            "published_at": 0,
+        });
+        registry
+            .write(|txn| {
+                let bytes = serde_json::to_vec(&legacy)?;
+                txn.open_table(FUNCTION_REVISIONS)?
+                    .insert(("old", 1), bytes.as_slice())?;
+                txn.open_table(FUNCTION_HEADS)?.insert("old", 1)?;
+                Ok(())
+            })
+            .expect("a legacy row");
+        let revision = registry.function("old").expect("readable");
+        assert_eq!(revision.function.limits.timeout_ms, 250);
+        assert_eq!(
+            revision.record.uses,
+            [Use::Component(reference("pre@1.0.0"))]
+        );
+        assert_eq!(
+            serde_json::to_value(&revision).expect("json"),
+            legacy,
+            "the API shows the record as it was stored"
+        );
+        // Re-publishing the same text is recognised as identical.
+        assert!(!publish(&registry, text).expect("same").created);
+    }
 }
