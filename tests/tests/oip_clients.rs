@@ -32,19 +32,25 @@ fn tritonclient_works_unchanged_over_http_and_grpc() {
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("line.png");
     std::fs::write(&png, render_line("Cascade reads this line", false)).expect("png");
+    let png = png.to_str().expect("utf-8 path");
+    let said = run_script(&python, &[&host.url, &grpc, png]);
+    eprintln!("{said}");
+}
+
+/// Runs `tests/python/oip_clients.py` with `args`; returns what it printed,
+/// which must start with `ok: `.
+fn run_script(python: &Path, args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_clients.py");
-    let run = Command::new(&python)
+    let run = Command::new(python)
         .arg(&script)
-        .arg(&host.url)
-        .arg(&grpc)
-        .arg(&png)
+        .args(args)
         .output()
         .expect("python runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.starts_with("ok: "), "{stdout}");
-    eprintln!("{stdout}");
+    stdout
 }
 
 #[test]
@@ -55,14 +61,5 @@ fn grpc_calls_need_the_tokens_rest_calls_need() {
     let grpc = format!("127.0.0.1:{}", free_port());
     let host = Host::start_with(&["--grpc-listen", &grpc, "--token", "s3cret", "--token-read"]);
     host.publish_examples_with_token("s3cret");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_clients.py");
-    let run = Command::new(&python)
-        .arg(&script)
-        .args(["tokens", &grpc, "s3cret"])
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.starts_with("ok: "), "{stdout}");
+    run_script(&python, &["tokens", &grpc, "s3cret"]);
 }
