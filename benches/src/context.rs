@@ -83,14 +83,31 @@ impl Bench {
     /// them under the same machine conditions; returns runs per target.
     /// Any measured run with a non-2xx answer or a socket error fails it.
     pub fn side_by_side(&self, targets: &[&Target], connections: u32) -> Result<Vec<Vec<WrkRun>>> {
+        self.in_rounds(targets, |target, length, clean| {
+            if clean {
+                self.wrk.run_clean(target, connections, length)
+            } else {
+                self.wrk.run(target, connections, length)
+            }
+        })
+    }
+
+    /// The rounds of [`Bench::side_by_side`] with any load generator:
+    /// `run(target, length, clean)` loads one target once (`clean`: a
+    /// measured run, which must fail on any error). A 1 s warm-up of each
+    /// target comes first (instances, caches, connection pools).
+    pub fn in_rounds<T>(
+        &self,
+        targets: &[T],
+        mut run: impl FnMut(&T, Duration, bool) -> Result<WrkRun>,
+    ) -> Result<Vec<Vec<WrkRun>>> {
         let mut runs = vec![Vec::new(); targets.len()];
         for target in targets {
-            // Warm-up: instances, caches, connection pools.
-            self.wrk.run(target, connections, Duration::from_secs(1))?;
+            run(target, Duration::from_secs(1), false)?;
         }
         for _ in 0..self.args.rounds {
             for (i, target) in targets.iter().enumerate() {
-                runs[i].push(self.wrk.run_clean(target, connections, self.run_length())?);
+                runs[i].push(run(target, self.run_length(), true)?);
             }
         }
         Ok(runs)

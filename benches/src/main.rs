@@ -12,6 +12,7 @@ mod context;
 mod model_ceiling;
 mod native;
 mod nats;
+mod oip_load;
 mod process;
 mod report;
 mod sections;
@@ -50,6 +51,9 @@ pub struct RunArgs {
     /// Python of the venv holding FastAPI, uvicorn and onnxruntime.
     #[arg(long)]
     pub python: PathBuf,
+    /// Python of the venv holding MLServer (the OIP section's contender).
+    #[arg(long)]
+    pub mlserver_python: Option<PathBuf>,
     /// The `wasmtime` binary (wasmtime-cli at the version Cascade uses).
     #[arg(long)]
     pub wasmtime: PathBuf,
@@ -59,7 +63,7 @@ pub struct RunArgs {
     /// Side-by-side rounds per comparison (medians are taken over rounds).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Only these sections (1-7), comma-separated; all by default.
+    /// Only these sections (1-8), comma-separated; all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Text appended to the report (the optimisation log).

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: installs what the benchmarks compare Cascade with
-//! (wrk, a Python venv with FastAPI + onnxruntime, wasmtime-cli at our
-//! wasmtime version), all cached outside the clone, then runs
+//! (wrk, a Python venv with FastAPI + onnxruntime, one with MLServer,
+//! wasmtime-cli at our wasmtime version), all cached outside the clone, then runs
 //! `cascade-bench run`, which rewrites BENCHMARKS.md and target/bench/results.json.
 
 use crate::{catalog, setup};
@@ -13,27 +13,45 @@ use std::process::Command;
 const WASMTIME_FEATURES: &str =
     "serve,run,component-model-async,cranelift,pooling-allocator,parallel-compilation";
 
-/// Installs wrk, the venv and wasmtime-cli when missing; returns (python, wasmtime).
-pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf)> {
+/// What the benchmarks run beside Cascade.
+pub struct Contenders {
+    /// Python of the venv with the FastAPI + onnxruntime server's packages.
+    pub python: PathBuf,
+    /// Python of the venv with MLServer (the OIP section's contender).
+    pub mlserver_python: PathBuf,
+    /// wasmtime-cli.
+    pub wasmtime: PathBuf,
+}
+
+/// Installs wrk, the venvs and wasmtime-cli when missing.
+pub fn prepare(root: &Path) -> Result<Contenders> {
     setup::wrk()?;
     // pip mostly waits on downloads and the wasmtime-cli compile on the
     // CPU, so on a fresh machine they run side by side.
     std::thread::scope(|scope| {
-        let venv = scope.spawn(|| python_venv(root));
+        let venvs = scope.spawn(|| {
+            let python = python_venv(root, "requirements.txt", "bench-venv")?;
+            let mlserver = python_venv(root, "mlserver-requirements.txt", "mlserver-venv")?;
+            anyhow::Ok((python, mlserver))
+        });
         let wasmtime = wasmtime_cli(root);
-        let python = venv
+        let (python, mlserver_python) = venvs
             .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the venv set-up panicked")));
-        Ok((python?, wasmtime?))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the venv set-up panicked")))?;
+        Ok(Contenders {
+            python,
+            mlserver_python,
+            wasmtime: wasmtime?,
+        })
     })
 }
 
-/// A venv with `benches/python/requirements.txt`, rebuilt when they change.
-fn python_venv(root: &Path) -> Result<PathBuf> {
-    let requirements = root.join("benches/python/requirements.txt");
+/// A venv `name` with `benches/python/{requirements}`, rebuilt when they change.
+fn python_venv(root: &Path, requirements: &str, name: &str) -> Result<PathBuf> {
+    let requirements = root.join("benches/python").join(requirements);
     let wanted = std::fs::read_to_string(&requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
-    crate::venv::ensure(&catalog::cache_dir(), "bench-venv", &wanted)
+    crate::venv::ensure(&catalog::cache_dir(), name, &wanted)
 }
 
 /// wasmtime-cli at the version in Cargo.lock, compiled once into the cache.

@@ -140,7 +140,7 @@ fn bench(root: &Path, extra: Vec<String>) -> Result<()> {
     setup::dejavu_fonts()?;
     models::ensure()?;
     build_components(root)?;
-    let (python, wasmtime) = bench::prepare(root)?;
+    let contenders = bench::prepare(root)?;
     // The test build makes `cascade` and `cascade-bench` (each has an
     // integration test) with the same features as `cargo xtask test`, so
     // after the README's set-up this compiles nothing.
@@ -149,9 +149,11 @@ fn bench(root: &Path, extra: Vec<String>) -> Result<()> {
         .current_dir(root)
         .arg("run")
         .arg("--python")
-        .arg(python)
+        .arg(contenders.python)
+        .arg("--mlserver-python")
+        .arg(contenders.mlserver_python)
         .arg("--wasmtime")
-        .arg(wasmtime)
+        .arg(contenders.wasmtime)
         .arg("--appendix")
         .arg(root.join("benches/optimisations.md"))
         .args(extra)

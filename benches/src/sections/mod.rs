@@ -4,6 +4,7 @@
 mod cold_start;
 mod memory;
 mod messaging;
+mod oip;
 mod overhead;
 mod python;
 mod sandbox;
@@ -26,6 +27,7 @@ const SECTIONS: &[(u8, &str, SectionFn)] = &[
     (5, "cold start", cold_start::run),
     (6, "NATS", messaging::run),
     (7, "memory", memory::run),
+    (8, "Open Inference Protocol", oip::run),
 ];
 
 /// Runs the selected sections and writes `results.json` and the report.
