@@ -302,37 +302,72 @@ fn push_json_element(out: &mut Vec<u8>, datatype: &str, value: &Value) -> Option
     Some(())
 }
 
-/// Binary elements as JSON values, when JSON can hold them exactly
-/// (`None` for 16-bit floats and for `BYTES` that are not UTF-8).
-pub fn binary_to_json(datatype: &str, data: &[u8]) -> Option<Vec<Value>> {
-    macro_rules! each {
-        ($ty:ty, $n:expr) => {
-            data.chunks_exact($n)
-                .map(|c| Value::from(<$ty>::from_le_bytes(c.try_into().unwrap_or([0; $n]))))
-                .collect()
+/// An output's elements written straight into the response's JSON, with no
+/// `Value` per element (MiniLM's token embeddings are 12,288 of them); FP32
+/// in the shortest form that reads back as the same `f32`.
+struct JsonElements<'a> {
+    datatype: &'a str,
+    data: &'a [u8],
+}
+
+impl<'a> JsonElements<'a> {
+    /// The elements, when JSON holds them exactly: not 16-bit floats, not
+    /// NaN or infinities (JSON has no such numbers), `BYTES` that are UTF-8.
+    fn exact(datatype: &'a str, data: &'a [u8]) -> Option<JsonElements<'a>> {
+        let finite = |n: usize, read: fn(&[u8]) -> bool| data.chunks_exact(n).all(read);
+        let fits = match datatype {
+            "BOOL" | "UINT8" | "INT8" | "UINT16" | "INT16" | "UINT32" | "INT32" | "UINT64"
+            | "INT64" => true,
+            "FP32" => finite(4, |c| f32::from_le_bytes(le(c)).is_finite()),
+            "FP64" => finite(8, |c| f64::from_le_bytes(le(c)).is_finite()),
+            "BYTES" => bytes_elements(data)
+                .is_some_and(|items| items.iter().all(|i| std::str::from_utf8(i).is_ok())),
+            _ => false,
         };
+        fits.then_some(JsonElements { datatype, data })
     }
-    Some(match datatype {
-        "BOOL" => data.iter().map(|&b| Value::from(b != 0)).collect(),
-        "UINT8" => data.iter().map(|&b| Value::from(b)).collect(),
-        "INT8" => each!(i8, 1),
-        "UINT16" => each!(u16, 2),
-        "INT16" => each!(i16, 2),
-        "UINT32" => each!(u32, 4),
-        "INT32" => each!(i32, 4),
-        "UINT64" => each!(u64, 8),
-        "INT64" => each!(i64, 8),
-        "FP32" => data
-            .chunks_exact(4)
-            .map(|c| Value::from(f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64))
-            .collect(),
-        "FP64" => each!(f64, 8),
-        "BYTES" => bytes_elements(data)?
-            .into_iter()
-            .map(|item| std::str::from_utf8(item).ok().map(Value::from))
-            .collect::<Option<Vec<_>>>()?,
-        _ => return None,
-    })
+}
+
+/// The first `N` bytes of a chunk `chunks_exact(N)` gave.
+fn le<const N: usize>(chunk: &[u8]) -> [u8; N] {
+    chunk.try_into().unwrap_or([0; N])
+}
+
+impl serde::Serialize for JsonElements<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(None)?;
+        macro_rules! each {
+            ($ty:ty, $n:expr) => {
+                for c in self.data.chunks_exact($n) {
+                    seq.serialize_element(&<$ty>::from_le_bytes(le(c)))?;
+                }
+            };
+        }
+        match self.datatype {
+            "BOOL" => {
+                for &b in self.data {
+                    seq.serialize_element(&(b != 0))?;
+                }
+            }
+            "UINT8" => each!(u8, 1),
+            "INT8" => each!(i8, 1),
+            "UINT16" => each!(u16, 2),
+            "INT16" => each!(i16, 2),
+            "UINT32" => each!(u32, 4),
+            "INT32" => each!(i32, 4),
+            "UINT64" => each!(u64, 8),
+            "INT64" => each!(i64, 8),
+            "FP32" => each!(f32, 4),
+            "FP64" => each!(f64, 8),
+            _ => {
+                for item in bytes_elements(self.data).unwrap_or_default() {
+                    seq.serialize_element(std::str::from_utf8(item).unwrap_or_default())?;
+                }
+            }
+        }
+        seq.end()
+    }
 }
 
 /// One output tensor of a response.
@@ -361,8 +396,31 @@ pub struct Encoded {
     pub header_length: Option<usize>,
 }
 
+/// A response's JSON (fields in the order `serde_json::json!` would give).
+#[derive(serde::Serialize)]
+struct ResponseHeader<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    model_name: &'a str,
+    model_version: &'a str,
+    outputs: Vec<OutputHeader<'a>>,
+}
+
+/// One output in a response's JSON: its elements, or where they are.
+#[derive(serde::Serialize)]
+struct OutputHeader<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonElements<'a>>,
+    datatype: &'a str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    parameters: Map<String, Value>,
+    shape: &'a [u64],
+}
+
 /// Encodes a response; an output asked for as JSON that JSON cannot hold
-/// exactly (16-bit floats, non-UTF-8 bytes) goes as binary data instead.
+/// exactly (16-bit floats, NaN or infinities, non-UTF-8 bytes) goes as
+/// binary data instead.
 pub fn encode(
     id: Option<&str>,
     model_name: &str,
@@ -371,37 +429,31 @@ pub fn encode(
 ) -> Encoded {
     let mut tail = Vec::new();
     let mut described = Vec::with_capacity(outputs.len());
-    for output in outputs {
-        let mut parameters = output.parameters;
-        let json = (!output.binary)
-            .then(|| binary_to_json(&output.datatype, &output.data))
+    for output in &outputs {
+        let mut parameters = output.parameters.clone();
+        let data = (!output.binary)
+            .then(|| JsonElements::exact(&output.datatype, &output.data))
             .flatten();
-        let mut entry = serde_json::json!({
-            "name": output.name,
-            "datatype": output.datatype,
-            "shape": output.shape,
+        if data.is_none() {
+            parameters.insert("binary_data_size".into(), Value::from(output.data.len()));
+            tail.extend_from_slice(&output.data);
+        }
+        described.push(OutputHeader {
+            data,
+            datatype: &output.datatype,
+            name: &output.name,
+            parameters,
+            shape: &output.shape,
         });
-        match json {
-            Some(values) => entry["data"] = Value::Array(values),
-            None => {
-                parameters.insert("binary_data_size".into(), Value::from(output.data.len()));
-                tail.extend_from_slice(&output.data);
-            }
-        }
-        if !parameters.is_empty() {
-            entry["parameters"] = Value::Object(parameters);
-        }
-        described.push(entry);
     }
-    let mut header = serde_json::json!({
-        "model_name": model_name,
-        "model_version": model_version,
-        "outputs": described,
-    });
-    if let Some(id) = id {
-        header["id"] = Value::from(id);
-    }
-    let mut body = header.to_string().into_bytes();
+    let header = ResponseHeader {
+        id,
+        model_name,
+        model_version,
+        outputs: described,
+    };
+    // Serialising borrowed strings, numbers and maps of `Value` cannot fail.
+    let mut body = serde_json::to_vec(&header).unwrap_or_default();
     let header_length = (!tail.is_empty()).then_some(body.len());
     body.extend_from_slice(&tail);
     Encoded {
@@ -517,15 +569,36 @@ mod tests {
 
     #[test]
     fn fp32_survives_json_exactly() {
-        let values = [0.1f32, -3.4e38, 1e-45, 123.456];
+        let values = [0.1f32, -3.4e38, 1e-45, 123.456, 0.097_652_51];
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let json = Value::Array(binary_to_json("FP32", &data).expect("fp32"));
-        let back = json_to_binary(
-            "x",
-            "FP32",
-            &serde_json::from_str(&json.to_string()).expect("reparse"),
-        )
-        .expect("decodes");
+        let json = serde_json::to_string(&JsonElements::exact("FP32", &data).expect("fp32"))
+            .expect("serialises");
+        // The shortest form of each f32, not the f64 widening of it.
+        assert_eq!(json, "[0.1,-3.4e+38,1e-45,123.456,0.09765251]");
+        let back = json_to_binary("x", "FP32", &serde_json::from_str(&json).expect("reparse"))
+            .expect("decodes");
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn numbers_json_cannot_hold_go_binary() {
+        let data: Vec<u8> = [1.0f32, f32::NAN]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let output = Output {
+            name: "y".into(),
+            datatype: "FP32".into(),
+            shape: vec![2],
+            data: data.clone(),
+            parameters: Map::new(),
+            binary: false,
+        };
+        let encoded = encode(None, "m", "1", vec![output]);
+        let at = encoded.header_length.expect("NaN goes binary");
+        let header: Value = serde_json::from_slice(&encoded.body[..at]).expect("json");
+        assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert!(header["outputs"][0].get("data").is_none(), "{header}");
+        assert_eq!(&encoded.body[at..], data.as_slice());
     }
 }
