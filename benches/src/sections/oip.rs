@@ -316,7 +316,8 @@ fn start_mlserver(
     http_port: u16,
     grpc_port: u16,
 ) -> Result<Spawned> {
-    let dir = bench.work.join("mlserver");
+    // Absolute: MLServer runs in it and is given it as an argument.
+    let dir = std::path::absolute(bench.work.join("mlserver"))?;
     let model_dir = dir.join(MODEL);
     std::fs::create_dir_all(&model_dir)?;
     std::fs::write(
