@@ -3,6 +3,7 @@
 //!
 //! - [`names`]: artifact names, versions and `name@version` references;
 //! - [`manifest`]: the function manifest (TOML) and its static validation;
+//! - [`triggers`]: its `[triggers]` table (core NATS, JetStream) and their checks;
 //! - [`records`]: what the registry stores about each artifact;
 //! - [`checks`]: publish-time checks that a function's stages exist and fit together;
 //! - [`blobs`]: content-addressed files, staged then renamed into place;
@@ -29,6 +30,7 @@ pub mod names;
 pub mod records;
 pub mod store;
 mod tables;
+pub mod triggers;
 
 pub use error::RegistryError;
 

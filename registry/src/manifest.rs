@@ -28,9 +28,12 @@
 //! http = true
 //! nats = { subject = "embed.requests", result_subject = "embed.results" }
 //! ```
+//!
+//! The `[triggers]` table, JetStream's included, is [`crate::triggers`].
 
 use crate::RegistryError;
 use crate::names::{Name, Reference};
+pub use crate::triggers::{JetStreamTrigger, MAX_SUBJECT_BYTES, NatsTrigger, Triggers};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -134,35 +137,6 @@ impl Default for Limits {
     }
 }
 
-/// How a function is invoked.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Triggers {
-    /// Invocable at `POST /v1/functions/{name}/invoke`.
-    pub http: bool,
-    /// Invocable by NATS messages.
-    pub nats: Option<NatsTrigger>,
-}
-
-impl Default for Triggers {
-    fn default() -> Self {
-        Triggers {
-            http: true,
-            nats: None,
-        }
-    }
-}
-
-/// The NATS side of a function.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsTrigger {
-    /// Subject the function listens on (queue group `cascade.<function>`).
-    pub subject: String,
-    /// Where results of messages without a reply subject go.
-    pub result_subject: Option<String>,
-}
-
 /// A stage after static validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -241,40 +215,6 @@ pub const MAX_BATCH: u32 = 256;
 
 /// Largest request body a manifest may allow (256 MiB).
 pub const MAX_BODY_KB: u64 = 256 * 1024;
-/// Longest NATS subject a manifest may name.
-pub const MAX_SUBJECT_BYTES: usize = 256;
-
-/// Checks that `subject` is a plain NATS subject a function may use: tokens
-/// of printable characters without spaces, separated by single dots, no
-/// wildcards, and none of the prefixes the host and NATS keep for
-/// themselves (`cascade.`, `$…`, `_INBOX.`), so a function can neither
-/// forge registry events nor answer JetStream or system requests.
-fn check_subject(field: &str, subject: &str) -> Result<(), RegistryError> {
-    let bad = |why: &str| {
-        Err(RegistryError::Invalid(format!(
-            "invalid manifest: `{field}` {subject:?} {why}"
-        )))
-    };
-    if subject.is_empty() || subject.len() > MAX_SUBJECT_BYTES {
-        return bad(&format!("must be 1 to {MAX_SUBJECT_BYTES} bytes"));
-    }
-    if subject.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return bad("contains a space or a control character (CR, LF, tab, ...)");
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    if tokens.iter().any(|t| t.is_empty()) {
-        return bad("has an empty token (a leading, trailing or doubled dot)");
-    }
-    if tokens.iter().any(|t| t.contains(['*', '>'])) {
-        return bad("contains a wildcard (`*` or `>`); a function's subjects are plain");
-    }
-    let first = tokens[0];
-    if first == "cascade" || first.starts_with('$') || first == "_INBOX" {
-        return bad("uses a reserved prefix (`cascade.`, `$`, `_INBOX.`)");
-    }
-    Ok(())
-}
-
 /// Parses and statically validates a manifest: the one place manifest text
 /// becomes types.
 pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
@@ -303,17 +243,7 @@ pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
     if l.max_body_kb == 0 || l.max_body_kb > MAX_BODY_KB {
         return invalid(format!("`limits.max_body_kb` must be 1 to {MAX_BODY_KB}"));
     }
-    if let Some(nats) = &manifest.triggers.nats {
-        let subjects = [
-            ("triggers.nats.subject", Some(&nats.subject)),
-            ("triggers.nats.result_subject", nats.result_subject.as_ref()),
-        ];
-        for (field, subject) in subjects {
-            if let Some(subject) = subject {
-                check_subject(field, subject)?;
-            }
-        }
-    }
+    crate::triggers::check(&manifest.triggers)?;
     let stages = manifest
         .stages
         .iter()
