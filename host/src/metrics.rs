@@ -46,6 +46,14 @@ pub struct Metrics {
     /// `cascade_model_batched_requests_total{function, stage}`: requests
     /// those runs served.
     pub model_batched_requests: IntCounterVec,
+    /// `cascade_jetstream_pending{function}`: messages of its durable
+    /// consumer not yet delivered (the consumer's lag).
+    pub jetstream_pending: IntGaugeVec,
+    /// `cascade_jetstream_redeliveries_total{function}`: retryable failures
+    /// handed back with a backoff.
+    pub jetstream_redeliveries: IntCounterVec,
+    /// `cascade_jetstream_dead_letters_total{function}`.
+    pub jetstream_dead_letters: IntCounterVec,
     /// `cascade_mirror_sync_failures`: what a mirror's last sync could not
     /// copy from its source (functions and artifacts).
     pub mirror_failures: IntGauge,
@@ -145,6 +153,21 @@ impl Metrics {
                 "cascade_model_batched_requests_total",
                 "Requests served by model runs shared with others.",
                 &["function", "stage"],
+            )?,
+            jetstream_pending: gauge(
+                "cascade_jetstream_pending",
+                "Messages of the function's JetStream consumer not yet delivered.",
+                &["function"],
+            )?,
+            jetstream_redeliveries: counter(
+                "cascade_jetstream_redeliveries_total",
+                "JetStream messages handed back for redelivery after a retryable failure.",
+                &["function"],
+            )?,
+            jetstream_dead_letters: counter(
+                "cascade_jetstream_dead_letters_total",
+                "JetStream messages sent to the dead letters and terminated.",
+                &["function"],
             )?,
             mirror_failures: {
                 let g = IntGauge::new(

@@ -78,6 +78,8 @@ pub enum Trigger {
     OipGrpc,
     /// A NATS message (the micro service or the manifest's subject).
     Nats,
+    /// A message of a durable JetStream consumer.
+    JetStream,
 }
 
 impl Trigger {
@@ -87,6 +89,7 @@ impl Trigger {
             Trigger::OipRest => "oip-rest",
             Trigger::OipGrpc => "oip-grpc",
             Trigger::Nats => "nats",
+            Trigger::JetStream => "jetstream",
         }
     }
 }

