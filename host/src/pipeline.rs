@@ -19,7 +19,6 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// One prepared stage.
 pub enum PreparedStage {
@@ -97,7 +96,7 @@ impl Trigger {
 /// A request admitted to a function, holding its slot until dropped.
 pub struct Admission {
     deadline: Instant,
-    _permit: OwnedSemaphorePermit,
+    _entry: crate::pool::Entry,
     _counted: RequestInFlight,
 }
 
@@ -238,14 +237,14 @@ impl PreparedFunction {
     pub async fn admit(&self) -> Result<Admission, InvokeError> {
         let deadline = Instant::now() + self.timeout();
         let counted = RequestInFlight::enter();
-        let permit = self
+        let entry = self
             .gate
             .enter(self.timeout())
             .await
             .map_err(|refused| self.refused(refused))?;
         Ok(Admission {
             deadline,
-            _permit: permit,
+            _entry: entry,
             _counted: counted,
         })
     }

@@ -272,10 +272,18 @@ pub fn surplus(
 }
 
 /// Admission to a function: bounded concurrency and a bounded queue.
+///
+/// A request holds its place from arrival until its [`Entry`] is dropped,
+/// whether it is waiting or running, and at most `concurrency + max_queue`
+/// places exist. Counting waiters alone would refuse a request that
+/// arrives between a slot passing to a waiter and that waiter being polled
+/// (the waiter still counted as queued), so a client exactly at capacity
+/// would see spurious 503s.
 pub struct Gate {
     permits: Arc<Semaphore>,
+    places: Arc<AtomicUsize>,
+    capacity: usize,
     waiting: AtomicUsize,
-    max_queue: usize,
     queued: IntGauge,
 }
 
@@ -288,30 +296,66 @@ pub enum Refused {
     TimedOut,
 }
 
+/// An admitted request's slot and place, both given back when dropped.
+pub struct Entry {
+    _permit: OwnedSemaphorePermit,
+    _place: Place,
+}
+
+/// A place among a gate's `concurrency + max_queue`.
+struct Place {
+    places: Arc<AtomicUsize>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.places.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Gate {
     /// Admits `concurrency` requests at once and `max_queue` waiting.
     pub fn new(concurrency: usize, max_queue: usize, queued: IntGauge) -> Self {
         Gate {
             permits: Arc::new(Semaphore::new(concurrency)),
+            places: Arc::new(AtomicUsize::new(0)),
+            capacity: concurrency + max_queue,
             waiting: AtomicUsize::new(0),
-            max_queue,
             queued,
         }
     }
 
     /// Waits at most `wait` for a slot. Cancel-safe: a caller that goes away
-    /// while queued (its future dropped) leaves the queue with it.
-    pub async fn enter(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Refused> {
+    /// while queued (its future dropped) gives its place back.
+    pub async fn enter(&self, wait: Duration) -> Result<Entry, Refused> {
+        let place = self.take_place().ok_or(Refused::QueueFull)?;
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Ok(permit);
+            return Ok(Entry {
+                _permit: permit,
+                _place: place,
+            });
         }
-        let _place = QueuePlace::take(self).ok_or(Refused::QueueFull)?;
+        let _waiting = Waiting::count(self);
         match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => Ok(Entry {
+                _permit: permit,
+                _place: place,
+            }),
             // The semaphore is never closed; treat it as a full queue if it were.
             Ok(Err(_)) => Err(Refused::QueueFull),
             Err(_) => Err(Refused::TimedOut),
         }
+    }
+
+    fn take_place(&self) -> Option<Place> {
+        self.places
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |taken| {
+                (taken < self.capacity).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| Place {
+                places: self.places.clone(),
+            })
     }
 
     /// Requests waiting now.
@@ -320,28 +364,21 @@ impl Gate {
     }
 }
 
-/// A place in a [`Gate`]'s queue, given back when dropped: whether the
-/// request was admitted, timed out, or abandoned by a caller that left.
-struct QueuePlace<'a> {
+/// A request waiting for a slot, counted in the `queued` gauge until it
+/// gets one, times out or is abandoned.
+struct Waiting<'a> {
     gate: &'a Gate,
 }
 
-impl<'a> QueuePlace<'a> {
-    fn take(gate: &'a Gate) -> Option<Self> {
-        let taken = gate
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
-                (waiting < gate.max_queue).then_some(waiting + 1)
-            })
-            .is_ok();
-        taken.then(|| {
-            gate.queued.inc();
-            QueuePlace { gate }
-        })
+impl<'a> Waiting<'a> {
+    fn count(gate: &'a Gate) -> Self {
+        gate.waiting.fetch_add(1, Ordering::SeqCst);
+        gate.queued.inc();
+        Waiting { gate }
     }
 }
 
-impl Drop for QueuePlace<'_> {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
         self.gate.queued.dec();
@@ -378,6 +415,31 @@ mod tests {
         assert_eq!(gate.queued.get(), 0);
         drop(held);
         assert!(gate.enter(Duration::from_millis(1)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_as_a_slot_passes_to_a_waiter_is_queued_not_refused() {
+        let gate = Arc::new(gate(1, 1));
+        let held = gate
+            .enter(Duration::from_secs(5))
+            .await
+            .expect("first slot");
+        let waiter = gate.enter(Duration::from_secs(5));
+        tokio::pin!(waiter);
+        assert!(futures_util::poll!(waiter.as_mut()).is_pending());
+        // The slot passes to the waiter, which has not run since.
+        drop(held);
+        let newcomer = gate.enter(Duration::from_secs(5));
+        tokio::pin!(newcomer);
+        assert!(
+            futures_util::poll!(newcomer.as_mut()).is_pending(),
+            "one running and one waiting fit a gate of 1 + 1"
+        );
+        let running = waiter.await.expect("the waiter's slot");
+        drop(running);
+        assert!(newcomer.await.is_ok());
+        assert_eq!(gate.waiting(), 0);
+        assert_eq!(gate.queued.get(), 0);
     }
 
     #[tokio::test]
