@@ -2,6 +2,7 @@
 //! run that strings them together and writes the report.
 
 mod cold_start;
+mod jetstream;
 mod memory;
 mod messaging;
 mod oip;
@@ -28,6 +29,7 @@ const SECTIONS: &[(u8, &str, SectionFn)] = &[
     (6, "NATS", messaging::run),
     (7, "memory", memory::run),
     (8, "Open Inference Protocol", oip::run),
+    (9, "JetStream", jetstream::run),
 ];
 
 /// Runs the selected sections and writes `results.json` and the report.
