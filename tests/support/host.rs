@@ -83,13 +83,18 @@ impl Host {
 
     /// Starts a host whose log (at `info`) goes to a file; see [`Host::log`].
     pub fn start_logged() -> Host {
+        Host::start_logged_with(&[])
+    }
+
+    /// [`Host::start_logged`] with extra `serve` flags.
+    pub fn start_logged_with(extra: &[&str]) -> Host {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut host = Host {
             child: None,
             url: String::new(),
             data: dir.path().join("data"),
             port: free_port(),
-            extra: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             log: Some(dir.path().join("host.log")),
             _owned: Some(dir),
         };

@@ -37,7 +37,11 @@ dead_letter_subject = "dead.{name}"
 
 /// A host on `nats` serving the function `name`.
 fn host_serving(nats: &NatsServer, name: &str, extra: &str) -> Host {
-    let host = Host::start_with(&["--nats", &nats.url()]);
+    publish(Host::start_with(&["--nats", &nats.url()]), name, extra)
+}
+
+/// Publishes `misbehave` and the function `name` on `host`.
+fn publish(host: Host, name: &str, extra: &str) -> Host {
     host.publish_component("misbehave");
     let response = host.put(
         &format!("/v1/functions/{name}"),
@@ -136,6 +140,18 @@ async fn read_all(js: &jetstream::Context, subject: &str) -> Vec<(HeaderMap, Byt
         ));
     }
     all
+}
+
+/// The time of day of a log line (`2026-11-30T11:23:47.600059Z  INFO …`), in seconds.
+fn seconds_of_day(line: &str) -> f64 {
+    let time = line
+        .split_once('T')
+        .and_then(|(_, rest)| rest.split_once('Z'))
+        .map(|(time, _)| time)
+        .unwrap_or_else(|| panic!("no timestamp in {line:?}"));
+    time.split(':')
+        .map(|part| part.parse::<f64>().expect("a number"))
+        .fold(0.0, |total, part| total * 60.0 + part)
 }
 
 fn header(headers: &HeaderMap, name: &str) -> String {
@@ -240,8 +256,8 @@ fn poison_goes_to_the_dead_letters_after_max_deliver_and_caller_errors_at_once()
     let rt = runtime();
     let js = rt.block_on(context(&nats));
     rt.block_on(events_stream(&js));
-    let host = host_serving(
-        &nats,
+    let host = publish(
+        Host::start_logged_with(&["--nats", &nats.url()]),
         "poison",
         "max_deliver = 3\nbackoff_ms = [400, 800]\nack_wait_ms = 5000",
     );
@@ -293,6 +309,23 @@ fn poison_goes_to_the_dead_letters_after_max_deliver_and_caller_errors_at_once()
         );
         assert_eq!(stored(&js, "results.poison").await, 0);
     });
+    // The deliveries, as the host logged each failure: spaced by the backoff.
+    let log = host.log();
+    let failures: Vec<f64> = log
+        .lines()
+        .filter(|l| {
+            l.contains("EVENTS:1 failed (attempt")
+                || l.contains("EVENTS:1 goes to the dead letters")
+        })
+        .map(seconds_of_day)
+        .collect();
+    assert_eq!(failures.len(), 3, "three deliveries of the poison:\n{log}");
+    for (gap, backoff) in failures.windows(2).map(|w| w[1] - w[0]).zip([0.4, 0.8]) {
+        assert!(
+            (backoff..backoff + 0.6).contains(&gap),
+            "{gap:.3} s between deliveries, backoff {backoff} s:\n{log}"
+        );
+    }
     let metrics = host.get("/metrics").text().expect("metrics");
     for line in [
         "cascade_jetstream_dead_letters_total{function=\"poison\"} 2",
