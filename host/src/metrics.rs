@@ -49,6 +49,9 @@ pub struct Metrics {
     /// `cascade_jetstream_pending{function}`: messages of its durable
     /// consumer not yet delivered (the consumer's lag).
     pub jetstream_pending: IntGaugeVec,
+    /// `cascade_jetstream_bound{function}`: 1 while this host consumes the
+    /// function's durable consumer, 0 while it cannot (no JetStream, say).
+    pub jetstream_bound: IntGaugeVec,
     /// `cascade_jetstream_redeliveries_total{function}`: retryable failures
     /// handed back with a backoff.
     pub jetstream_redeliveries: IntCounterVec,
@@ -157,6 +160,11 @@ impl Metrics {
             jetstream_pending: gauge(
                 "cascade_jetstream_pending",
                 "Messages of the function's JetStream consumer not yet delivered.",
+                &["function"],
+            )?,
+            jetstream_bound: gauge(
+                "cascade_jetstream_bound",
+                "1 while this host consumes the function's JetStream consumer.",
                 &["function"],
             )?,
             jetstream_redeliveries: counter(

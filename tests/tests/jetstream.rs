@@ -326,6 +326,20 @@ fn poison_goes_to_the_dead_letters_after_max_deliver_and_caller_errors_at_once()
             "{gap:.3} s between deliveries, backoff {backoff} s:\n{log}"
         );
     }
+    // The lag is sampled (every delivery, and every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let ready: serde_json::Value = host.get("/readyz").json().expect("json");
+        if ready["jetstream"]["poison"]["pending"] == 0 || Instant::now() > deadline {
+            break ready;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        ready["jetstream"]["poison"],
+        serde_json::json!({"bound": true, "pending": 0, "redeliveries": 2, "dead_letters": 2}),
+        "{ready}"
+    );
     let metrics = host.get("/metrics").text().expect("metrics");
     for line in [
         "cascade_jetstream_dead_letters_total{function=\"poison\"} 2",

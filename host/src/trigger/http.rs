@@ -177,6 +177,10 @@ fn readyz(state: &HttpState) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = serde_json::json!({ "ready": ready, "checks": checks });
+    let consumers = crate::trigger::jetstream::status(&state.runtime);
+    if !consumers.is_empty() {
+        body["jetstream"] = consumers.into();
+    }
     if !unservable.is_empty() {
         body["unservable"] = unservable
             .into_iter()

@@ -179,9 +179,17 @@ impl FunctionConsumer {
     /// Binds the stream and consumer (retrying until NATS answers), then
     /// pulls at most as many messages as there are free slots, until `stop`.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let bound = self
+            .runtime
+            .metrics()
+            .jetstream_bound
+            .with_label_values(&[&self.name]);
         let consumer = loop {
             match self.bind().await {
-                Ok(consumer) => break consumer,
+                Ok(consumer) => {
+                    bound.set(1);
+                    break consumer;
+                }
                 Err(e) => {
                     tracing::warn!(function = %self.name, "JetStream trigger not ready: {e}");
                     tokio::select! {
@@ -247,6 +255,7 @@ impl FunctionConsumer {
         }
         // Wait until every message taken is answered.
         let _ = slots.acquire_many(self.capacity).await;
+        bound.set(0);
     }
 
     /// Creates the stream when missing (else binds it), makes sure the
@@ -336,6 +345,12 @@ impl FunctionConsumer {
             sequence: info.stream_sequence,
             attempt: u32::try_from(info.delivered).unwrap_or(u32::MAX),
         };
+        // Each delivery says how many wait behind it: the freshest lag.
+        self.runtime
+            .metrics()
+            .jetstream_pending
+            .with_label_values(&[&self.name])
+            .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
         let fate = match self.runtime.function_when_loaded(&self.name).await {
             Err(error) => self.failed(&message, &delivery, None, &error).await,
             Ok(function) => {
@@ -531,6 +546,28 @@ impl FunctionConsumer {
         let index = (attempt.max(1) as usize - 1).min(delays.len().saturating_sub(1));
         Duration::from_millis(delays.get(index).copied().unwrap_or(1_000))
     }
+}
+
+/// Each JetStream-fed function's consumer as `/readyz` shows it: whether
+/// this host consumes it, its lag, redeliveries and dead letters so far.
+/// Informational: a lagging consumer does not make the host unready.
+pub fn status(runtime: &Runtime) -> serde_json::Map<String, serde_json::Value> {
+    let metrics = runtime.metrics();
+    runtime
+        .served()
+        .into_iter()
+        .filter(|f| f.function().triggers.jetstream.is_some())
+        .map(|f| {
+            let name = [f.name()];
+            let value = serde_json::json!({
+                "bound": metrics.jetstream_bound.with_label_values(&name).get() == 1,
+                "pending": metrics.jetstream_pending.with_label_values(&name).get(),
+                "redeliveries": metrics.jetstream_redeliveries.with_label_values(&name).get(),
+                "dead_letters": metrics.jetstream_dead_letters.with_label_values(&name).get(),
+            });
+            (f.name().to_string(), value)
+        })
+        .collect()
 }
 
 /// Hosts one durable consumer may spread over at `max_instances +
