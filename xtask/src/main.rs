@@ -15,6 +15,7 @@ mod guests;
 mod models;
 mod python_guests;
 mod setup;
+mod up_nats;
 mod venv;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -187,6 +188,7 @@ fn publish_examples(root: &Path, registry: &str) -> Result<()> {
 }
 
 fn up(root: &Path) -> Result<()> {
+    setup::nats_server()?;
     let models = models::ensure()?;
     let components = build_components(root)?;
     let cascade = cascade_binary(root)?;
@@ -196,8 +198,11 @@ fn up(root: &Path) -> Result<()> {
         );
     }
     let data = root.join("cascade-data");
+    let nats = up_nats::UpNats::start(&root.join("cascade-nats"))?;
     let mut server = Command::new(&cascade)
-        .args(["serve", "--listen", UP_ADDRESS, "--data"])
+        .args([
+            "serve", "--listen", UP_ADDRESS, "--nats", &nats.url, "--data",
+        ])
         .arg(&data)
         .spawn()
         .context("starting cascade serve")?;
@@ -236,9 +241,14 @@ fn up(root: &Path) -> Result<()> {
          curl -s {registry}/v1/functions/embed/status\n  \
          curl -s {registry}/v2/models/embed   # the same function as an Open Inference Protocol model\n  \
          curl -s {registry}/metrics\n  \
-         {} list\n\nPress Ctrl-C to stop.",
+         {} list\n\n\
+         NATS with JetStream is on {nats}: request-reply on embed.requests and \
+         orientation.requests; images published to the stream subject events.images.<anything> \
+         get their predictions stored on predictions.orientation (README: JetStream).\n\n\
+         Press Ctrl-C to stop.",
         png.display(),
-        cascade.display()
+        cascade.display(),
+        nats = nats.url,
     );
     let status = server.wait()?;
     if !status.success() {

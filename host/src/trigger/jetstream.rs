@@ -53,7 +53,10 @@ pub mod headers {
 
 /// How long one pull request waits for messages before the next.
 const PULL_EXPIRY: Duration = Duration::from_secs(1);
-/// How often the consumer's lag is read for metrics and `/status`.
+/// The first and the longest wait between attempts to bind the consumer.
+const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
+const BIND_RETRY_MOST: Duration = Duration::from_secs(30);
+/// How often the consumer's lag is read for metrics and `/readyz`.
 const LAG_EVERY: Duration = Duration::from_secs(2);
 
 /// Keeps one consumer loop per served function with a JetStream trigger.
@@ -184,18 +187,33 @@ impl FunctionConsumer {
             .metrics()
             .jetstream_bound
             .with_label_values(&[&self.name]);
+        // A server without JetStream fails every attempt the same way: say
+        // so once (and again when the reason changes), retrying ever less often.
+        let (mut retry, mut last_error) = (BIND_RETRY_FIRST, String::new());
         let consumer = loop {
             match self.bind().await {
                 Ok(consumer) => {
+                    if !last_error.is_empty() {
+                        tracing::info!(function = %self.name, "JetStream trigger bound");
+                    }
                     bound.set(1);
                     break consumer;
                 }
                 Err(e) => {
-                    tracing::warn!(function = %self.name, "JetStream trigger not ready: {e}");
+                    let error = e.to_string();
+                    if error != last_error {
+                        tracing::warn!(
+                            function = %self.name,
+                            "JetStream trigger not bound (retrying, up to every {}s): {error}",
+                            BIND_RETRY_MOST.as_secs()
+                        );
+                    }
+                    last_error = error;
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tokio::time::sleep(retry) => {}
                         () = stop.cancelled() => return,
                     }
+                    retry = (retry * 2).min(BIND_RETRY_MOST);
                 }
             }
         };
