@@ -398,3 +398,37 @@ fn a_bad_jetstream_trigger_is_refused_at_publish_with_the_field_named() {
         "{error}"
     );
 }
+
+#[test]
+fn a_run_longer_than_ack_wait_is_kept_by_progress_acks_not_redelivered() {
+    let nats = NatsServer::start_jetstream();
+    let rt = runtime();
+    let js = rt.block_on(context(&nats));
+    rt.block_on(events_stream(&js));
+    let _host = host_serving(
+        &nats,
+        "slow",
+        "ack_wait_ms = 1000\n[limits]\ntimeout_ms = 10000",
+    );
+    rt.block_on(async {
+        publish_all(
+            &js,
+            "events.slow.in",
+            std::iter::once("sleep:2500".to_string()),
+        )
+        .await;
+        wait_for(&js, "results.slow", 1, Duration::from_secs(30)).await;
+        let stream = js.get_stream("EVENTS").await.expect("the stream");
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer("slow")
+            .await
+            .expect("the durable consumer");
+        let info = consumer.info().await.expect("consumer info");
+        // One delivery: without progress acks JetStream would have
+        // delivered it again after 1 s (each delivery takes a consumer
+        // sequence number).
+        assert_eq!(info.delivered.consumer_sequence, 1, "{info:?}");
+        assert_eq!(info.delivered.stream_sequence, 1, "{info:?}");
+        assert_eq!(echoed(&read_all(&js, "results.slow").await[0].1), "slept");
+    });
+}
