@@ -39,13 +39,46 @@ impl StageError {
         }
     }
 
+    /// The trap as one log line: what trapped and the guest's own wasm
+    /// backtrace (never the host's Rust backtrace, which `RUST_BACKTRACE`
+    /// would otherwise add as 50 frames of generic host type names).
     pub(crate) fn from_trap(error: wasmtime::Error) -> Self {
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => StageError::DeadlineExceeded,
-            Some(trap) => StageError::Trap(trap.to_string()),
-            None => StageError::Trap(format!("{error:#}")),
+        let what = match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => return StageError::DeadlineExceeded,
+            Some(trap) => trap.to_string(),
+            None => one_line(&error.root_cause().to_string()),
+        };
+        match error.downcast_ref::<wasmtime::WasmBacktrace>() {
+            Some(backtrace) => StageError::Trap(format!(
+                "{what}; wasm backtrace: {}",
+                one_line(&backtrace.to_string())
+            )),
+            None => StageError::Trap(what),
         }
     }
+}
+
+/// Frames a trap's wasm backtrace shows in the log.
+const BACKTRACE_FRAMES: usize = 12;
+
+/// Multi-line text (a backtrace) as one line: `|` between its lines, the
+/// first [`BACKTRACE_FRAMES`] kept.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.ends_with("wasm backtrace:"))
+        .collect();
+    let mut joined = lines
+        .iter()
+        .take(BACKTRACE_FRAMES)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if lines.len() > BACKTRACE_FRAMES {
+        joined.push_str(&format!(" | … {} more", lines.len() - BACKTRACE_FRAMES));
+    }
+    joined
 }
 
 /// Why an invocation failed; each maps to one HTTP status and NATS error code.

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 use cascade_host::client::{self, RegistryClient, pack_model, paths};
 use cascade_host::config::ServeConfig;
+use cascade_host::logging::LogFormat;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,6 +27,16 @@ struct Cli {
     /// Bearer token for the registry.
     #[arg(long, global = true, env = "CASCADE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// How the log on stderr is written: `text` (colour only on a terminal)
+    /// or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,14 +166,9 @@ impl From<Kind> for client::Kind {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(error) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    cascade_host::logging::init(cli.log_format);
+    if let Err(error) = run(cli) {
         if closed_stdout(&error) {
             // `cascade list | head` closed the pipe: the reader has what it wanted.
             return;

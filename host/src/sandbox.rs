@@ -3,29 +3,23 @@
 //! stdout and stderr go to the host's log, tagged with function and stage.
 //! No other file system, no network, no environment.
 
+use crate::guest_log::GuestLog;
 use crate::model::ModelQueue;
 use crate::model::wasi_nn::{self, Deadline};
 use cascade_registry::records::World;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
-use tokio::io::AsyncWrite;
 use wasmtime::Result;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::error::Context;
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
 /// Where a guest finds its model package's files.
 pub const MODEL_DIR: &str = "/model";
-
-/// Longest piece of one guest write that reaches the log.
-pub const LOG_WRITE_BYTES: usize = 4096;
 
 /// What the function manifest grants one stage.
 #[derive(Debug, Clone)]
@@ -84,14 +78,12 @@ impl StageState {
     /// A fresh sandbox carrying exactly what `grant` allows.
     pub fn new(grant: &Grant) -> Result<Self> {
         let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(GuestLog {
-            tag: grant.log_tag.clone(),
-            stream: "stdout",
-        })
-        .stderr(GuestLog {
-            tag: grant.log_tag.clone(),
-            stream: "stderr",
-        });
+        let (function, stage) = grant
+            .log_tag
+            .split_once('/')
+            .unwrap_or(("", grant.log_tag.as_str()));
+        let (stdout, stderr) = GuestLog::pair(function, stage);
+        wasi.stdout(stdout).stderr(stderr);
         // Sockets exist in the API but every address is refused and names never resolve.
         wasi.allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
@@ -160,47 +152,4 @@ pub fn linker(engine: &Engine, world: World) -> Result<Linker<StageState>> {
         .context("adding wasi:nn to the linker")?;
     }
     Ok(linker)
-}
-
-/// A guest's stdout or stderr: every write becomes a log event, so output
-/// never fills a buffer and never blocks or fails the guest.
-#[derive(Clone)]
-struct GuestLog {
-    tag: String,
-    stream: &'static str,
-}
-
-impl IsTerminal for GuestLog {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestLog {
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
-    }
-}
-
-impl AsyncWrite for GuestLog {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let text = String::from_utf8_lossy(&buf[..buf.len().min(LOG_WRITE_BYTES)]);
-        let text = text.trim_end();
-        if !text.is_empty() {
-            tracing::info!(target: "cascade::guest", stage = %self.tag, stream = self.stream, "{text}");
-        }
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }

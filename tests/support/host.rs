@@ -129,7 +129,8 @@ impl Host {
             .arg(&self.data)
             .args(&self.extra)
             .env("RUST_LOG", level)
-            .env("NO_COLOR", "1")
+            // As on servers, where it is common: traps must still log one line.
+            .env("RUST_BACKTRACE", if self.log.is_some() { "1" } else { "0" })
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -342,6 +343,22 @@ impl Host {
             .body(body)
             .send()
             .expect("invoke answers")
+    }
+
+    /// Publishes the function manifest `manifest` as `name`, which must be
+    /// a new revision (201).
+    pub fn publish_function(&self, name: &str, manifest: &str) {
+        let response = self.put(
+            &format!("/v1/functions/{name}"),
+            "application/toml",
+            manifest.to_string(),
+        );
+        assert_eq!(
+            response.status(),
+            201,
+            "publishing {name}: {}",
+            response.text().unwrap_or_default()
+        );
     }
 
     /// PUT a body.

@@ -43,17 +43,7 @@ fn host_serving(nats: &NatsServer, name: &str, extra: &str) -> Host {
 /// Publishes `misbehave` and the function `name` on `host`.
 fn publish(host: Host, name: &str, extra: &str) -> Host {
     host.publish_component("misbehave");
-    let response = host.put(
-        &format!("/v1/functions/{name}"),
-        "application/toml",
-        manifest(name, extra),
-    );
-    assert_eq!(
-        response.status(),
-        201,
-        "{}",
-        response.text().unwrap_or_default()
-    );
+    host.publish_function(name, &manifest(name, extra));
     host
 }
 

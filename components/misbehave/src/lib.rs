@@ -3,6 +3,7 @@
 //!
 //! - `echo:TEXT`: answers a u8 tensor `echo` holding TEXT;
 //! - `print:TEXT`: writes TEXT to stdout and stderr, then echoes it;
+//! - `spam:N`: writes N numbered lines to stdout (a chatty guest);
 //! - `sleep:MS`: sleeps MS milliseconds, then echoes (a slow request);
 //! - `loop`: spins forever (the host must interrupt it);
 //! - `oom`: allocates until memory runs out (the host must contain it);
@@ -60,6 +61,15 @@ fn misbehave(input: Message) -> Result<Vec<Tensor>, Failure> {
             println!("{argument}");
             eprintln!("{argument}");
             Ok(answer(argument))
+        }
+        "spam" => {
+            let lines: u32 = argument
+                .parse()
+                .map_err(|_| Failure::input("spam:N takes a number"))?;
+            for i in 0..lines {
+                println!("spam {i}");
+            }
+            Ok(answer("spammed"))
         }
         "sleep" => {
             let ms: u64 = argument
