@@ -916,7 +916,7 @@ fn guest_output_reaches_the_host_log_tagged_with_function_and_stage() {
             assert!(
                 tagged
                     .iter()
-                    .all(|l| l.contains("misbehave/misbehave@0.1.0")),
+                    .all(|l| l.contains("function=misbehave stage=misbehave@0.1.0")),
                 "{tagged:?}"
             );
             assert!(
