@@ -241,6 +241,7 @@ pub async fn function(
     }
     let runtime = state.runtime.clone();
     let (published, served) = blocking(move || {
+        check_durable_is_free(runtime.registry(), &manifest.function)?;
         let published = runtime.registry().publish_function(&manifest)?;
         let served = runtime.serve(&published.record);
         Ok::<_, ApiError>((published, served))
@@ -257,6 +258,41 @@ pub async fn function(
         body["warning"] = format!("published, but the host cannot serve it: {e}").into();
     }
     created(published.created, &body)
+}
+
+/// Two functions reading one durable consumer would each get the other's
+/// messages: a JetStream trigger's stream and durable belong to one function.
+/// (Checked against the functions stored when the publish starts.)
+fn check_durable_is_free(
+    registry: &cascade_registry::Registry,
+    function: &cascade_registry::manifest::Function,
+) -> Result<(), ApiError> {
+    let Some(wanted) = &function.triggers.jetstream else {
+        return Ok(());
+    };
+    for other in registry.functions()? {
+        let taken = other.function.name != function.name
+            && other
+                .function
+                .triggers
+                .jetstream
+                .as_ref()
+                .is_some_and(|t| t.stream == wanted.stream && t.durable == wanted.durable);
+        if taken {
+            return Err(ApiError::new(
+                hyper::StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "`triggers.jetstream.durable` {:?} on stream {:?} already feeds function {}; \
+                     each function needs a durable of its own",
+                    wanted.durable,
+                    wanted.stream,
+                    other.function.name.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -387,6 +387,19 @@ fn a_bad_jetstream_trigger_is_refused_at_publish_with_the_field_named() {
         error.contains("`triggers.jetstream.backoff_ms` has 3 delays but `max_deliver = 2`"),
         "{error}"
     );
+    // One durable feeds one function.
+    host.publish_function("first", &manifest("first", ""));
+    let second = manifest("second", "").replace("durable = \"second\"", "durable = \"first\"");
+    let response = host.put("/v1/functions/second", "application/toml", second);
+    assert_eq!(response.status(), 409);
+    let body: serde_json::Value = response.json().expect("json");
+    assert_eq!(
+        body["error"]["message"],
+        "`triggers.jetstream.durable` \"first\" on stream \"EVENTS\" already feeds function \
+         first; each function needs a durable of its own"
+    );
+    // Its own new revision may keep it.
+    host.publish_function("first", &manifest("first", "max_deliver = 7"));
 }
 
 #[test]

@@ -218,11 +218,11 @@ impl FunctionConsumer {
             }
         };
         let slots = Arc::new(Semaphore::new(self.capacity as usize));
-        let mut lag_read = Instant::now() - LAG_EVERY;
+        let mut lag_read: Option<Instant> = None;
         while !stop.is_cancelled() {
-            if lag_read.elapsed() >= LAG_EVERY {
+            if lag_read.is_none_or(|read| read.elapsed() >= LAG_EVERY) {
                 self.read_lag(&consumer).await;
-                lag_read = Instant::now();
+                lag_read = Some(Instant::now());
             }
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => match permit {
