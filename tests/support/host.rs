@@ -205,6 +205,18 @@ impl Host {
         self.spawn();
     }
 
+    /// Runs the `cascade` CLI against this host and asserts it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> std::process::Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "cascade {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Runs the `cascade` CLI against this host.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(cascade_binary())
@@ -257,12 +269,7 @@ impl Host {
             "onnx::Shape_422",
         ];
         args.extend_from_slice(extra);
-        let out = self.cli(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.cli_ok(&args);
         let record: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("the printed record");
         assert_eq!(record["name"], name, "{record}");
@@ -307,12 +314,7 @@ impl Host {
             version,
         ];
         args.extend_from_slice(extra);
-        let out = self.cli(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.cli_ok(&args);
     }
 
     /// Publishes the example components only (no models): quick set-up for
