@@ -828,8 +828,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn functions_check_stages_and_protect_what_they_use() {
+    /// A fresh registry holding the preprocessor `pre@1.0.0` (keep the
+    /// directory alive as long as the registry).
+    fn with_preprocessor() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = Registry::open(dir.path()).expect("open");
         registry
@@ -839,6 +840,12 @@ mod tests {
                 World::Preprocessor,
             )
             .expect("pre");
+        (dir, registry)
+    }
+
+    #[test]
+    fn functions_check_stages_and_protect_what_they_use() {
+        let (_dir, registry) = with_preprocessor();
         registry
             .publish_component(
                 &reference("post@1.0.0"),
@@ -899,15 +906,7 @@ mod tests {
     /// still serves: the record's manifest is parsed when read.
     #[test]
     fn revisions_stored_without_the_typed_form_are_read_from_their_manifest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let registry = Registry::open(dir.path()).expect("open");
-        registry
-            .publish_component(
-                &reference("pre@1.0.0"),
-                staged(&registry, b"p"),
-                World::Preprocessor,
-            )
-            .expect("pre");
+        let (_dir, registry) = with_preprocessor();
         let text =
             "name = \"old\"\n[[stages]]\ncomponent = \"pre@1.0.0\"\n[limits]\ntimeout_ms = 250";
         let legacy = serde_json::json!({
