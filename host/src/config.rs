@@ -17,6 +17,13 @@ pub struct ServeConfig {
     /// (Triton's and KServe's convention: a port of its own, e.g. 8081).
     #[arg(long, env = "CASCADE_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
+    /// Export traces over OTLP to this collector (base URL, e.g.
+    /// `http://127.0.0.1:4318`; `OTEL_EXPORTER_OTLP_ENDPOINT` does the
+    /// same). The transport is `OTEL_EXPORTER_OTLP_PROTOCOL`
+    /// (`http/protobuf`, the default, or `grpc`); sampling is
+    /// `OTEL_TRACES_SAMPLER`/`_ARG`. Off when neither is set.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// Data directory: registry.redb, blobs, compiled artifacts.
     #[arg(long, env = "CASCADE_DATA", default_value = "./cascade-data")]
     pub data: PathBuf,

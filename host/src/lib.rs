@@ -21,6 +21,8 @@
 //! - [`engine`]: the one wasmtime `Engine` and its serving settings;
 //! - [`model`]: the model wing — plans (tract, ONNX Runtime), queues, threads, `wasi:nn`;
 //! - [`metrics`]: every Prometheus metric name;
+//! - [`logging`], [`log_json`], [`guest_log`]: the host's log and the guests' lines in it;
+//! - [`telemetry`]: the OTLP trace exporter; [`trace_context`]: W3C trace context through every trigger;
 //! - [`client`]: the one client of the registry API (CLI and mirrors); [`mirror`]: a serving host's copy of another host's registry.
 //!
 //! ```no_run
@@ -44,6 +46,7 @@ pub mod error;
 pub mod events;
 pub mod guest_log;
 pub mod http;
+pub mod log_json;
 pub mod logging;
 pub mod metrics;
 pub mod mirror;
@@ -58,4 +61,6 @@ pub mod runtime;
 pub mod sandbox;
 pub mod serve;
 pub mod stage;
+pub mod telemetry;
+pub mod trace_context;
 pub mod trigger;

@@ -3,8 +3,12 @@
 //! escape codes; or one JSON object per line for log pipelines
 //! (`--log-format json`), every event's fields at the top level.
 
+use crate::log_json::JsonLine;
+use crate::telemetry::Traces;
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::prelude::*;
 
 /// How the log is written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -13,26 +17,32 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line: `timestamp`, `level`, `target`,
-    /// `message` and the event's fields (`function`, `stage`, `request_id`…).
+    /// `message`, the event's fields and those of its spans (`function`,
+    /// `revision`, `stage`, `request_id`, `trace_id`, `span_id`…).
     Json,
 }
 
-/// Installs the log for this process; `RUST_LOG` filters it (default `info`).
-pub fn init(format: LogFormat) {
+/// Installs the log for this process, and with it the trace exporter's
+/// layer when traces are on. `RUST_LOG` filters the log (default `info`);
+/// it does not filter traces, which take the host's spans at `info`.
+pub fn init(format: LogFormat, traces: Option<&Traces>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let exported = traces.map(Traces::layer);
+    let registry = tracing_subscriber::registry().with(exported);
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
         LogFormat::Text => {
             let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            builder.with_ansi(colour).init();
+            registry
+                .with(log.with_ansi(colour).with_filter(filter))
+                .init();
         }
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                log.fmt_fields(JsonFields::new())
+                    .event_format(JsonLine)
+                    .with_filter(filter),
+            )
             .init(),
     }
 }

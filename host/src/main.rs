@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use cascade_host::client::{self, RegistryClient, pack_model, paths};
 use cascade_host::config::ServeConfig;
 use cascade_host::logging::LogFormat;
+use cascade_host::telemetry::Traces;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
@@ -167,7 +168,6 @@ impl From<Kind> for client::Kind {
 
 fn main() {
     let cli = Cli::parse();
-    cascade_host::logging::init(cli.log_format);
     if let Err(error) = run(cli) {
         if closed_stdout(&error) {
             // `cascade list | head` closed the pipe: the reader has what it wanted.
@@ -201,8 +201,24 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Traces only for a serving host; built inside the runtime (gRPC's
+    // exporter needs it), before the log so its layer is in place.
+    let traces = match &cli.command {
+        Command::Serve(config) => {
+            let _inside = runtime.enter();
+            Traces::from_env(config.otlp_endpoint.as_deref())?
+        }
+        _ => None,
+    };
+    cascade_host::logging::init(cli.log_format, traces.as_ref());
     match cli.command {
-        Command::Serve(config) => runtime.block_on(cascade_host::serve::run(*config)),
+        Command::Serve(config) => {
+            let served = runtime.block_on(cascade_host::serve::run(*config));
+            if let Some(traces) = traces {
+                traces.shutdown();
+            }
+            served
+        }
         Command::Inspect { component } => inspect(&component),
         command => {
             let client = RegistryClient::new(&cli.registry, cli.token)?;

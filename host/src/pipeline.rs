@@ -19,6 +19,8 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// One prepared stage.
 pub enum PreparedStage {
@@ -82,7 +84,8 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    fn name(self) -> &'static str {
+    /// How the log and traces name it.
+    pub fn name(self) -> &'static str {
         match self {
             Trigger::Http => "http",
             Trigger::OipRest => "oip-rest",
@@ -213,6 +216,15 @@ impl PreparedFunction {
         if !self.retired.load(Ordering::SeqCst) {
             self.metrics.observe_request(&self.name, status, elapsed);
         }
+        let span = tracing::Span::current();
+        span.record("revision", self.revision);
+        span.record("status", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        if matches!(trigger, Trigger::Http | Trigger::OipRest) {
+            span.set_attribute("http.response.status_code", i64::from(status));
+        }
         tracing::info!(
             request_id = %request_id,
             function = %self.name,
@@ -291,6 +303,7 @@ impl PreparedFunction {
         for stage in &self.stages {
             let stage_started = Instant::now();
             flow = run_stage(stage, flow, deadline)
+                .instrument(stage_span(stage))
                 .await
                 .map_err(|e| self.stage_error(stage, e))?;
             let took = stage_started.elapsed();
@@ -391,6 +404,20 @@ impl PreparedFunction {
     }
 }
 
+/// The span of one stage of an invocation: a child of the invocation's.
+fn stage_span(stage: &PreparedStage) -> tracing::Span {
+    let kind = match stage {
+        PreparedStage::Component { world, .. } => world.name(),
+        PreparedStage::Model { .. } => "model",
+    };
+    tracing::info_span!(
+        "stage",
+        otel.name = %format_args!("stage {}", stage.label()),
+        stage = stage.label(),
+        stage_kind = kind,
+    )
+}
+
 /// Runs one stage, holding it to `deadline`.
 async fn run_stage(
     stage: &PreparedStage,
@@ -416,14 +443,10 @@ async fn run_stage(
             // tract inside the call and cannot yield: off the reactor.
             let (world, selection) = (*world, selection.clone());
             let reactor = tokio::runtime::Handle::current();
+            let span = tracing::Span::current();
             off_reactor(remaining, move || {
-                reactor.block_on(call_guest(
-                    &mut lease,
-                    world,
-                    flow,
-                    selection.as_deref(),
-                    remaining,
-                ))
+                let call = call_guest(&mut lease, world, flow, selection.as_deref(), remaining);
+                reactor.block_on(call.instrument(span))
             })
             .await
         }

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 /// The gauges and counters one pool feeds.
 pub struct PoolMetrics {
@@ -106,7 +107,8 @@ impl InstancePool {
             Some(idle) => idle.instance,
             None => {
                 self.metrics.cold_starts.inc();
-                self.create().await?
+                let span = tracing::info_span!("cold start", stage = %self.label);
+                self.create().instrument(span).await?
             }
         };
         self.busy.fetch_add(1, Ordering::SeqCst);

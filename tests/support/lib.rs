@@ -14,6 +14,7 @@ mod catalog;
 
 pub mod host;
 pub mod nats;
+pub mod otlp;
 
 /// Path of a built guest component, by crate name (`bert-tokenizer`).
 pub fn component_path(name: &str) -> PathBuf {

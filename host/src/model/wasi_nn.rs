@@ -167,6 +167,7 @@ impl BackendExecutionContext for QueuedContext {
         // deadline is given up and never starts.
         let run = self.queue.run(std::mem::take(&mut self.inputs));
         let until = tokio::time::Instant::from_std(self.deadline.get());
+        let _span = tracing::info_span!("wasi-nn compute").entered();
         let answer = futures_executor::block_on(tokio::time::timeout_at(until, run));
         let outputs = match answer {
             Err(_) => Err(StageError::DeadlineExceeded),

@@ -11,10 +11,12 @@ use super::metadata::{self, TensorMetadata};
 use crate::access::{Need, Scope};
 use crate::http::{ApiError, HttpState, server_timing};
 use crate::pipeline::Trigger;
+use crate::trace_context::{self, HttpHeaders};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 /// The generated messages and service.
 #[allow(missing_docs, clippy::all)]
@@ -85,16 +87,32 @@ impl Service {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let request = request.into_inner();
-        let name = request.model_name.clone();
-        let version = (!request.model_version.is_empty()).then_some(request.model_version.as_str());
-        let function = served(&self.state, &name, version).await.map_err(status)?;
-        let started = Instant::now();
+        let (metadata, _, request) = request.into_parts();
         let request_id = if request.id.is_empty() {
             self.state.next_request_id()
         } else {
             request.id.clone()
         };
+        let name = request.model_name.clone();
+        let headers = HttpHeaders(metadata.as_ref());
+        let span = trace_context::invocation(Trigger::OipGrpc, &name, &request_id, &headers);
+        trace_context::grpc(&span, "ModelInfer");
+        self.infer_traced(deadline, request, request_id)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Self::infer`] inside its invocation span.
+    async fn infer_traced(
+        &self,
+        deadline: Option<Duration>,
+        request: ModelInferRequest,
+        request_id: String,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let name = request.model_name.clone();
+        let version = (!request.model_version.is_empty()).then_some(request.model_version.as_str());
+        let function = served(&self.state, &name, version).await.map_err(status)?;
+        let started = Instant::now();
         let answer = async {
             let limit = function.max_body();
             let size: usize = request.raw_input_contents.iter().map(Vec::len).sum();

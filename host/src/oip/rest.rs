@@ -12,11 +12,13 @@ use crate::http::{
 };
 use crate::pipeline::{PreparedFunction, Trigger};
 use crate::routes::{Matched, Route};
+use crate::trace_context::{self, HttpHeaders};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// The header that says where a binary request's or response's JSON ends.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -110,11 +112,18 @@ async fn infer(
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let request_id = state.request_id(request.headers());
-    let function = served(state, name, version).await?;
-    let result = infer_function(&function, request).await;
-    let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
-    function.record(Trigger::OipRest, &request_id, status, started.elapsed());
-    result
+    let headers = HttpHeaders(request.headers());
+    let span = trace_context::invocation(Trigger::OipRest, name, &request_id, &headers);
+    trace_context::http_server(&span, &request, "/v2/models/{name}/infer");
+    async {
+        let function = served(state, name, version).await?;
+        let result = infer_function(&function, request).await;
+        let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+        function.record(Trigger::OipRest, &request_id, status, started.elapsed());
+        result
+    }
+    .instrument(span)
+    .await
 }
 
 async fn infer_function(

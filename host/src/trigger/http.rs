@@ -11,6 +11,7 @@ use crate::oip;
 use crate::pipeline::{Invocation, PreparedFunction, Trigger};
 use crate::registry_api;
 use crate::routes::{self, Route};
+use crate::trace_context::{self, HttpHeaders};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// What one listener allows a client.
 #[derive(Debug, Clone, Copy)]
@@ -199,20 +201,27 @@ async fn invoke(
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let request_id = state.request_id(request.headers());
+    let headers = HttpHeaders(request.headers());
+    let span = trace_context::invocation(Trigger::Http, name, &request_id, &headers);
+    trace_context::http_server(&span, &request, "/v1/functions/{name}/invoke");
     // Unknown or unservable names are not recorded: they would grow the
     // label set without bound.
-    let result = match state.runtime.function_when_loaded(name).await {
-        Ok(function) => {
-            let result = invoke_function(&function, request).await;
-            let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
-            function.record(Trigger::Http, &request_id, status, started.elapsed());
-            result
+    let result = async {
+        match state.runtime.function_when_loaded(name).await {
+            Ok(function) => {
+                let result = invoke_function(&function, request).await;
+                let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+                function.record(Trigger::Http, &request_id, status, started.elapsed());
+                result
+            }
+            Err(unknown) => {
+                tracing::debug!("invoke: {unknown}");
+                Err(ApiError::from(unknown))
+            }
         }
-        Err(unknown) => {
-            tracing::debug!(request_id = %request_id, function = name, "invoke: {unknown}");
-            Err(ApiError::from(unknown))
-        }
-    };
+    }
+    .instrument(span)
+    .await;
     let mut response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),

@@ -17,6 +17,7 @@
 use crate::error::InvokeError;
 use crate::pipeline::{PreparedFunction, Trigger};
 use crate::runtime::Runtime;
+use crate::trace_context::{self, NatsHeaders};
 use crate::trigger::{nats, subjects};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Headers of a dead letter: why it died and where it came from.
 pub mod headers {
@@ -369,35 +371,14 @@ impl FunctionConsumer {
             .jetstream_pending
             .with_label_values(&[&self.name])
             .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
-        let fate = match self.runtime.function_when_loaded(&self.name).await {
-            Err(error) => self.failed(&message, &delivery, None, &error).await,
-            Ok(function) => {
-                if delivery.attempt > self.settings.max_deliver {
-                    // Earlier deliveries went unanswered (their hosts died or
-                    // ack_wait expired): the count is already spent.
-                    let why = format!(
-                        "delivered {} times without an answer (hosts stopped or ack_wait passed)",
-                        delivery.attempt - 1
-                    );
-                    self.dead_letter(&message, &delivery, Some(&function), (504, &why))
-                        .await
-                } else {
-                    let outcome = self
-                        .with_progress(&message, nats::invoke(&function, &message))
-                        .await;
-                    let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
-                    let request_id = delivery.id();
-                    function.record(Trigger::JetStream, &request_id, status, started.elapsed());
-                    match outcome {
-                        Ok(output) => self.succeeded(&message, &delivery, &function, output).await,
-                        Err(error) => {
-                            self.failed(&message, &delivery, Some(&function), &error)
-                                .await
-                        }
-                    }
-                }
-            }
-        };
+        let request_id = delivery.id();
+        let headers = NatsHeaders(message.headers.as_ref());
+        let span = trace_context::invocation(Trigger::JetStream, &self.name, &request_id, &headers);
+        trace_context::messaging(&span, message.subject.as_str(), Some(request_id.clone()));
+        let fate = self
+            .decide(&message, &delivery, started, &request_id)
+            .instrument(span)
+            .await;
         let metrics = self.runtime.metrics();
         let settled = match fate {
             Fate::Done => message.ack().await,
@@ -420,6 +401,45 @@ impl FunctionConsumer {
             // The server redelivers after ack_wait; the result (if any) is
             // de-duplicated by its message id.
             tracing::warn!(function = %self.name, "settling {}: {e}", delivery.id());
+        }
+    }
+
+    /// Runs the message through the function (inside its invocation span)
+    /// and decides its fate; results and dead letters are stored here.
+    async fn decide(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        started: Instant,
+        request_id: &str,
+    ) -> Fate {
+        match self.runtime.function_when_loaded(&self.name).await {
+            Err(error) => self.failed(message, delivery, None, &error).await,
+            Ok(function) => {
+                if delivery.attempt > self.settings.max_deliver {
+                    // Earlier deliveries went unanswered (their hosts died or
+                    // ack_wait expired): the count is already spent.
+                    let why = format!(
+                        "delivered {} times without an answer (hosts stopped or ack_wait passed)",
+                        delivery.attempt - 1
+                    );
+                    self.dead_letter(message, delivery, Some(&function), (504, &why))
+                        .await
+                } else {
+                    let outcome = self
+                        .with_progress(message, nats::invoke(&function, message))
+                        .await;
+                    let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
+                    function.record(Trigger::JetStream, request_id, status, started.elapsed());
+                    match outcome {
+                        Ok(output) => self.succeeded(message, delivery, &function, output).await,
+                        Err(error) => {
+                            self.failed(message, delivery, Some(&function), &error)
+                                .await
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -610,6 +630,9 @@ impl Delivery {
 /// The request id a producer set, carried onto results and dead letters.
 fn carried_headers(message: &jetstream::Message) -> HeaderMap {
     let mut headers = HeaderMap::new();
+    // Called inside the invocation's span: the result continues its trace.
+    let span = tracing::Span::current();
+    trace_context::carry_nats(&span, message.headers.as_ref(), &mut headers);
     if let Some(id) = message
         .headers
         .as_ref()

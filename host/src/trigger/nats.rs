@@ -13,6 +13,7 @@ use crate::bindings::Message as GuestMessage;
 use crate::error::InvokeError;
 use crate::pipeline::{PreparedFunction, Trigger};
 use crate::runtime::Runtime;
+use crate::trace_context::{self, NatsHeaders};
 use crate::trigger::subjects;
 use async_nats::service::{Service, ServiceExt};
 use async_nats::{Client, ConnectOptions, HeaderMap};
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How to reach NATS.
 #[derive(Debug, Clone, Default)]
@@ -321,23 +323,29 @@ impl NatsTrigger {
     ) {
         let started = Instant::now();
         let message = &request.message;
-        let outcome = match self.runtime.function_when_loaded(name).await {
-            Ok(function) => {
-                let outcome = invoke(&function, message).await;
-                let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
-                let request_id = request_id(message);
-                function.record(Trigger::Nats, &request_id, status, started.elapsed());
-                outcome
+        let request_id = request_id(message);
+        let headers = NatsHeaders(message.headers.as_ref());
+        let span = trace_context::invocation(Trigger::Nats, name, &request_id, &headers);
+        trace_context::messaging(&span, message.subject.as_str(), None);
+        let outcome = async {
+            match self.runtime.function_when_loaded(name).await {
+                Ok(function) => {
+                    let outcome = invoke(&function, message).await;
+                    let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
+                    function.record(Trigger::Nats, &request_id, status, started.elapsed());
+                    outcome
+                }
+                Err(unknown) => Err(unknown),
             }
-            Err(unknown) => Err(unknown),
-        };
+        }
+        .instrument(span.clone())
+        .await;
         let sent = match (message.reply.is_some(), outcome) {
             (true, Ok(output)) => {
+                let mut headers = content_type(&output.content_type);
+                trace_context::carry_nats(&span, message.headers.as_ref(), &mut headers);
                 request
-                    .respond_with_headers(
-                        Ok(output.body.into()),
-                        content_type(&output.content_type),
-                    )
+                    .respond_with_headers(Ok(output.body.into()), headers)
                     .await
             }
             (true, Err(error)) => {
@@ -349,7 +357,8 @@ impl NatsTrigger {
             }
             (false, Ok(output)) => match result_subject {
                 Some(subject) => {
-                    let headers = content_type(&output.content_type);
+                    let mut headers = content_type(&output.content_type);
+                    trace_context::carry_nats(&span, message.headers.as_ref(), &mut headers);
                     self.client
                         .publish_with_headers(subject.to_string(), headers, output.body.into())
                         .await
@@ -360,6 +369,7 @@ impl NatsTrigger {
                 let mut headers = HeaderMap::new();
                 headers.insert(subjects::ERROR_CODE, error.status().to_string().as_str());
                 headers.insert(subjects::ERROR, header_text(&error.to_string()).as_str());
+                trace_context::carry_nats(&span, message.headers.as_ref(), &mut headers);
                 let subject = subjects::errors_subject(message.subject.as_str());
                 self.client
                     .publish_with_headers(subject, headers, message.payload.clone())

@@ -1,0 +1,166 @@
+//! An OTLP/HTTP trace receiver on loopback: what a collector would get
+//! from a host, decoded with the official OpenTelemetry protobuf
+//! definitions (the `opentelemetry-proto` crate).
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One span as received.
+#[derive(Debug, Clone)]
+pub struct Span {
+    /// The service that sent it (`service.name`).
+    pub service: String,
+    /// Hex trace id.
+    pub trace_id: String,
+    /// Hex span id.
+    pub span_id: String,
+    /// Hex parent span id; empty for a root.
+    pub parent_span_id: String,
+    /// Its name.
+    pub name: String,
+    /// `SPAN_KIND_*` number (2 server, 5 consumer, 1 internal).
+    pub kind: i32,
+    /// Its attributes, each value as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Its duration.
+    pub duration: Duration,
+}
+
+/// A receiver listening on a free loopback port until dropped.
+pub struct Receiver {
+    /// The base URL to give `--otlp-endpoint`.
+    pub url: String,
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+impl Receiver {
+    /// Starts listening.
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || serve(stream, &kept));
+            }
+        });
+        Receiver { url, spans }
+    }
+
+    /// Every span of `trace_id` received once `done` holds for them, or
+    /// what arrived within 20 s.
+    pub fn trace(&self, trace_id: &str, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans: Vec<Span> = self
+                .spans
+                .lock()
+                .map(|all| {
+                    all.iter()
+                        .filter(|s| s.trace_id == trace_id)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            if done(&spans) || Instant::now() > deadline {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Answers OTLP exports on one connection until the client closes it.
+fn serve(stream: TcpStream, spans: &Mutex<Vec<Span>>) {
+    let mut writer = stream.try_clone().expect("a second handle");
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" && !first {
+                break;
+            }
+            first = false;
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if let Ok(request) = ExportTraceServiceRequest::decode(body.as_slice())
+            && let Ok(mut all) = spans.lock()
+        {
+            all.extend(flatten(request));
+        }
+        let answer =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if writer.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn flatten(request: ExportTraceServiceRequest) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .map(|r| attributes(r.attributes))
+            .and_then(|mut a| a.remove("service.name"))
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                spans.push(Span {
+                    service: service.clone(),
+                    trace_id: hex::encode(&span.trace_id),
+                    span_id: hex::encode(&span.span_id),
+                    parent_span_id: hex::encode(&span.parent_span_id),
+                    name: span.name,
+                    kind: span.kind,
+                    attributes: attributes(span.attributes),
+                    duration: Duration::from_nanos(
+                        span.end_time_unix_nano
+                            .saturating_sub(span.start_time_unix_nano),
+                    ),
+                });
+            }
+        }
+    }
+    spans
+}
+
+fn attributes(
+    list: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+) -> BTreeMap<String, String> {
+    list.into_iter()
+        .map(|kv| {
+            let value = match kv.value.and_then(|v| v.value) {
+                Some(Value::StringValue(s)) => s,
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key, value)
+        })
+        .collect()
+}
