@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use prometheus::IntGauge;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Why a mirror could not copy something from its source.
 #[derive(Debug, thiserror::Error)]
@@ -301,7 +302,8 @@ pub async fn run(
     )>,
 ) {
     loop {
-        match mirror.sync().await {
+        let span = tracing::info_span!("mirror sync", source = %mirror.source());
+        match mirror.sync().instrument(span).await {
             Ok(report) => {
                 mirror.failed_gauge.set(report.failed.len() as i64);
                 for (what, why) in &report.failed {

@@ -8,6 +8,7 @@
 //! request joins the trace, with or without an exporter.
 
 use crate::pipeline::Trigger;
+use crate::routes::Matched;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -89,6 +90,19 @@ pub fn invocation(
     } else if parent_trace != opentelemetry::trace::TraceId::INVALID {
         span.record("trace_id", tracing::field::display(parent_trace));
     }
+    span
+}
+
+/// The span of a change to the registry (a publish, a delete, a
+/// rollback), continuing the trace of the CLI or pipeline that sent it.
+pub fn registry_write(matched: &Matched<'_>, carrier: &dyn Extractor) -> Span {
+    let span = tracing::info_span!(
+        "registry",
+        otel.name = %format_args!("registry {:?}", matched.route),
+        otel.kind = "server",
+        target = %matched.params.join("@"),
+    );
+    let _ = span.set_parent(TraceContextPropagator::new().extract(carrier));
     span
 }
 

@@ -106,6 +106,21 @@ fn an_http_invocation_continues_the_callers_trace_with_a_span_per_stage() {
         total <= whole,
         "stages {total:.3} ms within the invocation's {whole:.3} ms"
     );
+    // A registry write continues its caller's trace too.
+    let publish_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let refused = cascade_tests::host::client()
+        .put(format!("{}/v1/functions/nothing", host.url))
+        .header("content-type", "application/toml")
+        .header("traceparent", traceparent(publish_trace, CALLER))
+        .body("name = \"nothing\"\n")
+        .send()
+        .expect("answered");
+    assert_eq!(refused.status(), 400);
+    let spans = receiver.trace(publish_trace, |s| !s.is_empty());
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].name, "registry PublishFunction");
+    assert_eq!(spans[0].parent_span_id, CALLER);
+    assert_eq!(spans[0].attributes["target"], "nothing");
     // The log lines of the request carry the same trace and span ids.
     let log = host.log();
     let line = log
@@ -242,15 +257,11 @@ fn a_jetstream_message_carries_one_trace_across_two_hosts() {
         let mut headers = HeaderMap::new();
         headers.insert("Content-Type", "text/plain");
         headers.insert("traceparent", traceparent(trace, CALLER).as_str());
-        js.publish_with_headers(
-            "events.first",
-            headers,
-            Bytes::from_static(b"hello"),
-        )
-        .await
-        .expect("published")
-        .await
-        .expect("stored");
+        js.publish_with_headers("events.first", headers, Bytes::from_static(b"hello"))
+            .await
+            .expect("published")
+            .await
+            .expect("stored");
         let consumer = results
             .create_consumer(jetstream::consumer::pull::Config::default())
             .await

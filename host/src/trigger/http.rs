@@ -165,6 +165,12 @@ async fn route(
                 .status(),
         )),
         route if route.is_oip() => oip::rest::route(state, &matched, request).await,
+        _ if matched.writes_registry() => {
+            let span = trace_context::registry_write(&matched, &HttpHeaders(request.headers()));
+            registry_api::route(state, &matched, request)
+                .instrument(span)
+                .await
+        }
         _ => registry_api::route(state, &matched, request).await,
     }
 }
