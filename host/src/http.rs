@@ -4,6 +4,7 @@
 //! invocation in [`crate::trigger::http`]; registry routes in [`crate::registry_api`].
 
 use crate::access::Access;
+use crate::dashboard::history::History;
 use crate::error::InvokeError;
 use crate::runtime::Runtime;
 use bytes::Bytes;
@@ -40,6 +41,8 @@ pub struct HttpState {
     pub(crate) events: crate::events::Events,
     /// Set on hosts that serve another host's registry: writes go there.
     pub(crate) mirror_of: Option<String>,
+    /// The last minutes of the metrics, for the dashboard.
+    pub(crate) history: Arc<History>,
     next_request: AtomicU64,
 }
 
@@ -57,6 +60,8 @@ pub struct HttpSettings {
     pub events: crate::events::Events,
     /// The source registry, on a mirror.
     pub mirror_of: Option<String>,
+    /// The last minutes of the metrics, kept by [`History::follow`].
+    pub history: Arc<History>,
 }
 
 impl HttpState {
@@ -69,6 +74,7 @@ impl HttpState {
             readiness: settings.readiness,
             events: settings.events,
             mirror_of: settings.mirror_of,
+            history: settings.history,
             next_request: AtomicU64::new(1),
         }
     }

@@ -20,7 +20,7 @@
 //! - [`sandbox`]: what a guest may see (config, read-only model files, limits);
 //! - [`engine`]: the one wasmtime `Engine` and its serving settings;
 //! - [`model`]: the model wing — plans (tract, ONNX Runtime), queues, threads, `wasi:nn`;
-//! - [`metrics`]: every Prometheus metric name;
+//! - [`metrics`]: every Prometheus metric name; [`dashboard`]: `/ui` and the last minutes of them;
 //! - [`logging`], [`log_json`], [`guest_log`]: the host's log and the guests' lines in it;
 //! - [`telemetry`]: the OTLP trace exporter; [`trace_context`]: W3C trace context through every trigger;
 //! - [`client`]: the one client of the registry API (CLI and mirrors); [`mirror`]: a serving host's copy of another host's registry.
@@ -41,6 +41,7 @@ pub mod bindings;
 pub mod capacity;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -14,6 +14,10 @@ pub enum Route {
     Readyz,
     /// `GET /metrics`
     Metrics,
+    /// `GET /ui`: the dashboard's page (it holds no data)
+    Ui,
+    /// `GET /ui/data`: what the dashboard shows
+    UiData,
     /// `POST /v1/functions/{name}/invoke`
     Invoke,
     /// `GET /v1/functions/{name}/status`
@@ -107,6 +111,8 @@ const READ: Need = Need::Scope(Scope::Read);
 const TABLE: &[(Method, &str, Route, Need)] = &[
     (Method::GET, "/healthz", Route::Healthz, Need::Nothing),
     (Method::GET, "/readyz", Route::Readyz, Need::Nothing),
+    (Method::GET, "/ui", Route::Ui, Need::Nothing),
+    (Method::GET, "/ui/data", Route::UiData, READ),
     (
         Method::GET,
         "/metrics",

@@ -4,6 +4,7 @@
 
 use crate::access::Access;
 use crate::config::ServeConfig;
+use crate::dashboard::history::History;
 use crate::engine::{EngineSettings, ServingEngine};
 use crate::events::Events;
 use crate::http::{HttpSettings, HttpState, Readiness};
@@ -67,6 +68,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         ),
         None => None,
     };
+    let history = Arc::new(History::new());
+    let (kept, metrics) = (history.clone(), runtime.metrics().clone());
+    tasks.push(tokio::spawn(async move { kept.follow(&metrics).await }));
     let state = HttpState::new(HttpSettings {
         runtime: runtime.clone(),
         access,
@@ -74,6 +78,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         readiness,
         events: Events::new(nats.as_ref().map(|n| n.client.clone())),
         mirror_of: mirror.map(|m| m.source().to_string()),
+        history: history.clone(),
     });
     let listeners = Listeners {
         http: listener,

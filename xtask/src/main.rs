@@ -107,6 +107,7 @@ fn cargo_with(root: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> R
 fn test(root: &Path) -> Result<()> {
     setup::nats_server()?;
     setup::dejavu_fonts()?;
+    setup::browser_and_prometheus()?;
     models::ensure()?;
     build_components(root)?;
     python_guests::build(root)?;

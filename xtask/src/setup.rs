@@ -68,6 +68,13 @@ pub fn wrk() -> Result<()> {
     debian_package("wrk", || on_path("wrk"))
 }
 
+/// Makes sure headless Chromium (the dashboard test's browser) and
+/// Prometheus (the scrape test's server) are installed, from Debian.
+pub fn browser_and_prometheus() -> Result<()> {
+    debian_package("chromium", || on_path("chromium"))?;
+    debian_package("prometheus", || on_path("prometheus"))
+}
+
 /// The font file the tests use.
 const DEJAVU_SANS: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -86,7 +93,7 @@ fn debian_package(package: &str, present: impl Fn() -> bool) -> Result<()> {
     eprintln!("xtask: apt-get install -y {package}");
     for args in [
         &["update", "-qq"][..],
-        &["install", "-y", "-qq", package][..],
+        &["install", "-y", "-qq", "--no-install-recommends", package][..],
     ] {
         let status = Command::new("apt-get")
             .args(args)

@@ -4,6 +4,7 @@
 //! come from [`crate::routes`]. Errors are JSON `{"error": {"code", "message"}}`.
 
 use crate::bindings::Message;
+use crate::dashboard;
 use crate::http::{
     ApiError, Body, HttpState, check_length, full, json, read_within, server_timing, too_large,
 };
@@ -147,6 +148,23 @@ async fn route(
     match matched.route {
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         Route::Readyz => Ok(readyz(state)),
+        Route::Ui => {
+            let mut response = Response::new(full(dashboard::PAGE));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            Ok(response)
+        }
+        Route::UiData => {
+            let state = state.clone();
+            let view = tokio::task::spawn_blocking(move || {
+                dashboard::view(&state.runtime, &state.history)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("the dashboard view failed: {e}")))?;
+            Ok(json(StatusCode::OK, &view))
+        }
         Route::Metrics => {
             let mut response = Response::new(full(state.runtime.metrics().render()));
             response.headers_mut().insert(
