@@ -8,6 +8,7 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,23 +37,49 @@ pub struct Span {
 pub struct Receiver {
     /// The base URL to give `--otlp-endpoint`.
     pub url: String,
-    spans: Arc<Mutex<Vec<Span>>>,
+    received: Arc<Received>,
+}
+
+/// What came in: every span (when kept) and how many.
+#[derive(Default)]
+struct Received {
+    keep: bool,
+    spans: Mutex<Vec<Span>>,
+    count: AtomicU64,
 }
 
 impl Receiver {
-    /// Starts listening.
+    /// Starts listening, keeping every span for [`Receiver::trace`].
     pub fn start() -> Receiver {
+        Receiver::listening(true)
+    }
+
+    /// Starts listening, decoding and counting spans but keeping none
+    /// (for load that would otherwise fill memory).
+    pub fn counting() -> Receiver {
+        Receiver::listening(false)
+    }
+
+    fn listening(keep: bool) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("address"));
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let kept = spans.clone();
+        let received = Arc::new(Received {
+            keep,
+            ..Received::default()
+        });
+        let shared = received.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let kept = kept.clone();
-                std::thread::spawn(move || serve(stream, &kept));
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(stream, &shared));
             }
         });
-        Receiver { url, spans }
+        Receiver { url, received }
+    }
+
+    /// Spans received so far.
+    pub fn count(&self) -> u64 {
+        self.received.count.load(Ordering::SeqCst)
     }
 
     /// Every span of `trace_id` received once `done` holds for them, or
@@ -61,6 +88,7 @@ impl Receiver {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let spans: Vec<Span> = self
+                .received
                 .spans
                 .lock()
                 .map(|all| {
@@ -79,7 +107,7 @@ impl Receiver {
 }
 
 /// Answers OTLP exports on one connection until the client closes it.
-fn serve(stream: TcpStream, spans: &Mutex<Vec<Span>>) {
+fn serve(stream: TcpStream, received: &Received) {
     let mut writer = stream.try_clone().expect("a second handle");
     let mut reader = BufReader::new(stream);
     loop {
@@ -106,10 +134,16 @@ fn serve(stream: TcpStream, spans: &Mutex<Vec<Span>>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        if let Ok(request) = ExportTraceServiceRequest::decode(body.as_slice())
-            && let Ok(mut all) = spans.lock()
-        {
-            all.extend(flatten(request));
+        if let Ok(request) = ExportTraceServiceRequest::decode(body.as_slice()) {
+            let spans = flatten(request);
+            received
+                .count
+                .fetch_add(spans.len() as u64, Ordering::SeqCst);
+            if received.keep
+                && let Ok(mut all) = received.spans.lock()
+            {
+                all.extend(spans);
+            }
         }
         let answer =
             "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";

@@ -10,6 +10,7 @@ mod overhead;
 mod python;
 mod sandbox;
 mod scaling;
+mod tracing;
 
 use crate::RunArgs;
 use crate::context::Bench;
@@ -30,6 +31,7 @@ const SECTIONS: &[(u8, &str, SectionFn)] = &[
     (7, "memory", memory::run),
     (8, "Open Inference Protocol", oip::run),
     (9, "JetStream", jetstream::run),
+    (10, "tracing", tracing::run),
 ];
 
 /// Runs the selected sections and writes `results.json` and the report.
