@@ -24,6 +24,10 @@ pub struct ServeConfig {
     /// `OTEL_TRACES_SAMPLER`/`_ARG`. Off when neither is set.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// The OTLP transport: `http/protobuf` or `grpc`; overrides
+    /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` and `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    #[arg(long)]
+    pub otlp_protocol: Option<String>,
     /// Data directory: registry.redb, blobs, compiled artifacts.
     #[arg(long, env = "CASCADE_DATA", default_value = "./cascade-data")]
     pub data: PathBuf,

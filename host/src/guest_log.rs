@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// Longest piece of one guest write that reaches the log.
 pub const LOG_WRITE_BYTES: usize = 4096;
+/// Bytes a guest may write at once (it writes more in several calls).
+const WRITE_PERMIT: usize = 64 * 1024;
 /// Lines per second one instance may log, sustained.
 pub const LINES_PER_SECOND: u32 = 50;
 /// Lines one instance may log in a burst.
@@ -87,9 +90,38 @@ impl IsTerminal for GuestLog {
 }
 
 impl StdoutStream for GuestLog {
+    /// Written during the guest's own call (wasmtime's default adapter
+    /// would write from a task of its own), so each line is logged inside
+    /// the request's span and carries its request and trace ids.
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
         Box::new(self.clone())
     }
+}
+
+impl OutputStream for GuestLog {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.lines(&String::from_utf8_lossy(
+            &bytes[..bytes.len().min(LOG_WRITE_BYTES)],
+        ));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(WRITE_PERMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestLog {
+    async fn ready(&mut self) {}
 }
 
 impl AsyncWrite for GuestLog {

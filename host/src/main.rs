@@ -206,11 +206,17 @@ fn run(cli: Cli) -> Result<()> {
     let traces = match &cli.command {
         Command::Serve(config) => {
             let _inside = runtime.enter();
-            Traces::from_env(config.otlp_endpoint.as_deref())?
+            Traces::from_env(
+                config.otlp_endpoint.as_deref(),
+                config.otlp_protocol.as_deref(),
+            )?
         }
         _ => None,
     };
     cascade_host::logging::init(cli.log_format, traces.as_ref());
+    if let Some(traces) = &traces {
+        tracing::info!("{}", traces.summary());
+    }
     match cli.command {
         Command::Serve(config) => {
             let served = runtime.block_on(cascade_host::serve::run(*config));

@@ -247,6 +247,9 @@ impl PreparedFunction {
     /// must read a body admit first, so the queue bounds how many bodies
     /// are held in memory at once.
     pub async fn admit(&self) -> Result<Admission, InvokeError> {
+        // The invocation's span (every trigger admits inside it): the
+        // revision is known from here on, for every line logged.
+        tracing::Span::current().record("revision", self.revision);
         let deadline = Instant::now() + self.timeout();
         let counted = RequestInFlight::enter();
         let entry = self
@@ -415,6 +418,7 @@ fn stage_span(stage: &PreparedStage) -> tracing::Span {
         otel.name = %format_args!("stage {}", stage.label()),
         stage = stage.label(),
         stage_kind = kind,
+        batch_size = tracing::field::Empty,
     )
 }
 
@@ -461,10 +465,13 @@ async fn run_stage(
             };
             match tokio::time::timeout(remaining, queue.run(inputs)).await {
                 Ok(answer) => {
-                    let (inputs, outputs) = answer?;
+                    let answer = answer?;
+                    if answer.batched > 1 {
+                        tracing::Span::current().record("batch_size", answer.batched);
+                    }
                     Ok(Flow::Tensors {
-                        inputs,
-                        outputs: outputs?,
+                        inputs: answer.available,
+                        outputs: answer.outputs?,
                     })
                 }
                 Err(_) => Err(StageError::DeadlineExceeded),

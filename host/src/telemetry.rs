@@ -37,7 +37,8 @@ enum Transport {
 pub enum TelemetryError {
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` names a transport we do not speak.
     #[error(
-        "OTEL_EXPORTER_OTLP_PROTOCOL is {0:?}; Cascade exports traces over \"http/protobuf\" or \"grpc\""
+        "the OTLP protocol is {0:?} (--otlp-protocol or OTEL_EXPORTER_OTLP_PROTOCOL); \
+         Cascade exports traces over \"http/protobuf\" or \"grpc\""
     )]
     Protocol(String),
     /// The exporter refused its configuration (a malformed endpoint…).
@@ -49,13 +50,18 @@ pub enum TelemetryError {
 /// is still buffered.
 pub struct Traces {
     provider: SdkTracerProvider,
+    summary: String,
 }
 
 impl Traces {
     /// The exporter, if traces are on: `endpoint` (the flag) or the
-    /// environment says where to. Must be called inside the tokio runtime
-    /// (the gRPC transport needs it).
-    pub fn from_env(endpoint: Option<&str>) -> Result<Option<Traces>, TelemetryError> {
+    /// environment says where to, `protocol` (the flag) or the environment
+    /// how. Must be called inside the tokio runtime (the gRPC transport
+    /// needs it).
+    pub fn from_env(
+        endpoint: Option<&str>,
+        protocol: Option<&str>,
+    ) -> Result<Option<Traces>, TelemetryError> {
         if env_true("OTEL_SDK_DISABLED") {
             return Ok(None);
         }
@@ -68,7 +74,16 @@ impl Traces {
         if endpoint.is_none() && !configured {
             return Ok(None);
         }
-        let exporter = match transport()? {
+        let transport = transport(protocol)?;
+        let summary = format!(
+            "exporting traces over OTLP {} to {}",
+            match transport {
+                Transport::HttpProtobuf => "http/protobuf",
+                Transport::Grpc => "grpc",
+            },
+            endpoint.unwrap_or("the endpoint OTEL_EXPORTER_OTLP_ENDPOINT names")
+        );
+        let exporter = match transport {
             Transport::HttpProtobuf => {
                 let mut builder = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
@@ -96,7 +111,12 @@ impl Traces {
             .with_batch_exporter(exporter)
             .with_resource(resource.build())
             .build();
-        Ok(Some(Traces { provider }))
+        Ok(Some(Traces { provider, summary }))
+    }
+
+    /// Where and how spans go, for the log.
+    pub fn summary(&self) -> &str {
+        &self.summary
     }
 
     /// The layer that exports the host's spans.
@@ -122,10 +142,14 @@ fn env_true(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
-fn transport() -> Result<Transport, TelemetryError> {
-    let value = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_default();
+/// The transport `flag` names, or else the environment.
+fn transport(flag: Option<&str>) -> Result<Transport, TelemetryError> {
+    let value = match flag {
+        Some(value) => value.to_string(),
+        None => std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .unwrap_or_default(),
+    };
     match value.trim() {
         "" | "http/protobuf" => Ok(Transport::HttpProtobuf),
         "grpc" => Ok(Transport::Grpc),

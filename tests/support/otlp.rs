@@ -1,8 +1,13 @@
-//! An OTLP/HTTP trace receiver on loopback: what a collector would get
+//! An OTLP trace receiver on loopback (HTTP/protobuf or gRPC): what a collector would get
 //! from a host, decoded with the official OpenTelemetry protobuf
 //! definitions (the `opentelemetry-proto` crate).
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use std::collections::BTreeMap;
@@ -60,6 +65,34 @@ impl Receiver {
         Receiver::listening(false)
     }
 
+    /// Starts listening for OTLP over gRPC instead, keeping every span.
+    pub fn start_grpc() -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let received = Arc::new(Received {
+            keep: true,
+            ..Received::default()
+        });
+        let service = TraceServiceServer::new(Collector(received.clone()));
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio");
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).expect("non-blocking");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let incoming = futures_util::stream::unfold(listener, |l| async move {
+                    Some((l.accept().await.map(|(stream, _)| stream), l))
+                });
+                let _ = tonic::transport::Server::builder()
+                    .serve_with_incoming(service, incoming)
+                    .await;
+            });
+        });
+        Receiver { url, received }
+    }
+
     fn listening(keep: bool) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("address"));
@@ -102,6 +135,32 @@ impl Receiver {
                 return spans;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The gRPC trace service: each export's spans into `Received`.
+struct Collector(Arc<Received>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.take(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Received {
+    fn take(&self, request: ExportTraceServiceRequest) {
+        let spans = flatten(request);
+        self.count.fetch_add(spans.len() as u64, Ordering::SeqCst);
+        if self.keep
+            && let Ok(mut all) = self.spans.lock()
+        {
+            all.extend(spans);
         }
     }
 }

@@ -88,6 +88,10 @@ fn a_json_log_is_one_object_per_line_with_the_event_fields() {
     assert_eq!(invoked["function"], "mb");
     assert_eq!(invoked["status"], 200);
     assert!(invoked["request_id"].is_string(), "{invoked}");
+    // The guest's line joins its request: the invocation span's fields.
+    assert_eq!(guest["request_id"], invoked["request_id"], "{guest}");
+    assert_eq!(guest["revision"], 1, "{guest}");
+    assert_eq!(guest["trigger"], "http", "{guest}");
 }
 
 #[test]

@@ -138,6 +138,51 @@ fn an_http_invocation_continues_the_callers_trace_with_a_span_per_stage() {
 }
 
 #[test]
+fn spans_go_over_grpc_when_asked() {
+    let receiver = Receiver::start_grpc();
+    let host = Host::start_with(&["--otlp-endpoint", &receiver.url, "--otlp-protocol", "grpc"]);
+    host.publish_examples();
+    let trace = "6cf92f3577b34da6a3ce929d0e0e4738";
+    let response = cascade_tests::host::client()
+        .post(format!("{}/v1/functions/embed/invoke", host.url))
+        .header("content-type", "text/plain")
+        .header("traceparent", traceparent(trace, CALLER))
+        .body("over gRPC")
+        .send()
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    let spans = receiver.trace(trace, |s| s.len() >= 4);
+    let invoke = named(&spans, "invoke embed");
+    assert_eq!(invoke.len(), 1, "{spans:#?}");
+    assert_eq!(invoke[0].parent_span_id, CALLER);
+    assert_eq!(
+        spans.len(),
+        4,
+        "the invocation and three stages: {spans:#?}"
+    );
+}
+
+#[test]
+fn an_unknown_otlp_protocol_is_refused_at_start() {
+    let out = std::process::Command::new(cascade_tests::host::cascade_binary())
+        .args([
+            "serve",
+            "--otlp-endpoint",
+            "http://127.0.0.1:9",
+            "--otlp-protocol",
+            "http/json",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the OTLP protocol is \"http/json\"") && stderr.contains("\"grpc\""),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_nats_request_continues_the_trace_and_the_reply_carries_it() {
     let receiver = Receiver::start();
     let nats = NatsServer::start();

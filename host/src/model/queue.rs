@@ -51,7 +51,14 @@ pub struct BatchCounts {
 }
 
 /// A request's tensors back, with the model's outputs for it.
-pub type Answer = (Vec<Tensor>, Result<Vec<Tensor>, StageError>);
+pub struct Answer {
+    /// The tensors that flowed into the stage, given back.
+    pub available: Vec<Tensor>,
+    /// The model's outputs for this request.
+    pub outputs: Result<Vec<Tensor>, StageError>,
+    /// Requests in the run that served it (1: alone).
+    pub batched: usize,
+}
 
 /// Runs one model stage's requests, at most `runners` at a time, merging
 /// queued ones into batches of up to `max_rows` rows.
@@ -241,7 +248,11 @@ impl<M: Model> ModelQueue<M> {
                 let failed = Err(StageError::Internal(
                     "no thread could run the model (see the host log)".into(),
                 ));
-                let _ = request.done.send((request.available, failed));
+                let _ = request.done.send(Answer {
+                    available: request.available,
+                    outputs: failed,
+                    batched: 0,
+                });
             }
         }
     }
@@ -341,8 +352,13 @@ struct Delivery(Vec<(Request, Result<Vec<Tensor>, StageError>)>);
 
 impl Delivery {
     fn send(self) {
-        for (request, outcome) in self.0 {
-            let _ = request.done.send((request.available, outcome));
+        let batched = self.0.len();
+        for (request, outputs) in self.0 {
+            let _ = request.done.send(Answer {
+                available: request.available,
+                outputs,
+                batched,
+            });
         }
     }
 }
@@ -481,8 +497,7 @@ mod tests {
     }
 
     fn answer_of(answer: Result<Answer, StageError>) -> Result<Vec<u8>, StageError> {
-        let (_, outputs) = answer?;
-        Ok(outputs?.remove(0).data)
+        Ok(answer?.outputs?.remove(0).data)
     }
 
     /// The rows of each run, in order.

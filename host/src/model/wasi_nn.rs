@@ -172,7 +172,7 @@ impl BackendExecutionContext for QueuedContext {
         let outputs = match answer {
             Err(_) => Err(StageError::DeadlineExceeded),
             Ok(Err(e)) => Err(e),
-            Ok(Ok((_, outputs))) => outputs,
+            Ok(Ok(answer)) => answer.outputs,
         }
         .map_err(|e| match e {
             StageError::InvalidInput(m)
