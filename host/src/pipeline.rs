@@ -15,6 +15,7 @@ use crate::model::wide_runs::RequestInFlight;
 use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
 use cascade_registry::manifest::Function;
 use cascade_registry::records::{ModelSignature, World};
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -257,6 +258,15 @@ impl PreparedFunction {
             .enter(self.timeout())
             .await
             .map_err(|refused| self.refused(refused))?;
+        let waited = deadline.saturating_duration_since(Instant::now());
+        let waited = self.timeout().saturating_sub(waited);
+        tracing::Span::current().add_event(
+            "admitted",
+            vec![KeyValue::new(
+                "cascade.queue.wait_ms",
+                waited.as_secs_f64() * 1000.0,
+            )],
+        );
         Ok(Admission {
             deadline,
             _entry: entry,
@@ -466,8 +476,8 @@ async fn run_stage(
             match tokio::time::timeout(remaining, queue.run(inputs)).await {
                 Ok(answer) => {
                     let answer = answer?;
-                    if answer.batched > 1 {
-                        tracing::Span::current().record("batch_size", answer.batched);
+                    if let Some((started, waited)) = answer.run {
+                        traced_model_run(started, waited, answer.batched);
                     }
                     Ok(Flow::Tensors {
                         inputs: answer.available,
@@ -478,6 +488,23 @@ async fn run_stage(
             }
         }
     }
+}
+
+/// Marks in the stage's span when its model run started, after how long a
+/// wait for a runner, and with how many requests in its batch.
+fn traced_model_run(started: std::time::SystemTime, waited: Duration, batched: usize) {
+    let span = tracing::Span::current();
+    if batched > 1 {
+        span.record("batch_size", batched);
+    }
+    let attributes = vec![
+        KeyValue::new("cascade.queue.wait_ms", waited.as_secs_f64() * 1000.0),
+        KeyValue::new(
+            "cascade.batch.size",
+            i64::try_from(batched).unwrap_or(i64::MAX),
+        ),
+    ];
+    span.add_event_with_timestamp("model run", started, attributes);
 }
 
 /// Calls the guest export of `world` with what flowed in, settling the lease.

@@ -36,6 +36,8 @@ pub struct Span {
     pub attributes: BTreeMap<String, String>,
     /// Its duration.
     pub duration: Duration,
+    /// Its events' names, in order.
+    pub events: Vec<String>,
 }
 
 /// A receiver listening on a free loopback port until dropped.
@@ -234,6 +236,7 @@ fn flatten(request: ExportTraceServiceRequest) -> Vec<Span> {
                         span.end_time_unix_nano
                             .saturating_sub(span.start_time_unix_nano),
                     ),
+                    events: span.events.into_iter().map(|e| e.name).collect(),
                 });
             }
         }

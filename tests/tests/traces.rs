@@ -85,6 +85,7 @@ fn an_http_invocation_continues_the_callers_trace_with_a_span_per_stage() {
         invoke.attributes["http.route"],
         "/v1/functions/{name}/invoke"
     );
+    assert_eq!(invoke.events, ["admitted", "invoke"], "admission, then the log line");
     let request_id = response.headers()["x-request-id"].to_str().expect("ascii");
     assert_eq!(invoke.attributes["request_id"], request_id);
     // One child per stage, in the order and with the durations the caller
@@ -101,6 +102,12 @@ fn an_http_invocation_continues_the_callers_trace_with_a_span_per_stage() {
         );
         total += traced;
     }
+    let model = named(&spans, "stage minilm-l3@1.0.0");
+    assert_eq!(
+        model[0].events,
+        ["model run"],
+        "the model's run in its stage"
+    );
     let whole = invoke.duration.as_secs_f64() * 1000.0;
     assert!(
         total <= whole,

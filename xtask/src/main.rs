@@ -243,6 +243,7 @@ fn up(root: &Path) -> Result<()> {
          curl -s {registry}/v2/models/embed   # the same function as an Open Inference Protocol model\n  \
          curl -s {registry}/metrics\n  \
          {} list\n\n\
+         The dashboard is at {registry}/ui.\n\n\
          NATS with JetStream is on {nats}: request-reply on embed.requests and \
          orientation.requests; images published to the stream subject events.images.<anything> \
          get their predictions stored on predictions.orientation (README: JetStream).\n\n\

@@ -22,6 +22,7 @@ use prometheus::IntCounter;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 
 /// What runs a model: [`ModelPlan`], or a fake in tests.
@@ -56,8 +57,10 @@ pub struct Answer {
     pub available: Vec<Tensor>,
     /// The model's outputs for this request.
     pub outputs: Result<Vec<Tensor>, StageError>,
-    /// Requests in the run that served it (1: alone).
+    /// Requests in the run that served it (1: alone; 0: never run).
     pub batched: usize,
+    /// When that run started, and how long the request waited for it.
+    pub run: Option<(SystemTime, Duration)>,
 }
 
 /// Runs one model stage's requests, at most `runners` at a time, merging
@@ -98,6 +101,8 @@ struct Request {
     key: Vec<(TensorType, Vec<u32>)>,
     rows: usize,
     done: oneshot::Sender<Answer>,
+    /// When it joined the queue.
+    queued: Instant,
 }
 
 impl<M: Model> ModelQueue<M> {
@@ -176,15 +181,19 @@ impl<M: Model> ModelQueue<M> {
     fn drain(&self) -> Delivery {
         let mut group = match self.next_or_stop() {
             Some(group) => group,
-            None => return Delivery(Vec::new()),
+            None => return Delivery::none(),
         };
         loop {
+            let started = (Instant::now(), SystemTime::now());
             let outcomes =
                 catch_unwind(AssertUnwindSafe(|| self.execute(&group))).unwrap_or_else(|_| {
                     let failed = || Err(StageError::Internal("the model run panicked".into()));
                     group.iter().map(|_| failed()).collect()
                 });
-            let answers = Delivery(group.into_iter().zip(outcomes).collect());
+            let answers = Delivery {
+                answers: group.into_iter().zip(outcomes).collect(),
+                started,
+            };
             match self.next_or_stop() {
                 Some(next) => {
                     answers.send();
@@ -252,6 +261,7 @@ impl<M: Model> ModelQueue<M> {
                     available: request.available,
                     outputs: failed,
                     batched: 0,
+                    run: None,
                 });
             }
         }
@@ -297,6 +307,7 @@ impl<M: Model> ModelQueue<M> {
             picked,
             available,
             done,
+            queued: Instant::now(),
         })
     }
 
@@ -348,16 +359,29 @@ impl<M: Model> ModelQueue<M> {
 }
 
 /// Answers of one run, to send to their requests' callers.
-struct Delivery(Vec<(Request, Result<Vec<Tensor>, StageError>)>);
+struct Delivery {
+    answers: Vec<(Request, Result<Vec<Tensor>, StageError>)>,
+    /// When the run started (for waits), and on the wall clock (for traces).
+    started: (Instant, SystemTime),
+}
 
 impl Delivery {
+    fn none() -> Delivery {
+        Delivery {
+            answers: Vec::new(),
+            started: (Instant::now(), SystemTime::now()),
+        }
+    }
+
     fn send(self) {
-        let batched = self.0.len();
-        for (request, outputs) in self.0 {
+        let batched = self.answers.len();
+        let (at, wall) = self.started;
+        for (request, outputs) in self.answers {
             let _ = request.done.send(Answer {
                 available: request.available,
                 outputs,
                 batched,
+                run: Some((wall, at.saturating_duration_since(request.queued))),
             });
         }
     }
