@@ -87,6 +87,14 @@ pub enum InvokeError {
     /// The function does not exist (404).
     #[error("function {0} is not published")]
     NotFound(String),
+    /// The function's traffic split has no target with this tag (404).
+    #[error("function {function} has no traffic target tagged {tag:?}")]
+    UnknownTag {
+        /// Function name.
+        function: String,
+        /// The tag asked for.
+        tag: String,
+    },
     /// The request body is over the function's limit (413).
     #[error("function {function}: body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -157,7 +165,7 @@ impl InvokeError {
     pub fn status(&self) -> u16 {
         match self {
             InvokeError::InvalidInput { .. } => 400,
-            InvokeError::NotFound(_) => 404,
+            InvokeError::NotFound(_) | InvokeError::UnknownTag { .. } => 404,
             InvokeError::TooLarge { .. } => 413,
             InvokeError::Internal { .. } => 500,
             InvokeError::Overloaded(_)
@@ -171,7 +179,7 @@ impl InvokeError {
     pub fn code(&self) -> &'static str {
         match self {
             InvokeError::InvalidInput { .. } => "invalid_input",
-            InvokeError::NotFound(_) => "not_found",
+            InvokeError::NotFound(_) | InvokeError::UnknownTag { .. } => "not_found",
             InvokeError::TooLarge { .. } => "too_large",
             InvokeError::Internal { .. } => "internal",
             InvokeError::Overloaded(_) => "overloaded",

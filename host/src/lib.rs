@@ -11,7 +11,7 @@
 //! - [`registry_api`]: the registry's routes (read, delete, roll back);
 //! - [`publish`]: publish-time checks (component world, model, the manifest parsed once);
 //! - [`events`]: typed registry events, announced over NATS;
-//! - [`runtime`]: the functions served, prepared from typed registry revisions and swapped by revision;
+//! - [`runtime`]: the functions served, prepared from typed registry revisions and swapped by revision; [`traffic`]: several revisions of one function at once, by share, tag or sticky key;
 //! - [`pipeline`]: one invocation through a function's stages, recorded once whatever the trigger;
 //! - [`error`]: the request path's errors ([`error::StageError`], [`error::InvokeError`]);
 //! - [`pool`]: admission per function and warm instances per stage;
@@ -64,4 +64,5 @@ pub mod serve;
 pub mod stage;
 pub mod telemetry;
 pub mod trace_context;
+pub mod traffic;
 pub mod trigger;

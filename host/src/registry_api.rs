@@ -7,6 +7,7 @@ use crate::http::{ApiError, Body, HttpState, blocking, file, full, json, read_bo
 use crate::publish;
 use crate::routes::{Matched, Route};
 use cascade_registry::names::{Name, Reference};
+use cascade_registry::traffic::Traffic;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -27,6 +28,8 @@ pub async fn route(
         }
         (Route::PublishFunction, [name]) => publish::function(state, name, request).await,
         (Route::Rollback, [name]) => rollback(state, name, request).await,
+        (Route::SetTraffic, [name]) => set_traffic(state, name, request).await,
+        (Route::Traffic, [name]) => traffic(state, name).await,
         (route, [name, version]) if is_component(route) => {
             component(state, route, reference(name, version)?).await
         }
@@ -191,6 +194,63 @@ async fn rollback(
         .events
         .emit(RegistryEvent::function(Action::RolledBack, &record.record));
     ok(&record)
+}
+
+/// Largest traffic split accepted, in bytes.
+const MAX_TRAFFIC_BYTES: u64 = 16 * 1024;
+
+/// `PUT /v1/functions/{name}/traffic`: stores the split (checked against
+/// the function's revisions) and serves it at once.
+async fn set_traffic(
+    state: &Arc<HttpState>,
+    name: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(request.into_body(), MAX_TRAFFIC_BYTES).await?;
+    let split: Traffic = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(format!(
+            "expected JSON {{\"targets\": [{{\"revision\": N or \"latest\", \"percent\": P, \"tag\": T}}], \"sticky_header\": H}}: {e}"
+        ))
+    })?;
+    let (runtime, function) = (state.runtime.clone(), name.to_string());
+    blocking(move || {
+        runtime.registry().set_traffic(&function, &split)?;
+        runtime
+            .refresh_split(&function)
+            .map_err(ApiError::internal)?;
+        Ok::<_, ApiError>(())
+    })
+    .await??;
+    traffic(state, name).await
+}
+
+/// `GET /v1/functions/{name}/traffic`: the split, each target's revision
+/// resolved (`latest` is the head).
+async fn traffic(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, ApiError> {
+    let registry = state.runtime.registry().clone();
+    let name = name.to_string();
+    let (head, split) = blocking(move || {
+        let head = registry.function(&name)?.record.revision;
+        Ok::<_, ApiError>((head, registry.traffic(&name)?))
+    })
+    .await??;
+    let targets: Vec<serde_json::Value> = split
+        .targets
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "revision": t.revision,
+                "serves": t.revision.resolve(head),
+                "percent": t.percent,
+                "tag": t.tag,
+            })
+        })
+        .collect();
+    ok(&serde_json::json!({
+        "head": head,
+        "targets": targets,
+        "sticky_header": split.sticky_header,
+    }))
 }
 
 fn ok(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {

@@ -64,6 +64,10 @@ pub enum Route {
     DeleteFunction,
     /// `POST /v1/functions/{name}/rollback`
     Rollback,
+    /// `GET /v1/functions/{name}/traffic`
+    Traffic,
+    /// `PUT /v1/functions/{name}/traffic`
+    SetTraffic,
     /// `GET /v2`: OIP server metadata
     OipServer,
     /// `GET /v2/health/live`
@@ -186,6 +190,18 @@ const TABLE: &[(Method, &str, Route, Need)] = &[
         "/v1/functions/{}/revisions",
         Route::FunctionRevisions,
         READ,
+    ),
+    (
+        Method::GET,
+        "/v1/functions/{}/traffic",
+        Route::Traffic,
+        READ,
+    ),
+    (
+        Method::PUT,
+        "/v1/functions/{}/traffic",
+        Route::SetTraffic,
+        PUBLISH,
     ),
     (
         Method::GET,

@@ -14,8 +14,10 @@ use crate::pipeline::{PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
 use crate::stage::ComponentStage;
+use crate::traffic::{self, Choice, Split};
 use cascade_registry::manifest::{ComponentStep, Function, ModelStep, Stage};
 use cascade_registry::records::Revision;
+use cascade_registry::traffic::Traffic;
 use cascade_registry::{Registry, RegistryError};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -65,6 +67,9 @@ pub struct Runtime {
     compiled_dir: PathBuf,
     components: Mutex<HashMap<String, Arc<ComponentStage>>>,
     functions: RwLock<HashMap<String, Arc<PreparedFunction>>>,
+    /// Functions served as several revisions (a traffic split other than
+    /// "all to the head").
+    splits: RwLock<HashMap<String, Arc<Split>>>,
     changes: tokio::sync::Notify,
     /// True until [`Runtime::load_all`] has prepared what the registry held at start.
     loading: AtomicBool,
@@ -98,6 +103,7 @@ impl Runtime {
             compiled_dir,
             components: Mutex::new(HashMap::new()),
             functions: RwLock::new(HashMap::new()),
+            splits: RwLock::new(HashMap::new()),
             changes: tokio::sync::Notify::new(),
             loading: AtomicBool::new(true),
             unservable: Mutex::new(HashMap::new()),
@@ -198,6 +204,98 @@ impl Runtime {
         }
     }
 
+    /// The revision that serves one request to `name`: its traffic split
+    /// decides (a tag, the sticky key, or the shares), else the head.
+    pub fn choose(
+        &self,
+        name: &str,
+        choice: &Choice<'_>,
+    ) -> Result<Arc<PreparedFunction>, InvokeError> {
+        let split = self.splits.read().ok().and_then(|s| s.get(name).cloned());
+        match (split, choice.tag) {
+            (Some(split), _) => split.choose(name, choice),
+            (None, Some(tag)) => {
+                self.function(name)?;
+                Err(traffic::unknown_tag(name, tag))
+            }
+            (None, None) => self.function(name),
+        }
+    }
+
+    /// [`Runtime::choose`], waiting like [`Runtime::function_when_loaded`].
+    pub async fn choose_when_loaded(
+        &self,
+        name: &str,
+        choice: &Choice<'_>,
+    ) -> Result<Arc<PreparedFunction>, InvokeError> {
+        if let Ok(function) = self.choose(name, choice) {
+            return Ok(function);
+        }
+        loop {
+            let changed = self.changes.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.choose(name, choice) {
+                Ok(function) => return Ok(function),
+                Err(e) if !self.is_loading() => return Err(e),
+                Err(_) => changed.await,
+            }
+        }
+    }
+
+    /// The header whose value keeps a caller of `name` on one target.
+    pub fn sticky_header(&self, name: &str) -> Option<String> {
+        let splits = self.splits.read().ok()?;
+        splits.get(name)?.sticky_header().map(str::to_string)
+    }
+
+    /// The split `name` is served with, if not all to its head.
+    pub fn split(&self, name: &str) -> Option<Arc<Split>> {
+        self.splits.read().ok()?.get(name).cloned()
+    }
+
+    /// Serves `name` as its registry's traffic split says: prepares the
+    /// revisions its targets name (blocking). All to the head: no split.
+    pub fn refresh_split(&self, name: &str) -> Result<(), PrepareError> {
+        let traffic = match self.registry.traffic(name) {
+            Ok(traffic) => traffic,
+            Err(RegistryError::NotFound(_)) => Traffic::default(),
+            Err(e) => return Err(e.into()),
+        };
+        let head = self.function(name).ok();
+        let (Some(head), false) = (head, traffic == Traffic::default()) else {
+            if let Ok(mut splits) = self.splits.write() {
+                splits.remove(name);
+            }
+            return Ok(());
+        };
+        let earlier = self.split(name);
+        let mut revisions = HashMap::new();
+        for target in &traffic.targets {
+            let number = target.revision.resolve(head.revision());
+            if revisions.contains_key(&number) {
+                continue;
+            }
+            let prepared = if number == head.revision() {
+                head.clone()
+            } else if let Some(kept) = earlier.as_ref().and_then(|s| s.revision(number)) {
+                kept
+            } else {
+                let revision = self.registry.function_revision(name, number)?;
+                Arc::new(self.prepare(&revision)?)
+            };
+            revisions.insert(number, prepared);
+        }
+        let split = Arc::new(Split::new(traffic, head.revision(), revisions));
+        self.splits
+            .write()
+            .map_err(|_| PrepareError::Poisoned)?
+            .insert(name.to_string(), split);
+        self.changes.notify_waiters();
+        tracing::info!(function = %name, "serving its traffic split");
+        Ok(())
+    }
+
     /// Whether the functions present at start are still being prepared.
     pub fn is_loading(&self) -> bool {
         self.loading.load(Ordering::SeqCst)
@@ -245,6 +343,9 @@ impl Runtime {
                     .write()
                     .ok()
                     .and_then(|mut functions| functions.remove(name));
+                if let Ok(mut splits) = self.splits.write() {
+                    splits.remove(name);
+                }
                 if let Some(removed) = removed {
                     removed.retire();
                     self.metrics.forget_function(name);
@@ -298,7 +399,8 @@ impl Runtime {
         self.mark_unservable(&record.name, None);
         self.changes.notify_waiters();
         tracing::info!(function = %record.name, revision = record.revision, "serving");
-        Ok(())
+        // A new head moves the split's `latest` targets.
+        self.refresh_split(&record.name)
     }
 
     /// The registry's current revision number of `name`.

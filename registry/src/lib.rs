@@ -30,6 +30,7 @@ pub mod names;
 pub mod records;
 pub mod store;
 mod tables;
+pub mod traffic;
 pub mod triggers;
 
 pub use error::RegistryError;

@@ -12,7 +12,8 @@ use crate::names::{Name, Reference};
 use crate::records::{
     ComponentRecord, FileRecord, FunctionRecord, ModelRecord, ModelSignature, Revision, Use, World,
 };
-use crate::tables::{COMPONENTS, FUNCTION_HEADS, FUNCTION_REVISIONS, MODELS};
+use crate::tables::{COMPONENTS, FUNCTION_HEADS, FUNCTION_REVISIONS, FUNCTION_TRAFFIC, MODELS};
+use crate::traffic::Traffic;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -186,6 +187,7 @@ impl Registry {
         txn.open_table(MODELS)?;
         txn.open_table(FUNCTION_REVISIONS)?;
         txn.open_table(FUNCTION_HEADS)?;
+        txn.open_table(FUNCTION_TRAFFIC)?;
         txn.commit()?;
         let registry = Registry {
             db,
@@ -531,6 +533,38 @@ impl Registry {
         })
     }
 
+    /// How a function's requests split across its revisions (every
+    /// request to the head when none was set).
+    pub fn traffic(&self, name: &str) -> Result<Traffic, RegistryError> {
+        self.function(name)?;
+        Ok(get(&self.db, FUNCTION_TRAFFIC, name)?.unwrap_or_default())
+    }
+
+    /// Sets a function's traffic split, checked against its revisions in
+    /// the same transaction that stores it.
+    pub fn set_traffic(&self, name: &str, traffic: &Traffic) -> Result<(), RegistryError> {
+        self.write(|txn| {
+            let revisions = txn.open_table(FUNCTION_REVISIONS)?;
+            let numbers: Vec<u64> = revisions
+                .range((name, 0)..=(name, u64::MAX))?
+                .map(|e| e.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            if numbers.is_empty() {
+                return Err(RegistryError::NotFound(format!(
+                    "function {name} is not published"
+                )));
+            }
+            traffic.check(&numbers).map_err(RegistryError::Invalid)?;
+            let mut table = txn.open_table(FUNCTION_TRAFFIC)?;
+            if *traffic == Traffic::default() {
+                table.remove(name)?;
+            } else {
+                table.insert(name, serde_json::to_vec(traffic)?.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     /// Serves an earlier revision again.
     pub fn rollback(&self, name: &str, revision: u64) -> Result<Revision, RegistryError> {
         self.write(|txn| {
@@ -608,6 +642,7 @@ impl Registry {
                 revisions.remove((name, revision.record.revision))?;
             }
             txn.open_table(FUNCTION_HEADS)?.remove(name)?;
+            txn.open_table(FUNCTION_TRAFFIC)?.remove(name)?;
             Ok(())
         })?;
         Ok(removed)

@@ -11,3 +11,5 @@ pub const FUNCTION_REVISIONS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("function_revisions");
 /// name → the revision currently served.
 pub const FUNCTION_HEADS: TableDefinition<&str, u64> = TableDefinition::new("function_heads");
+/// name → JSON [`crate::traffic::Traffic`]; absent: every request to the head.
+pub const FUNCTION_TRAFFIC: TableDefinition<&str, &[u8]> = TableDefinition::new("function_traffic");

@@ -85,7 +85,11 @@ fn an_http_invocation_continues_the_callers_trace_with_a_span_per_stage() {
         invoke.attributes["http.route"],
         "/v1/functions/{name}/invoke"
     );
-    assert_eq!(invoke.events, ["admitted", "invoke"], "admission, then the log line");
+    assert_eq!(
+        invoke.events,
+        ["admitted", "invoke"],
+        "admission, then the log line"
+    );
     let request_id = response.headers()["x-request-id"].to_str().expect("ascii");
     assert_eq!(invoke.attributes["request_id"], request_id);
     // One child per stage, in the order and with the durations the caller

@@ -13,6 +13,7 @@ use crate::pipeline::{Invocation, PreparedFunction, Trigger};
 use crate::registry_api;
 use crate::routes::{self, Route};
 use crate::trace_context::{self, HttpHeaders};
+use crate::traffic::{self, Choice};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -23,6 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
+
+/// The response header naming the revision that answered.
+pub const REVISION_HEADER: &str = "x-cascade-revision";
 
 /// What one listener allows a client.
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +135,12 @@ async fn route(
     };
     if let Err(denied) = state
         .access
-        .check(matched.need, bearer(&request), matched.param(0))
+        // A token for function `embed` may invoke `embed@candidate` too.
+        .check(
+            matched.need,
+            bearer(&request),
+            traffic::split_tag(matched.param(0)).0,
+        )
     {
         let (status, code) = match denied.status() {
             403 => (StatusCode::FORBIDDEN, "forbidden"),
@@ -218,21 +227,34 @@ fn readyz(state: &HttpState) -> Response<Body> {
     json(status, &body)
 }
 
+/// `POST /v1/functions/{name}[@tag]/invoke`: the revision its traffic
+/// split chooses (the tagged target, or by sticky key or share) runs it.
 async fn invoke(
     state: &Arc<HttpState>,
-    name: &str,
+    target: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
+    let (name, tag) = traffic::split_tag(target);
     let request_id = state.request_id(request.headers());
     let headers = HttpHeaders(request.headers());
     let span = trace_context::invocation(Trigger::Http, name, &request_id, &headers);
     trace_context::http_server(&span, &request, "/v1/functions/{name}/invoke");
+    let sticky = state.runtime.sticky_header(name);
+    let key = sticky
+        .and_then(|header| request.headers().get(header))
+        .map(|value| value.as_bytes().to_vec());
+    let choice = Choice {
+        tag,
+        sticky_key: key.as_deref(),
+    };
+    let mut revision = None;
     // Unknown or unservable names are not recorded: they would grow the
     // label set without bound.
     let result = async {
-        match state.runtime.function_when_loaded(name).await {
+        match state.runtime.choose_when_loaded(name, &choice).await {
             Ok(function) => {
+                revision = Some(function.revision());
                 let result = invoke_function(&function, request).await;
                 let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
                 function.record(Trigger::Http, &request_id, status, started.elapsed());
@@ -252,6 +274,11 @@ async fn invoke(
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
+    }
+    if let Some(revision) = revision {
+        response
+            .headers_mut()
+            .insert(REVISION_HEADER, HeaderValue::from(revision));
     }
     Ok(response)
 }

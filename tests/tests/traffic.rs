@@ -1,0 +1,158 @@
+//! Traffic splits through the real binary: shares, sticky keys, tags at
+//! 0 %, the revision named in every answer, a split that survives a
+//! restart, and splits refused with the field at fault.
+
+use cascade_tests::host::{Host, client, error_of};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// `echo` as function `split`; each publish with a different `max_instances`
+/// is a new revision.
+fn manifest(max_instances: u32) -> String {
+    format!(
+        "name = \"split\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n\
+         [scaling]\nmax_instances = {max_instances}\n"
+    )
+}
+
+/// A host serving revisions 1 and 2 of `split`.
+fn two_revisions() -> Host {
+    let host = Host::start();
+    host.publish_component("echo");
+    host.publish_function("split", &manifest(2));
+    host.publish_function("split", &manifest(3));
+    host
+}
+
+fn set_traffic(host: &Host, split: serde_json::Value) -> reqwest::blocking::Response {
+    host.put(
+        "/v1/functions/split/traffic",
+        "application/json",
+        split.to_string(),
+    )
+}
+
+/// The revision that answered one invocation of `target` (`split` or
+/// `split@tag`), with `headers`.
+fn served_by(host: &Host, target: &str, headers: &[(&str, &str)]) -> u64 {
+    let mut request = client()
+        .post(format!("{}/v1/functions/{target}/invoke", host.url))
+        .header("content-type", "text/plain")
+        .body("hello");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().expect("answered");
+    assert_eq!(response.status(), 200, "{target}");
+    response.headers()["x-cascade-revision"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("a revision number")
+}
+
+#[test]
+fn a_ninety_ten_split_serves_each_revision_its_share() {
+    let host = two_revisions();
+    // Before any split, the head answers and says so.
+    assert_eq!(served_by(&host, "split", &[]), 2);
+    let response = set_traffic(
+        &host,
+        json!({"targets": [{"revision": 1, "percent": 90}, {"revision": "latest", "percent": 10, "tag": "candidate"}]}),
+    );
+    assert_eq!(response.status(), 200);
+    let view: serde_json::Value = response.json().expect("JSON");
+    assert_eq!(view["head"], 2);
+    assert_eq!(view["targets"][1]["serves"], 2);
+    let mut counts = BTreeMap::new();
+    for _ in 0..2000 {
+        *counts.entry(served_by(&host, "split", &[])).or_insert(0u32) += 1;
+    }
+    let second = counts.get(&2).copied().unwrap_or(0);
+    assert!(
+        (140..=260).contains(&second),
+        "revision 2 served {second} of 2000 (10 % ± 3): {counts:?}"
+    );
+    assert_eq!(counts.get(&1).copied().unwrap_or(0) + second, 2000);
+    assert_eq!(served_by(&host, "split@candidate", &[]), 2);
+}
+
+#[test]
+fn a_sticky_key_stays_on_one_arm_and_a_tag_at_zero_is_invocable_after_a_restart() {
+    let mut host = two_revisions();
+    let response = set_traffic(
+        &host,
+        json!({
+            "targets": [{"revision": 1, "percent": 50}, {"revision": 2, "percent": 50}],
+            "sticky_header": "x-user"
+        }),
+    );
+    assert_eq!(response.status(), 200);
+    for user in ["alice", "bob", "carol"] {
+        let first = served_by(&host, "split", &[("x-user", user)]);
+        for _ in 0..20 {
+            assert_eq!(
+                served_by(&host, "split", &[("x-user", user)]),
+                first,
+                "{user}"
+            );
+        }
+    }
+    let arms: std::collections::BTreeSet<u64> = (0..32)
+        .map(|i| served_by(&host, "split", &[("x-user", &format!("user-{i}"))]))
+        .collect();
+    assert_eq!(arms.len(), 2, "users spread over both arms");
+
+    let response = set_traffic(
+        &host,
+        json!({"targets": [{"revision": 1, "percent": 100}, {"revision": 2, "percent": 0, "tag": "canary"}]}),
+    );
+    assert_eq!(response.status(), 200);
+    for _ in 0..20 {
+        assert_eq!(served_by(&host, "split", &[]), 1);
+    }
+    assert_eq!(served_by(&host, "split@canary", &[]), 2);
+    host.restart();
+    assert_eq!(
+        served_by(&host, "split", &[]),
+        1,
+        "the split survives a restart"
+    );
+    assert_eq!(served_by(&host, "split@canary", &[]), 2);
+    let unknown = client()
+        .post(format!("{}/v1/functions/split@nothing/invoke", host.url))
+        .body("x")
+        .send()
+        .expect("answered");
+    let (status, message) = error_of(unknown);
+    assert_eq!(status, 404);
+    assert!(
+        message.contains("no traffic target tagged \"nothing\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_bad_split_is_refused_naming_its_field() {
+    let host = two_revisions();
+    for (split, want) in [
+        (
+            json!({"targets": [{"revision": 1, "percent": 90}]}),
+            "the percents sum to 90, not 100",
+        ),
+        (
+            json!({"targets": [{"revision": 7, "percent": 100}]}),
+            "targets[0].revision: the function has no revision 7",
+        ),
+        (
+            json!({"targets": [{"revision": 1}]}),
+            "missing field `percent`",
+        ),
+    ] {
+        let (status, message) = error_of(set_traffic(&host, split.clone()));
+        assert_eq!(status, 400, "{split}");
+        assert!(message.contains(want), "{split}: {message}");
+    }
+    // Nothing changed: the head still answers everything.
+    assert_eq!(served_by(&host, "split", &[]), 2);
+}
