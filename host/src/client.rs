@@ -77,6 +77,11 @@ pub mod paths {
         format!("{}/rollback", function(name))
     }
 
+    /// A function's traffic split.
+    pub fn traffic(name: &str) -> String {
+        format!("{}/traffic", function(name))
+    }
+
     /// A function's invocation.
     pub fn invoke(name: &str) -> String {
         format!("{}/invoke", function(name))
@@ -427,6 +432,8 @@ mod tests {
             ("PUT", paths::function("embed"), Route::PublishFunction),
             ("DELETE", paths::function("embed"), Route::DeleteFunction),
             ("POST", paths::rollback("embed"), Route::Rollback),
+            ("PUT", paths::traffic("embed"), Route::SetTraffic),
+            ("GET", paths::traffic("embed"), Route::Traffic),
             ("POST", paths::invoke("embed"), Route::Invoke),
         ];
         for (method, path, route) in cases {

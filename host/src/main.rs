@@ -76,6 +76,21 @@ enum Command {
         #[arg(long)]
         revision: u64,
     },
+    /// Shows a function's traffic split, or sets it:
+    /// `cascade traffic NAME 3=90 4=10 --tag candidate=4`.
+    Traffic {
+        /// Function name.
+        name: String,
+        /// `REVISION=PERCENT` targets (`latest=P` follows the head);
+        /// none: show the split.
+        targets: Vec<String>,
+        /// `TAG=REVISION`: addressable as `NAME@TAG` (0 % if not a target).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// A request header whose value keeps a caller on one target.
+        #[arg(long)]
+        sticky_header: Option<String>,
+    },
     /// Invokes a function and prints its reply.
     Invoke {
         /// Function name.
@@ -146,6 +161,10 @@ enum Publish {
     Function {
         /// The manifest file.
         manifest: PathBuf,
+        /// Serve the new revision to this percent of requests (tagged
+        /// `canary`), the previous revision to the rest.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+        canary: Option<u8>,
     },
 }
 
@@ -279,6 +298,21 @@ async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
                 )
                 .await?,
         ),
+        Command::Traffic {
+            name,
+            targets,
+            tag,
+            sticky_header,
+        } => {
+            let path = paths::traffic(&name);
+            if targets.is_empty() && tag.is_empty() && sticky_header.is_none() {
+                return print(&client.get::<serde_json::Value>(&path).await?);
+            }
+            let split = cascade_host::traffic::split_from_args(&targets, &tag, sticky_header)
+                .map_err(anyhow::Error::msg)?;
+            let body = serde_json::to_vec(&split)?;
+            print(&client.put_bytes(&path, "application/json", body).await?)
+        }
         Command::Invoke {
             name,
             data,
@@ -400,11 +434,16 @@ async fn publish(client: &RegistryClient, publish: Publish) -> Result<()> {
                 )
             }
         }
-        Publish::Function { manifest } => {
+        Publish::Function { manifest, canary } => {
             let text = std::fs::read_to_string(&manifest)
                 .with_context(|| format!("reading {}", manifest.display()))?;
             let parsed = cascade_registry::manifest::parse(&text)?;
-            let path = paths::function(parsed.function.name.as_str());
+            let name = parsed.function.name.as_str();
+            let path = paths::function(name);
+            let previous = match canary {
+                Some(_) => Some(head_revision(client, name).await?),
+                None => None,
+            };
             let published = client
                 .put_bytes(&path, "application/toml", text.into_bytes())
                 .await?;
@@ -413,9 +452,36 @@ async fn publish(client: &RegistryClient, publish: Publish) -> Result<()> {
             if let Some(warning) = published.get("warning").and_then(|w| w.as_str()) {
                 eprintln!("warning: {warning}");
             }
-            print(&published)
+            print(&published)?;
+            if let (Some(percent), Some(previous)) = (canary, previous) {
+                let revision = published["revision"].as_u64().context("the new revision")?;
+                anyhow::ensure!(
+                    revision != previous,
+                    "--canary: the manifest is the current revision {previous}; nothing to compare"
+                );
+                let split = serde_json::json!({"targets": [
+                    {"revision": previous, "percent": 100 - percent, "tag": "stable"},
+                    {"revision": revision, "percent": percent, "tag": "canary"},
+                ]});
+                let body = split.to_string().into_bytes();
+                print(
+                    &client
+                        .put_bytes(&paths::traffic(name), "application/json", body)
+                        .await?,
+                )?;
+            }
+            Ok(())
         }
     }
+}
+
+/// The revision a function serves now (a canary needs one to compare with).
+async fn head_revision(client: &RegistryClient, name: &str) -> Result<u64> {
+    let current: serde_json::Value = client
+        .get(&paths::function(name))
+        .await
+        .with_context(|| format!("--canary: function {name} has no earlier revision"))?;
+    current["revision"].as_u64().context("the current revision")
 }
 
 async fn list(client: &RegistryClient, kind: Option<Kind>) -> Result<()> {

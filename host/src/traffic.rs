@@ -4,7 +4,7 @@
 
 use crate::error::InvokeError;
 use crate::pipeline::PreparedFunction;
-use cascade_registry::traffic::Traffic;
+use cascade_registry::traffic::{Latest, RevisionRef, Traffic, TrafficTarget};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,10 +93,97 @@ pub fn unknown_tag(name: &str, tag: &str) -> InvokeError {
     }
 }
 
+/// The split `cascade traffic NAME 3=90 4=10 --tag candidate=4` means:
+/// `REVISION=PERCENT` targets (`latest=P` for the head), and tags naming a
+/// revision, which join its target or add one at 0 %. Checked in full by
+/// the registry.
+pub fn split_from_args(
+    targets: &[String],
+    tags: &[String],
+    sticky_header: Option<String>,
+) -> Result<Traffic, String> {
+    let revision = |text: &str| -> Result<RevisionRef, String> {
+        match text {
+            "latest" => Ok(RevisionRef::Latest(Latest::Latest)),
+            number => number
+                .parse()
+                .map(RevisionRef::Number)
+                .map_err(|_| format!("{number:?} is not a revision number or `latest`")),
+        }
+    };
+    let mut split = Vec::new();
+    for target in targets {
+        let (which, percent) = target
+            .split_once('=')
+            .ok_or_else(|| format!("{target:?}: expected REVISION=PERCENT, e.g. 3=90"))?;
+        let percent = percent
+            .parse()
+            .map_err(|_| format!("{target:?}: {percent:?} is not a percent (0 to 100)"))?;
+        split.push(TrafficTarget {
+            revision: revision(which)?,
+            percent,
+            tag: None,
+        });
+    }
+    for tag in tags {
+        let (name, which) = tag
+            .split_once('=')
+            .ok_or_else(|| format!("--tag {tag:?}: expected TAG=REVISION, e.g. candidate=4"))?;
+        let which = revision(which)?;
+        match split
+            .iter_mut()
+            .find(|t| t.revision == which && t.tag.is_none())
+        {
+            Some(target) => target.tag = Some(name.to_string()),
+            None => split.push(TrafficTarget {
+                revision: which,
+                percent: 0,
+                tag: Some(name.to_string()),
+            }),
+        }
+    }
+    Ok(Traffic {
+        targets: split,
+        sticky_header,
+    })
+}
+
 /// Splits `name@tag` into the function's name and the tag.
 pub fn split_tag(target: &str) -> (&str, Option<&str>) {
     match target.split_once('@') {
         Some((name, tag)) => (name, Some(tag)),
         None => (target, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_splits_become_targets_and_tags() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let split = split_from_args(
+            &args(&["3=90", "latest=10"]),
+            &args(&["stable=3", "candidate=5"]),
+            Some("x-user".into()),
+        )
+        .expect("a split");
+        let json = serde_json::to_value(&split).expect("JSON");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "targets": [
+                    {"revision": 3, "percent": 90, "tag": "stable"},
+                    {"revision": "latest", "percent": 10},
+                    {"revision": 5, "percent": 0, "tag": "candidate"}
+                ],
+                "sticky_header": "x-user"
+            })
+        );
+        let bad = split_from_args(&args(&["3:90"]), &[], None).expect_err("no =");
+        assert!(bad.contains("expected REVISION=PERCENT"), "{bad}");
+        let bad = split_from_args(&args(&["3=ninety"]), &[], None).expect_err("not a number");
+        assert!(bad.contains("is not a percent"), "{bad}");
     }
 }

@@ -156,3 +156,52 @@ fn a_bad_split_is_refused_naming_its_field() {
     // Nothing changed: the head still answers everything.
     assert_eq!(served_by(&host, "split", &[]), 2);
 }
+
+#[test]
+fn the_cli_publishes_a_canary_and_sets_a_split() {
+    let host = Host::start();
+    host.publish_component("echo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, second) = (dir.path().join("1.toml"), dir.path().join("2.toml"));
+    std::fs::write(&first, manifest(2)).expect("write");
+    std::fs::write(&second, manifest(3)).expect("write");
+    let refused = host.cli(&[
+        "publish",
+        "function",
+        &first.display().to_string(),
+        "--canary",
+        "10",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("--canary: function split has no earlier revision"),
+        "{refused:?}"
+    );
+    host.cli_ok(&["publish", "function", &first.display().to_string()]);
+    host.cli_ok(&[
+        "publish",
+        "function",
+        &second.display().to_string(),
+        "--canary",
+        "10",
+    ]);
+    let split: serde_json::Value = host
+        .get("/v1/functions/split/traffic")
+        .json()
+        .expect("JSON");
+    assert_eq!(
+        split["targets"][0],
+        json!({"revision": 1, "serves": 1, "percent": 90, "tag": "stable"})
+    );
+    assert_eq!(
+        split["targets"][1],
+        json!({"revision": 2, "serves": 2, "percent": 10, "tag": "canary"})
+    );
+    assert_eq!(served_by(&host, "split@canary", &[]), 2);
+    host.cli_ok(&["traffic", "split", "1=100", "--tag", "next=2"]);
+    for _ in 0..10 {
+        assert_eq!(served_by(&host, "split", &[]), 1);
+    }
+    assert_eq!(served_by(&host, "split@next", &[]), 2);
+}
