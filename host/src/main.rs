@@ -308,8 +308,7 @@ async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
             if targets.is_empty() && tag.is_empty() && sticky_header.is_none() {
                 return print(&client.get::<serde_json::Value>(&path).await?);
             }
-            let split = cascade_host::traffic::split_from_args(&targets, &tag, sticky_header)
-                .map_err(anyhow::Error::msg)?;
+            let split = cascade_host::traffic::split_from_args(&targets, &tag, sticky_header)?;
             let body = serde_json::to_vec(&split)?;
             print(&client.put_bytes(&path, "application/json", body).await?)
         }

@@ -93,6 +93,11 @@ pub fn unknown_tag(name: &str, tag: &str) -> InvokeError {
     }
 }
 
+/// A `cascade traffic` argument that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadArgument(String);
+
 /// The split `cascade traffic NAME 3=90 4=10 --tag candidate=4` means:
 /// `REVISION=PERCENT` targets (`latest=P` for the head), and tags naming a
 /// revision, which join its target or add one at 0 %. Checked in full by
@@ -101,24 +106,25 @@ pub fn split_from_args(
     targets: &[String],
     tags: &[String],
     sticky_header: Option<String>,
-) -> Result<Traffic, String> {
-    let revision = |text: &str| -> Result<RevisionRef, String> {
+) -> Result<Traffic, BadArgument> {
+    let revision = |text: &str| -> Result<RevisionRef, BadArgument> {
         match text {
             "latest" => Ok(RevisionRef::Latest(Latest::Latest)),
-            number => number
-                .parse()
-                .map(RevisionRef::Number)
-                .map_err(|_| format!("{number:?} is not a revision number or `latest`")),
+            number => number.parse().map(RevisionRef::Number).map_err(|_| {
+                BadArgument(format!("{number:?} is not a revision number or `latest`"))
+            }),
         }
     };
     let mut split = Vec::new();
     for target in targets {
-        let (which, percent) = target
-            .split_once('=')
-            .ok_or_else(|| format!("{target:?}: expected REVISION=PERCENT, e.g. 3=90"))?;
-        let percent = percent
-            .parse()
-            .map_err(|_| format!("{target:?}: {percent:?} is not a percent (0 to 100)"))?;
+        let (which, percent) = target.split_once('=').ok_or_else(|| {
+            BadArgument(format!("{target:?}: expected REVISION=PERCENT, e.g. 3=90"))
+        })?;
+        let percent = percent.parse().map_err(|_| {
+            BadArgument(format!(
+                "{target:?}: {percent:?} is not a percent (0 to 100)"
+            ))
+        })?;
         split.push(TrafficTarget {
             revision: revision(which)?,
             percent,
@@ -126,9 +132,11 @@ pub fn split_from_args(
         });
     }
     for tag in tags {
-        let (name, which) = tag
-            .split_once('=')
-            .ok_or_else(|| format!("--tag {tag:?}: expected TAG=REVISION, e.g. candidate=4"))?;
+        let (name, which) = tag.split_once('=').ok_or_else(|| {
+            BadArgument(format!(
+                "--tag {tag:?}: expected TAG=REVISION, e.g. candidate=4"
+            ))
+        })?;
         let which = revision(which)?;
         match split
             .iter_mut()
@@ -182,8 +190,11 @@ mod tests {
             })
         );
         let bad = split_from_args(&args(&["3:90"]), &[], None).expect_err("no =");
-        assert!(bad.contains("expected REVISION=PERCENT"), "{bad}");
+        assert!(
+            bad.to_string().contains("expected REVISION=PERCENT"),
+            "{bad}"
+        );
         let bad = split_from_args(&args(&["3=ninety"]), &[], None).expect_err("not a number");
-        assert!(bad.contains("is not a percent"), "{bad}");
+        assert!(bad.to_string().contains("is not a percent"), "{bad}");
     }
 }

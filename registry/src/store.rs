@@ -554,7 +554,9 @@ impl Registry {
                     "function {name} is not published"
                 )));
             }
-            traffic.check(&numbers).map_err(RegistryError::Invalid)?;
+            traffic
+                .check(&numbers)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
             let mut table = txn.open_table(FUNCTION_TRAFFIC)?;
             if *traffic == Traffic::default() {
                 table.remove(name)?;

@@ -8,6 +8,23 @@ use sha2::{Digest, Sha256};
 /// Most targets one function may split across.
 pub const MAX_TARGETS: usize = 8;
 
+/// Why a split was refused: the field at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {why}")]
+pub struct TrafficError {
+    /// The field, e.g. `targets[1].tag`.
+    pub field: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+fn refuse(field: impl Into<String>, why: impl Into<String>) -> TrafficError {
+    TrafficError {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
 /// Which revision a target serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -78,32 +95,41 @@ impl Default for Traffic {
 impl Traffic {
     /// Checks the split against the function's stored `revisions`; the
     /// message names the field at fault.
-    pub fn check(&self, revisions: &[u64]) -> Result<(), String> {
+    pub fn check(&self, revisions: &[u64]) -> Result<(), TrafficError> {
         if self.targets.is_empty() || self.targets.len() > MAX_TARGETS {
-            return Err(format!(
-                "targets: between 1 and {MAX_TARGETS} targets, not {}",
+            let why = format!(
+                "between 1 and {MAX_TARGETS} targets, not {}",
                 self.targets.len()
-            ));
+            );
+            return Err(refuse("targets", why));
         }
         let sum: u32 = self.targets.iter().map(|t| u32::from(t.percent)).sum();
         if sum != 100 {
-            return Err(format!("targets: the percents sum to {sum}, not 100"));
+            return Err(refuse(
+                "targets",
+                format!("the percents sum to {sum}, not 100"),
+            ));
         }
         for (i, target) in self.targets.iter().enumerate() {
             if let RevisionRef::Number(n) = target.revision
                 && !revisions.contains(&n)
             {
-                return Err(format!(
-                    "targets[{i}].revision: the function has no revision {n} (it has {revisions:?})"
-                ));
+                let why = format!("the function has no revision {n} (it has {revisions:?})");
+                return Err(refuse(format!("targets[{i}].revision"), why));
             }
             if let Some(tag) = &target.tag {
-                check_tag(tag).map_err(|why| format!("targets[{i}].tag: {why}"))?;
+                let field = format!("targets[{i}].tag");
+                if !is_tag(tag) {
+                    let why = format!(
+                        "{tag:?} is not a tag (1 to 32 lowercase letters, digits or '-', not only digits)"
+                    );
+                    return Err(refuse(field, why));
+                }
                 if self.targets[..i]
                     .iter()
                     .any(|t| t.tag.as_ref() == Some(tag))
                 {
-                    return Err(format!("targets[{i}].tag: {tag:?} is used twice"));
+                    return Err(refuse(field, format!("{tag:?} is used twice")));
                 }
             }
         }
@@ -114,8 +140,9 @@ impl Traffic {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !valid {
-                return Err(format!(
-                    "sticky_header: {header:?} is not a header name (letters, digits, '-', '_')"
+                return Err(refuse(
+                    "sticky_header",
+                    format!("{header:?} is not a header name (letters, digits, '-', '_')"),
                 ));
             }
         }
@@ -154,21 +181,15 @@ impl Traffic {
     }
 }
 
-/// Tags are short names: lowercase letters, digits and '-'.
-fn check_tag(tag: &str) -> Result<(), String> {
-    let valid = !tag.is_empty()
+/// Tags are short names: lowercase letters, digits and '-', not only
+/// digits (a number names a revision).
+fn is_tag(tag: &str) -> bool {
+    !tag.is_empty()
         && tag.len() <= 32
         && tag
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !tag.bytes().all(|b| b.is_ascii_digit());
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "{tag:?} is not a tag (1 to 32 lowercase letters, digits or '-', not only digits)"
-        ))
-    }
+        && !tag.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -236,7 +257,7 @@ mod tests {
             ),
         ];
         for (json, want) in cases {
-            let why = split(json).check(&[1, 2]).expect_err(json);
+            let why = split(json).check(&[1, 2]).expect_err(json).to_string();
             assert!(why.contains(want), "{json}: {why}");
         }
         assert!(

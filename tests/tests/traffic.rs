@@ -205,3 +205,86 @@ fn the_cli_publishes_a_canary_and_sets_a_split() {
     }
     assert_eq!(served_by(&host, "split@next", &[]), 2);
 }
+
+/// The `model_version` of an OIP inference at `path`.
+fn oip_version(host: &Host, path: &str) -> String {
+    let request = json!({
+        "inputs": [{"name": "message", "shape": [1], "datatype": "BYTES",
+                    "parameters": {"content_type": "text/plain"}, "data": ["hello"]}],
+    });
+    let response = client()
+        .post(format!("{}{path}", host.url))
+        .header("content-type", "application/json")
+        .body(request.to_string())
+        .send()
+        .expect("answered");
+    assert_eq!(response.status(), 200, "{path}");
+    let answer: serde_json::Value = response.json().expect("JSON");
+    answer["model_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn oip_and_nats_follow_the_split_and_name_the_revision() {
+    let nats = cascade_tests::nats::NatsServer::start();
+    let host = Host::start_with(&["--nats", &nats.url()]);
+    host.publish_component("echo");
+    let with_nats = |n: u32| {
+        format!(
+            "{}[triggers]\nnats = {{ subject = \"split.in\" }}\n",
+            manifest(n)
+        )
+    };
+    host.publish_function("split", &with_nats(2));
+    host.publish_function("split", &with_nats(3));
+    let response = set_traffic(
+        &host,
+        json!({"targets": [{"revision": 1, "percent": 100}, {"revision": 2, "percent": 0, "tag": "canary"}]}),
+    );
+    assert_eq!(response.status(), 200);
+    assert_eq!(oip_version(&host, "/v2/models/split/infer"), "1");
+    assert_eq!(
+        oip_version(&host, "/v2/models/split/versions/canary/infer"),
+        "2"
+    );
+    assert_eq!(oip_version(&host, "/v2/models/split/versions/2/infer"), "2");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let revisions = runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let mut revisions = Vec::new();
+        for tag in [None, Some("canary")] {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "text/plain");
+            if let Some(tag) = tag {
+                headers.insert("Cascade-Tag", tag);
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let reply = loop {
+                let request =
+                    client.request_with_headers("split.in", headers.clone(), "hello".into());
+                match tokio::time::timeout(std::time::Duration::from_secs(5), request).await {
+                    Ok(Ok(reply)) => break reply,
+                    _ => assert!(
+                        std::time::Instant::now() < deadline,
+                        "split.in never answered"
+                    ),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            let revision = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Cascade-Revision"))
+                .map(|v| v.as_str().to_string());
+            revisions.push(revision);
+        }
+        revisions
+    });
+    assert_eq!(revisions, [Some("1".to_string()), Some("2".to_string())]);
+}

@@ -6,7 +6,7 @@
 //! carry the gRPC status matching the REST one.
 
 use super::codec::{self, InferRequest, Input, RequestOutput, push_bytes_element};
-use super::infer::{self, invalid, served};
+use super::infer::{self, for_inference, invalid, served};
 use super::metadata::{self, TensorMetadata};
 use crate::access::{Need, Scope};
 use crate::http::{ApiError, HttpState, server_timing};
@@ -111,7 +111,9 @@ impl Service {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let name = request.model_name.clone();
         let version = (!request.model_version.is_empty()).then_some(request.model_version.as_str());
-        let function = served(&self.state, &name, version).await.map_err(status)?;
+        let function = for_inference(&self.state, &name, version)
+            .await
+            .map_err(status)?;
         let started = Instant::now();
         let answer = async {
             let limit = function.max_body();

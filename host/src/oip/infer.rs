@@ -8,6 +8,7 @@ use super::metadata::{self, Entry, MESSAGE};
 use crate::bindings::{Message, Tensor};
 use crate::http::{ApiError, HttpState};
 use crate::pipeline::{Admission, Payload, PreparedFunction};
+use crate::traffic::Choice;
 use cascade_registry::records::TensorSpec;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -41,7 +42,25 @@ pub async fn run(
     })
 }
 
-/// The function served as model `name`, at `version` when one is named.
+/// The revision that runs one inference of model `name`: the `version`
+/// asked for (a revision number or a traffic target's tag), else the one
+/// the function's traffic split chooses.
+pub async fn for_inference(
+    state: &HttpState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<PreparedFunction>, ApiError> {
+    match version {
+        Some(_) => served(state, name, version).await,
+        None => Ok(state
+            .runtime
+            .choose_when_loaded(name, &Choice::default())
+            .await?),
+    }
+}
+
+/// The function served as model `name`: its head, or the `version` named
+/// (a revision its traffic split serves, or a target's tag).
 pub async fn served(
     state: &HttpState,
     name: &str,
@@ -51,13 +70,19 @@ pub async fn served(
     let Some(version) = version else {
         return Ok(function);
     };
-    let wanted: u64 = version.parse().map_err(|_| {
-        ApiError::invalid(format!(
-            "invalid version {version:?} of model {name}: versions are revision numbers"
-        ))
-    })?;
+    let Ok(wanted) = version.parse::<u64>() else {
+        // A traffic target's tag names a version too.
+        let tagged = Choice {
+            tag: Some(version),
+            sticky_key: None,
+        };
+        return Ok(state.runtime.choose(name, &tagged)?);
+    };
     if wanted == function.revision() {
         return Ok(function);
+    }
+    if let Some(served) = state.runtime.split(name).and_then(|s| s.revision(wanted)) {
+        return Ok(served);
     }
     let served = function.revision();
     match state.runtime.registry().function_revision(name, wanted) {

@@ -5,7 +5,7 @@
 //! queue and metrics as `/v1`.
 
 use super::codec;
-use super::infer::{self, invalid, served};
+use super::infer::{self, for_inference, invalid, served};
 use super::metadata;
 use crate::http::{
     ApiError, Body, HttpState, check_length, full, json, read_within, server_timing, too_large,
@@ -116,7 +116,7 @@ async fn infer(
     let span = trace_context::invocation(Trigger::OipRest, name, &request_id, &headers);
     trace_context::http_server(&span, &request, "/v2/models/{name}/infer");
     async {
-        let function = served(state, name, version).await?;
+        let function = for_inference(state, name, version).await?;
         let result = infer_function(&function, request).await;
         let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
         function.record(Trigger::OipRest, &request_id, status, started.elapsed());

@@ -18,6 +18,7 @@ use crate::error::InvokeError;
 use crate::pipeline::{PreparedFunction, Trigger};
 use crate::runtime::Runtime;
 use crate::trace_context::{self, NatsHeaders};
+use crate::traffic::Choice;
 use crate::trigger::{nats, subjects};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
@@ -38,7 +39,7 @@ pub mod headers {
     /// The function that failed it.
     pub const FUNCTION: &str = "Cascade-Function";
     /// The revision that failed it last.
-    pub const REVISION: &str = "Cascade-Revision";
+    pub const REVISION: &str = crate::trigger::subjects::REVISION;
     /// The last error's status code (as over HTTP).
     pub const ERROR_CODE: &str = "Cascade-Error-Code";
     /// The last error's message.
@@ -413,7 +414,18 @@ impl FunctionConsumer {
         started: Instant,
         request_id: &str,
     ) -> Fate {
-        match self.runtime.function_when_loaded(&self.name).await {
+        // The function's traffic split decides, as for any trigger; a
+        // `Cascade-Tag` header names a target.
+        let tag = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::TAG))
+            .map(|v| v.as_str().to_string());
+        let choice = Choice {
+            tag: tag.as_deref(),
+            sticky_key: None,
+        };
+        match self.runtime.choose_when_loaded(&self.name, &choice).await {
             Err(error) => self.failed(message, delivery, None, &error).await,
             Ok(function) => {
                 if delivery.attempt > self.settings.max_deliver {

@@ -14,6 +14,7 @@ use crate::error::InvokeError;
 use crate::pipeline::{PreparedFunction, Trigger};
 use crate::runtime::Runtime;
 use crate::trace_context::{self, NatsHeaders};
+use crate::traffic::Choice;
 use crate::trigger::subjects;
 use async_nats::service::{Service, ServiceExt};
 use async_nats::{Client, ConnectOptions, HeaderMap};
@@ -327,9 +328,21 @@ impl NatsTrigger {
         let headers = NatsHeaders(message.headers.as_ref());
         let span = trace_context::invocation(Trigger::Nats, name, &request_id, &headers);
         trace_context::messaging(&span, message.subject.as_str(), None);
+        let header = |name: &str| {
+            let value = message.headers.as_ref()?.get(name)?;
+            Some(value.as_str().to_string())
+        };
+        let tag = header(subjects::TAG);
+        let key = self.runtime.sticky_header(name).and_then(|h| header(&h));
+        let choice = Choice {
+            tag: tag.as_deref(),
+            sticky_key: key.as_deref().map(str::as_bytes),
+        };
+        let mut revision = None;
         let outcome = async {
-            match self.runtime.function_when_loaded(name).await {
+            match self.runtime.choose_when_loaded(name, &choice).await {
                 Ok(function) => {
+                    revision = Some(function.revision());
                     let outcome = invoke(&function, message).await;
                     let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
                     function.record(Trigger::Nats, &request_id, status, started.elapsed());
@@ -343,6 +356,9 @@ impl NatsTrigger {
         let sent = match (message.reply.is_some(), outcome) {
             (true, Ok(output)) => {
                 let mut headers = content_type(&output.content_type);
+                if let Some(revision) = revision {
+                    headers.insert(subjects::REVISION, revision.to_string().as_str());
+                }
                 trace_context::carry_nats(&span, message.headers.as_ref(), &mut headers);
                 request
                     .respond_with_headers(Ok(output.body.into()), headers)

@@ -34,6 +34,10 @@ pub const REGISTRY_EVENTS: &str = "cascade.events.registry.>";
 pub const REQUEST_ID: &str = "X-Request-Id";
 /// The header carrying a message's content type.
 pub const CONTENT_TYPE: &str = "Content-Type";
+/// A request header naming a traffic target's tag (as `name@tag` over HTTP).
+pub const TAG: &str = "Cascade-Tag";
+/// The reply header naming the revision that answered.
+pub const REVISION: &str = "Cascade-Revision";
 /// The micro services convention's error code header.
 pub const ERROR_CODE: &str = "Nats-Service-Error-Code";
 /// The micro services convention's error message header.
