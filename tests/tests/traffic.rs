@@ -75,6 +75,16 @@ fn a_ninety_ten_split_serves_each_revision_its_share() {
     );
     assert_eq!(counts.get(&1).copied().unwrap_or(0) + second, 2000);
     assert_eq!(served_by(&host, "split@candidate", &[]), 2);
+    // The dashboard shows the split.
+    let view: serde_json::Value = host.get("/ui/data").json().expect("JSON");
+    assert_eq!(
+        view["functions"][0]["traffic"],
+        json!([
+            {"revision": 1, "percent": 90, "tag": null},
+            {"revision": 2, "percent": 10, "tag": "candidate"}
+        ]),
+        "{view}"
+    );
 }
 
 #[test]

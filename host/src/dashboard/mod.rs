@@ -58,6 +58,19 @@ pub struct FunctionView {
     pub stages: Vec<StageView>,
     /// Its durable consumer, when it has a JetStream trigger.
     pub jetstream: Option<JetStreamView>,
+    /// Its traffic split (empty: every request to `revision`).
+    pub traffic: Vec<TargetView>,
+}
+
+/// One target of a traffic split.
+#[derive(Debug, Serialize)]
+pub struct TargetView {
+    /// The revision it serves (`latest` resolved).
+    pub revision: u64,
+    /// Its share of untagged requests.
+    pub percent: u8,
+    /// Its tag, if any.
+    pub tag: Option<String>,
 }
 
 /// One stage of a function.
@@ -138,6 +151,21 @@ pub fn view(runtime: &Runtime, history: &History) -> View {
                     }
                 })
                 .collect();
+            let traffic = runtime
+                .split(name)
+                .map(|split| {
+                    split
+                        .traffic()
+                        .targets
+                        .iter()
+                        .map(|t| TargetView {
+                            revision: t.revision.resolve(function.revision()),
+                            percent: t.percent,
+                            tag: t.tag.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let triggers = &manifest.triggers;
             FunctionView {
                 name: name.to_string(),
@@ -169,6 +197,7 @@ pub fn view(runtime: &Runtime, history: &History) -> View {
                     redeliveries: counter(&metrics.jetstream_redeliveries, name),
                     dead_letters: counter(&metrics.jetstream_dead_letters, name),
                 }),
+                traffic,
             }
         })
         .collect();
