@@ -40,6 +40,8 @@ pub enum Action {
     Deleted,
     /// A function's earlier revision is served again.
     RolledBack,
+    /// A function's traffic split changed.
+    TrafficSet,
 }
 
 /// What the registry announces on every publish, delete and rollback.

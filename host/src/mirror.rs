@@ -8,6 +8,7 @@
 
 use crate::client::{ClientError, Kind, RegistryClient, paths};
 use cascade_registry::records::{FunctionRecord, Use};
+use cascade_registry::traffic::{RevisionRef, Traffic, TrafficTarget};
 use cascade_registry::{
     ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
 };
@@ -139,6 +140,17 @@ impl Mirror {
                     .push((format!("function {}", function.name), e.to_string())),
             }
         }
+        for function in &remote {
+            match self.copy_traffic(&function.name).await {
+                Ok(true) if !report.changed.contains(&function.name) => {
+                    report.changed.push(function.name.clone());
+                }
+                Ok(_) => {}
+                Err(e) => report
+                    .failed
+                    .push((format!("traffic of {}", function.name), e.to_string())),
+            }
+        }
         for gone in local
             .iter()
             .filter(|l| !remote.iter().any(|r| r.name == l.record.name))
@@ -153,6 +165,51 @@ impl Mirror {
         }
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.failed.clone());
         Ok(report)
+    }
+
+    /// Copies the source's traffic split of `name`, and the revisions it
+    /// serves beside the head; says whether the local split changed.
+    async fn copy_traffic(&self, name: &str) -> Result<bool, MirrorError> {
+        let shown: serde_json::Value = self.source.get(&paths::traffic(name)).await?;
+        let targets = shown["targets"].as_array().cloned().unwrap_or_default();
+        let split = Traffic {
+            targets: targets
+                .iter()
+                .filter_map(|t| {
+                    Some(TrafficTarget {
+                        revision: serde_json::from_value(t["revision"].clone()).ok()?,
+                        percent: u8::try_from(t["percent"].as_u64()?).ok()?,
+                        tag: t["tag"].as_str().map(str::to_string),
+                    })
+                })
+                .collect(),
+            sticky_header: shown["sticky_header"].as_str().map(str::to_string),
+        };
+        let local = tokio::task::block_in_place(|| self.registry.traffic(name))?;
+        if local == split {
+            return Ok(false);
+        }
+        for target in &split.targets {
+            let RevisionRef::Number(number) = target.revision else {
+                continue;
+            };
+            if self.registry.function_revision(name, number).is_ok() {
+                continue;
+            }
+            let path = format!("{}/{number}", paths::function(name));
+            let record: FunctionRecord = self.source.get(&path).await?;
+            for used in &record.uses {
+                self.copy(used, false)
+                    .await
+                    .map_err(|source| MirrorError::Copy {
+                        used: used.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+            tokio::task::block_in_place(|| self.registry.mirror_revision(&record, false))?;
+        }
+        tokio::task::block_in_place(|| self.registry.set_traffic(name, &split))?;
+        Ok(true)
     }
 
     /// Copies what `function` uses, then the revision itself.

@@ -213,14 +213,17 @@ async fn set_traffic(
         ))
     })?;
     let (runtime, function) = (state.runtime.clone(), name.to_string());
-    blocking(move || {
+    let head = blocking(move || {
         runtime.registry().set_traffic(&function, &split)?;
         runtime
             .refresh_split(&function)
             .map_err(ApiError::internal)?;
-        Ok::<_, ApiError>(())
+        Ok::<_, ApiError>(runtime.registry().function(&function)?)
     })
     .await??;
+    state
+        .events
+        .emit(RegistryEvent::function(Action::TrafficSet, &head.record));
     traffic(state, name).await
 }
 

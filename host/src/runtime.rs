@@ -363,7 +363,9 @@ impl Runtime {
         let record = &revision.record;
         let current = self.function(&record.name).ok();
         if current.is_some_and(|c| c.revision() == record.revision) {
-            return Ok(());
+            // The head stays; its traffic split may have changed (a mirror
+            // reloads a function whose split it copied).
+            return self.refresh_split(&record.name);
         }
         let prepared = self.prepare(revision);
         crate::model::memory::release_freed_memory();

@@ -509,6 +509,17 @@ impl Registry {
     /// the current one (for hosts that mirror a registry). The components
     /// and models it uses must already be here.
     pub fn mirror_function(&self, record: &FunctionRecord) -> Result<(), RegistryError> {
+        self.mirror_revision(record, true)
+    }
+
+    /// Stores a revision exactly as another registry holds it, making it
+    /// the current one when `head` (a mirror copies the revisions a
+    /// traffic split serves beside the head).
+    pub fn mirror_revision(
+        &self,
+        record: &FunctionRecord,
+        head: bool,
+    ) -> Result<(), RegistryError> {
         let parsed = manifest::parse(&record.manifest)?;
         if parsed.function.name.as_str() != record.name {
             return Err(RegistryError::Invalid(format!(
@@ -527,8 +538,10 @@ impl Registry {
             if revisions.get(key)?.is_none() {
                 revisions.insert(key, encode_revision(&revision)?.as_slice())?;
             }
-            txn.open_table(FUNCTION_HEADS)?
-                .insert(record.name.as_str(), record.revision)?;
+            if head {
+                txn.open_table(FUNCTION_HEADS)?
+                    .insert(record.name.as_str(), record.revision)?;
+            }
             Ok(())
         })
     }

@@ -298,3 +298,54 @@ fn oip_and_nats_follow_the_split_and_name_the_revision() {
     });
     assert_eq!(revisions, [Some("1".to_string()), Some("2".to_string())]);
 }
+
+#[test]
+fn a_split_reaches_a_mirror_within_two_seconds() {
+    let nats = cascade_tests::nats::NatsServer::start();
+    let source = Host::start_with(&["--nats", &nats.url()]);
+    source.publish_component("echo");
+    source.publish_function("split", &manifest(2));
+    source.publish_function("split", &manifest(3));
+    let mirror = Host::start_with(&["--nats", &nats.url(), "--registry-url", &source.url]);
+    let ready = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mirror.get("/readyz").status() != 200 {
+        assert!(
+            std::time::Instant::now() < ready,
+            "the mirror never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(served_by(&mirror, "split", &[]), 2);
+    let set = std::time::Instant::now();
+    let response = set_traffic(
+        &source,
+        json!({"targets": [{"revision": 1, "percent": 100}, {"revision": 2, "percent": 0, "tag": "canary"}]}),
+    );
+    assert_eq!(response.status(), 200);
+    while served_by(&mirror, "split", &[]) != 1 {
+        assert!(
+            set.elapsed() < std::time::Duration::from_secs(2),
+            "the mirror did not follow the split within 2 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!(
+        "split set on the source, served by the mirror after {:?}",
+        set.elapsed()
+    );
+    assert_eq!(served_by(&mirror, "split@canary", &[]), 2);
+    let copied: serde_json::Value = mirror
+        .get("/v1/functions/split/traffic")
+        .json()
+        .expect("JSON");
+    assert_eq!(copied["targets"][1]["tag"], "canary");
+    // The mirror refuses to set a split itself: the source is the registry of record.
+    assert_eq!(
+        set_traffic(
+            &mirror,
+            json!({"targets": [{"revision": 2, "percent": 100}]})
+        )
+        .status(),
+        409
+    );
+}
