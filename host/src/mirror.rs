@@ -170,6 +170,10 @@ impl Mirror {
     /// Copies the source's traffic split of `name`, and the revisions it
     /// serves beside the head; says whether the local split changed.
     async fn copy_traffic(&self, name: &str) -> Result<bool, MirrorError> {
+        // A function whose head could not be copied is reported once, as such.
+        if tokio::task::block_in_place(|| self.registry.function(name)).is_err() {
+            return Ok(false);
+        }
         let shown: serde_json::Value = self.source.get(&paths::traffic(name)).await?;
         let targets = shown["targets"].as_array().cloned().unwrap_or_default();
         let split = Traffic {
@@ -198,23 +202,21 @@ impl Mirror {
             }
             let path = format!("{}/{number}", paths::function(name));
             let record: FunctionRecord = self.source.get(&path).await?;
-            for used in &record.uses {
-                self.copy(used, false)
-                    .await
-                    .map_err(|source| MirrorError::Copy {
-                        used: used.clone(),
-                        source: Box::new(source),
-                    })?;
-            }
-            tokio::task::block_in_place(|| self.registry.mirror_revision(&record, false))?;
+            self.copy_revision(&record, false).await?;
         }
         tokio::task::block_in_place(|| self.registry.set_traffic(name, &split))?;
         Ok(true)
     }
 
-    /// Copies what `function` uses, then the revision itself.
+    /// Copies what `function` uses, then the revision itself as the head.
     async fn copy_function(&self, function: &FunctionRecord) -> Result<(), MirrorError> {
-        for used in &function.uses {
+        self.copy_revision(function, true).await
+    }
+
+    /// Copies what `record` uses, then the revision itself, as the head
+    /// when `head`.
+    async fn copy_revision(&self, record: &FunctionRecord, head: bool) -> Result<(), MirrorError> {
+        for used in &record.uses {
             self.copy(used, false)
                 .await
                 .map_err(|source| MirrorError::Copy {
@@ -222,7 +224,7 @@ impl Mirror {
                     source: Box::new(source),
                 })?;
         }
-        tokio::task::block_in_place(|| self.registry.mirror_function(function))?;
+        tokio::task::block_in_place(|| self.registry.mirror_revision(record, head))?;
         Ok(())
     }
 
