@@ -251,15 +251,15 @@ impl PreparedFunction {
         // The invocation's span (every trigger admits inside it): the
         // revision is known from here on, for every line logged.
         tracing::Span::current().record("revision", self.revision);
-        let deadline = Instant::now() + self.timeout();
+        let arrived = Instant::now();
+        let deadline = arrived + self.timeout();
         let counted = RequestInFlight::enter();
         let entry = self
             .gate
             .enter(self.timeout())
             .await
             .map_err(|refused| self.refused(refused))?;
-        let waited = deadline.saturating_duration_since(Instant::now());
-        let waited = self.timeout().saturating_sub(waited);
+        let waited = arrived.elapsed();
         tracing::Span::current().add_event(
             "admitted",
             vec![KeyValue::new(
