@@ -15,9 +15,9 @@ const BUCKETS: &[f64] = &[
 /// Every metric of a host.
 pub struct Metrics {
     registry: Registry,
-    /// `cascade_requests_total{function, status}`.
+    /// `cascade_requests_total{function, revision, status}`.
     pub requests: IntCounterVec,
-    /// `cascade_request_duration_seconds{function}`.
+    /// `cascade_request_duration_seconds{function, revision}`.
     pub latency: HistogramVec,
     /// `cascade_stage_duration_seconds{function, stage}`.
     pub stage_latency: HistogramVec,
@@ -89,13 +89,13 @@ impl Metrics {
         Ok(Metrics {
             requests: counter(
                 "cascade_requests_total",
-                "Invocations by function and status.",
-                &["function", "status"],
+                "Invocations by function, revision served and status.",
+                &["function", "revision", "status"],
             )?,
             latency: histogram(
                 "cascade_request_duration_seconds",
-                "Invocation latency.",
-                &["function"],
+                "Invocation latency by function and revision served.",
+                &["function", "revision"],
             )?,
             stage_latency: histogram(
                 "cascade_stage_duration_seconds",
@@ -190,12 +190,19 @@ impl Metrics {
     }
 
     /// Records one finished invocation, whichever trigger it came through.
-    pub fn observe_request(&self, function: &str, status: u16, elapsed: std::time::Duration) {
+    pub fn observe_request(
+        &self,
+        function: &str,
+        revision: u64,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
+        let revision = revision.to_string();
         self.requests
-            .with_label_values(&[function, &status.to_string()])
+            .with_label_values(&[function, &revision, &status.to_string()])
             .inc();
         self.latency
-            .with_label_values(&[function])
+            .with_label_values(&[function, &revision])
             .observe(elapsed.as_secs_f64());
     }
 

@@ -8,7 +8,7 @@
 
 use crate::client::{ClientError, Kind, RegistryClient, paths};
 use cascade_registry::records::{FunctionRecord, Use};
-use cascade_registry::traffic::{RevisionRef, Traffic, TrafficTarget};
+use cascade_registry::traffic::{RevisionRef, Traffic};
 use cascade_registry::{
     ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
 };
@@ -36,6 +36,14 @@ pub enum MirrorError {
     /// The local registry refused or failed.
     #[error(transparent)]
     Local(#[from] RegistryError),
+    /// The source answered something that is not what it should be.
+    #[error("the source's {what}: {why}")]
+    Unreadable {
+        /// What was read.
+        what: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Fetched bytes are not what the source lists.
     #[error("{path}: fetched bytes have digest {fetched}, the registry lists {listed}")]
     Digest {
@@ -175,20 +183,12 @@ impl Mirror {
             return Ok(false);
         }
         let shown: serde_json::Value = self.source.get(&paths::traffic(name)).await?;
-        let targets = shown["targets"].as_array().cloned().unwrap_or_default();
-        let split = Traffic {
-            targets: targets
-                .iter()
-                .filter_map(|t| {
-                    Some(TrafficTarget {
-                        revision: serde_json::from_value(t["revision"].clone()).ok()?,
-                        percent: u8::try_from(t["percent"].as_u64()?).ok()?,
-                        tag: t["tag"].as_str().map(str::to_string),
-                    })
-                })
-                .collect(),
-            sticky_header: shown["sticky_header"].as_str().map(str::to_string),
-        };
+        let split: Traffic = serde_json::from_value(shown["split"].clone()).map_err(|e| {
+            MirrorError::Unreadable {
+                what: format!("traffic split of {name}"),
+                why: e.to_string(),
+            }
+        })?;
         let local = tokio::task::block_in_place(|| self.registry.traffic(name))?;
         if local == split {
             return Ok(false);

@@ -215,7 +215,8 @@ impl PreparedFunction {
     /// caller saw.
     pub fn record(&self, trigger: Trigger, request_id: &str, status: u16, elapsed: Duration) {
         if !self.retired.load(Ordering::SeqCst) {
-            self.metrics.observe_request(&self.name, status, elapsed);
+            self.metrics
+                .observe_request(&self.name, self.revision, status, elapsed);
         }
         let span = tracing::Span::current();
         span.record("revision", self.revision);

@@ -209,7 +209,7 @@ async fn set_traffic(
     let body = read_body(request.into_body(), MAX_TRAFFIC_BYTES).await?;
     let split: Traffic = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(format!(
-            "expected JSON {{\"targets\": [{{\"revision\": N or \"latest\", \"percent\": P, \"tag\": T}}], \"sticky_header\": H}}: {e}"
+            "expected JSON {{\"targets\": [{{\"revision\": N or \"latest\", \"percent\": P, \"tag\": T, \"shadow\": B}}], \"sticky_header\": H, \"rollback\": R}}: {e}"
         ))
     })?;
     let (runtime, function) = (state.runtime.clone(), name.to_string());
@@ -246,6 +246,7 @@ async fn traffic(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, A
                 "serves": t.revision.resolve(head),
                 "percent": t.percent,
                 "tag": t.tag,
+                "shadow": t.shadow,
             })
         })
         .collect();
@@ -253,6 +254,9 @@ async fn traffic(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, A
         "head": head,
         "targets": targets,
         "sticky_header": split.sticky_header,
+        "rollback": split.rollback,
+        // As stored, for mirrors to copy.
+        "split": split,
     }))
 }
 

@@ -129,6 +129,7 @@ pub fn split_from_args(
             revision: revision(which)?,
             percent,
             tag: None,
+            shadow: false,
         });
     }
     for tag in tags {
@@ -147,12 +148,14 @@ pub fn split_from_args(
                 revision: which,
                 percent: 0,
                 tag: Some(name.to_string()),
+                shadow: false,
             }),
         }
     }
     Ok(Traffic {
         targets: split,
         sticky_header,
+        rollback: None,
     })
 }
 

@@ -266,8 +266,9 @@ fn two_hosts_share_the_work_and_survive_a_kill() {
         let client = async_nats::connect(nats.url()).await.expect("connect");
         wait_for_service(&client, "embed.requests").await;
     });
-    let count =
-        |host: &Host| host.metric("cascade_requests_total{function=\"embed\",status=\"200\"}");
+    let count = |host: &Host| {
+        host.metric("cascade_requests_total{function=\"embed\",revision=\"1\",status=\"200\"}")
+    };
     let (a0, b0) = (count(&first), count(&second));
     let answered = runtime().block_on(async {
         let client = async_nats::connect(nats.url()).await.expect("connect");

@@ -255,7 +255,10 @@ fn a_model_only_function_takes_tensors_in_json_and_binary_alike() {
         let want = want.as_f64().expect("number") as f32;
         assert!((got / norm - want).abs() < 1e-4, "{} vs {want}", got / norm);
     }
-    assert!(host.metric("cascade_requests_total{function=\"minilm\",status=\"200\"}") >= 2.0);
+    assert!(
+        host.metric("cascade_requests_total{function=\"minilm\",revision=\"1\",status=\"200\"}")
+            >= 2.0
+    );
 }
 
 #[test]

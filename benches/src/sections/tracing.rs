@@ -9,7 +9,7 @@ use anyhow::{Result, ensure};
 use cascade_tests::otlp::Receiver;
 
 /// The traced host's answered `embed` requests.
-const ANSWERED: &str = "cascade_requests_total{function=\"embed\",status=\"200\"}";
+const ANSWERED: &str = "cascade_requests_total{function=\"embed\",revision=\"1\",status=\"200\"}";
 
 /// Runs the section.
 pub fn run(bench: &Bench) -> Result<Section> {

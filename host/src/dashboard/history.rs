@@ -43,6 +43,17 @@ impl Buckets {
         }
     }
 
+    /// Adds `other`'s observations (the same buckets, another label set).
+    fn add(&mut self, other: &Buckets) {
+        if other.bounds != self.bounds {
+            return;
+        }
+        for (sum, more) in self.cumulative.iter_mut().zip(&other.cumulative) {
+            *sum += more;
+        }
+        self.count += other.count;
+    }
+
     /// The `q` quantile in seconds, interpolated within its bucket as
     /// PromQL's `histogram_quantile` does; `None` with no observations.
     pub fn quantile(&self, q: f64) -> Option<f64> {
@@ -73,11 +84,11 @@ impl Buckets {
 /// Everything one snapshot holds, keyed by label values.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// `cascade_request_duration_seconds` by function.
+    /// `cascade_request_duration_seconds` by function (every revision).
     pub requests: HashMap<String, Buckets>,
     /// `cascade_stage_duration_seconds` by (function, stage).
     pub stages: HashMap<(String, String), Buckets>,
-    /// `cascade_requests_total` by (function, status).
+    /// `cascade_requests_total` by (function, status), every revision.
     pub statuses: HashMap<(String, String), u64>,
 }
 
@@ -86,8 +97,12 @@ impl Snapshot {
     pub fn take(metrics: &Metrics) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (labels, buckets) in histograms(&metrics.latency) {
-            if let [function] = labels.as_slice() {
-                snapshot.requests.insert(function.clone(), buckets);
+            if let [function, _revision] = labels.as_slice() {
+                snapshot
+                    .requests
+                    .entry(function.clone())
+                    .and_modify(|sum| sum.add(&buckets))
+                    .or_insert(buckets);
             }
         }
         for (labels, buckets) in histograms(&metrics.stage_latency) {
@@ -99,11 +114,12 @@ impl Snapshot {
         }
         for family in metrics.requests.collect() {
             for metric in family.get_metric() {
-                if let [function, status] = label_values(metric).as_slice() {
+                if let [function, _revision, status] = label_values(metric).as_slice() {
                     let count = metric.get_counter().get_value() as u64;
-                    snapshot
+                    *snapshot
                         .statuses
-                        .insert((function.clone(), status.clone()), count);
+                        .entry((function.clone(), status.clone()))
+                        .or_default() += count;
                 }
             }
         }
@@ -247,6 +263,18 @@ mod tests {
         let p99 = b.quantile(0.99).unwrap_or_default();
         assert!((p99 - 0.091).abs() < 1e-9, "{p99}");
         assert_eq!(buckets(&[0, 0, 0, 0]).quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_snapshot_sums_every_revision_of_a_function() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.observe_request("embed", 1, 200, Duration::from_millis(2));
+        metrics.observe_request("embed", 2, 200, Duration::from_millis(3));
+        metrics.observe_request("embed", 2, 500, Duration::from_millis(4));
+        let snapshot = Snapshot::take(&metrics);
+        assert_eq!(snapshot.requests["embed"].count, 3);
+        assert_eq!(snapshot.statuses[&("embed".into(), "200".into())], 2);
+        assert_eq!(snapshot.statuses[&("embed".into(), "500".into())], 1);
     }
 
     #[test]
