@@ -5,6 +5,7 @@
 use crate::trigger::subjects;
 use async_nats::Client;
 use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord};
+use cascade_registry::traffic::Traffic;
 use serde::Serialize;
 
 /// What kind of artifact changed.
@@ -101,6 +102,32 @@ impl RegistryEvent {
     }
 }
 
+/// What happened to a function's traffic split on its own, announced on
+/// `cascade.events.traffic.<name>`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrafficEvent {
+    /// Always `rolled-back`: a target was taken out by the rollback rule.
+    pub action: TrafficAction,
+    /// The function.
+    pub function: String,
+    /// The revision the target served.
+    pub revision: u64,
+    /// Whether the target was a shadow.
+    pub shadow: bool,
+    /// What it breached.
+    pub reason: String,
+    /// The split now served.
+    pub traffic: Traffic,
+}
+
+/// What happened to a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrafficAction {
+    /// A target was routed to 0 % by the rollback rule.
+    RolledBack,
+}
+
 /// Publishes registry events when NATS is configured.
 #[derive(Clone, Default)]
 pub struct Events {
@@ -115,18 +142,27 @@ impl Events {
 
     /// Announces `event` (fire and forget; a host without NATS does nothing).
     pub fn emit(&self, event: RegistryEvent) {
+        let subject = subjects::registry_event(event.kind.name(), &event.name);
+        self.send(subject, event);
+    }
+
+    /// Announces a traffic event.
+    pub fn emit_traffic(&self, event: TrafficEvent) {
+        self.send(subjects::traffic_event(&event.function), event);
+    }
+
+    fn send(&self, subject: String, event: impl Serialize + Send + 'static) {
         let Some(client) = self.client.clone() else {
             return;
         };
         tokio::spawn(async move {
-            let subject = subjects::registry_event(event.kind.name(), &event.name);
             match serde_json::to_vec(&event) {
                 Ok(payload) => {
                     if let Err(e) = client.publish(subject, payload.into()).await {
-                        tracing::warn!("publishing registry event: {e}");
+                        tracing::warn!("publishing an event: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("encoding registry event: {e}"),
+                Err(e) => tracing::warn!("encoding an event: {e}"),
             }
         });
     }

@@ -2,8 +2,8 @@
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::collections::HashMap;
 
@@ -60,6 +60,24 @@ pub struct Metrics {
     /// `cascade_mirror_sync_failures`: what a mirror's last sync could not
     /// copy from its source (functions and artifacts).
     pub mirror_failures: IntGauge,
+    /// `cascade_shadow_requests_total{function, revision, status}`: shadow
+    /// copies run, by the status the shadow would have answered.
+    pub shadow_requests: IntCounterVec,
+    /// `cascade_shadow_duration_seconds{function, revision}`.
+    pub shadow_latency: HistogramVec,
+    /// `cascade_shadow_agreement{function, revision}`: mean agreement of a
+    /// shadow's answers with the served ones over its window, 0 to 1.
+    pub shadow_agreement: GaugeVec,
+    /// `cascade_rollbacks_total{function, revision}`: targets taken out of
+    /// a split by its rollback rule.
+    pub rollbacks: IntCounterVec,
+    /// `cascade_feedback_total{function, revision}`: feedback scored.
+    pub feedback: IntCounterVec,
+    /// `cascade_prediction_accuracy{function, revision}`: share of right
+    /// labels over the latest feedback.
+    pub accuracy: GaugeVec,
+    /// `cascade_prediction_mean_absolute_error{function, revision}`.
+    pub mean_absolute_error: GaugeVec,
 }
 
 impl Metrics {
@@ -77,6 +95,12 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let float_gauge =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<GaugeVec> {
+                let g = GaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
         let histogram =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<HistogramVec> {
                 let h = HistogramVec::new(
@@ -185,6 +209,41 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            shadow_requests: counter(
+                "cascade_shadow_requests_total",
+                "Shadow copies run, by the status the shadow answered.",
+                &["function", "revision", "status"],
+            )?,
+            shadow_latency: histogram(
+                "cascade_shadow_duration_seconds",
+                "Latency of shadow copies.",
+                &["function", "revision"],
+            )?,
+            shadow_agreement: float_gauge(
+                "cascade_shadow_agreement",
+                "Mean agreement of a shadow's answers with the served ones, 0 to 1.",
+                &["function", "revision"],
+            )?,
+            rollbacks: counter(
+                "cascade_rollbacks_total",
+                "Traffic targets taken out of a split by its rollback rule.",
+                &["function", "revision"],
+            )?,
+            feedback: counter(
+                "cascade_feedback_total",
+                "Feedback scored against remembered answers.",
+                &["function", "revision"],
+            )?,
+            accuracy: float_gauge(
+                "cascade_prediction_accuracy",
+                "Share of right labels over the latest feedback.",
+                &["function", "revision"],
+            )?,
+            mean_absolute_error: float_gauge(
+                "cascade_prediction_mean_absolute_error",
+                "Mean absolute error over the latest feedback.",
+                &["function", "revision"],
+            )?,
             registry,
         })
     }
@@ -220,6 +279,13 @@ impl Metrics {
         forget(&self.timeouts, function);
         forget(&self.model_batches, function);
         forget(&self.model_batched_requests, function);
+        forget(&self.shadow_requests, function);
+        forget(&self.shadow_latency, function);
+        forget(&self.shadow_agreement, function);
+        forget(&self.rollbacks, function);
+        forget(&self.feedback, function);
+        forget(&self.accuracy, function);
+        forget(&self.mean_absolute_error, function);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -12,6 +12,8 @@ use crate::error::{InvokeError, StageError};
 use crate::metrics::Metrics;
 use crate::model::ModelQueue;
 use crate::model::wide_runs::RequestInFlight;
+use crate::operations::FunctionWatch;
+use crate::operations::shadow::{self, Answer, ShadowTarget};
 use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
 use cascade_registry::manifest::Function;
 use cascade_registry::records::{ModelSignature, World};
@@ -64,9 +66,20 @@ pub struct PreparedFunction {
     stages: Vec<PreparedStage>,
     gate: Gate,
     metrics: Arc<Metrics>,
+    /// What the host watches of the function (shared by its revisions).
+    watch: Arc<FunctionWatch>,
     /// Set once the function is no longer served at all (deleted): its
     /// metric labels are gone, and late requests must not bring them back.
     retired: AtomicBool,
+}
+
+impl ShadowTarget for PreparedFunction {
+    fn answer(self: Arc<Self>, request_id: String, input: Message) -> Answer {
+        Box::pin(async move {
+            let admission = self.admit(&request_id).await?;
+            Ok(self.run_message(admission, input).await?.output)
+        })
+    }
 }
 
 /// How a request reached a function, for its log line.
@@ -99,6 +112,7 @@ impl Trigger {
 
 /// A request admitted to a function, holding its slot until dropped.
 pub struct Admission {
+    request_id: String,
     deadline: Instant,
     _entry: crate::pool::Entry,
     _counted: RequestInFlight,
@@ -155,13 +169,14 @@ enum Flow {
 
 impl PreparedFunction {
     /// Revision `revision` of `function`, whose stages are prepared,
-    /// admitting requests through `gate`.
+    /// admitting requests through `gate`, watched by `watch`.
     pub fn new(
         revision: u64,
         function: Function,
         stages: Vec<PreparedStage>,
         gate: Gate,
         metrics: Arc<Metrics>,
+        watch: Arc<FunctionWatch>,
     ) -> Self {
         PreparedFunction {
             name: function.name.to_string(),
@@ -170,6 +185,7 @@ impl PreparedFunction {
             stages,
             gate,
             metrics,
+            watch,
             retired: AtomicBool::new(false),
         }
     }
@@ -187,6 +203,11 @@ impl PreparedFunction {
     /// What its manifest declares.
     pub fn function(&self) -> &Function {
         &self.function
+    }
+
+    /// What the host watches of the function.
+    pub fn watch(&self) -> &Arc<FunctionWatch> {
+        &self.watch
     }
 
     /// Its stages, first to last.
@@ -217,6 +238,7 @@ impl PreparedFunction {
         if !self.retired.load(Ordering::SeqCst) {
             self.metrics
                 .observe_request(&self.name, self.revision, status, elapsed);
+            self.watch.outcome(self.revision, status, elapsed);
         }
         let span = tracing::Span::current();
         span.record("revision", self.revision);
@@ -240,15 +262,20 @@ impl PreparedFunction {
 
     /// Waits for admission (a slot, or a place in the bounded queue), then
     /// runs one invocation through every stage.
-    pub async fn invoke(self: &Arc<Self>, input: Message) -> Result<Invocation, InvokeError> {
-        let admission = self.admit().await?;
+    pub async fn invoke(
+        self: &Arc<Self>,
+        request_id: &str,
+        input: Message,
+    ) -> Result<Invocation, InvokeError> {
+        let admission = self.admit(request_id).await?;
         self.run(admission, input).await
     }
 
     /// Admission to this function: its deadline starts now. Triggers that
     /// must read a body admit first, so the queue bounds how many bodies
-    /// are held in memory at once.
-    pub async fn admit(&self) -> Result<Admission, InvokeError> {
+    /// are held in memory at once. `request_id` names the answer for
+    /// feedback.
+    pub async fn admit(&self, request_id: &str) -> Result<Admission, InvokeError> {
         // The invocation's span (every trigger admits inside it): the
         // revision is known from here on, for every line logged.
         tracing::Span::current().record("revision", self.revision);
@@ -269,6 +296,7 @@ impl PreparedFunction {
             )],
         );
         Ok(Admission {
+            request_id: request_id.to_string(),
             deadline,
             _entry: entry,
             _counted: counted,
@@ -281,7 +309,30 @@ impl PreparedFunction {
     /// tick, so a request whose stages are all components never leaves its
     /// thread; a model, or a guest granted models through `wasi:nn` (tract
     /// cannot yield), runs on the blocking pool, one hop there and back.
+    ///
+    /// Shadows of the function's split get a copy of the input; they run
+    /// once the answer is ready, on their own instances, and are compared
+    /// with it. Answers are remembered for feedback when the manifest asks.
     pub async fn run(
+        self: &Arc<Self>,
+        admission: Admission,
+        input: Message,
+    ) -> Result<Invocation, InvokeError> {
+        let shadows = self.watch.shadows_for(self.revision);
+        let copy = (!shadows.is_empty()).then(|| input.clone());
+        let request_id = admission.request_id.clone();
+        let invocation = self.run_message(admission, input).await?;
+        if let Some(copy) = copy {
+            shadow::spawn(&self.watch, shadows, copy, &invocation.output, &request_id);
+        }
+        let keep = self.function.monitoring.feedback as usize;
+        self.watch
+            .remember(&request_id, self.revision, &invocation.output, keep);
+        Ok(invocation)
+    }
+
+    /// [`PreparedFunction::run`] without the shadows and feedback.
+    pub async fn run_message(
         self: &Arc<Self>,
         admission: Admission,
         input: Message,
@@ -403,6 +454,7 @@ impl PreparedFunction {
                     PreparedStage::Model { .. } => None,
                 })
                 .collect(),
+            quality: self.watch.quality(),
         }
     }
 
@@ -634,6 +686,8 @@ pub struct FunctionStatus {
     pub max_instances: u32,
     /// One entry per component stage.
     pub stages: Vec<StageStatus>,
+    /// What feedback and shadows say of each watched revision.
+    pub quality: Vec<crate::operations::RevisionQuality>,
 }
 
 /// A tensor type as the WIT spells it (`fp32`, `u8`, ...).

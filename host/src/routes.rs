@@ -22,6 +22,8 @@ pub enum Route {
     Invoke,
     /// `GET /v1/functions/{name}/status`
     Status,
+    /// `POST /v1/functions/{name}/feedback`: the truth about an answer
+    Feedback,
     /// `GET /v1/components`
     ListComponents,
     /// `GET /v1/components/{name}`
@@ -130,6 +132,12 @@ const TABLE: &[(Method, &str, Route, Need)] = &[
         Need::InvokeFunction,
     ),
     (Method::GET, "/v1/functions/{}/status", Route::Status, READ),
+    (
+        Method::POST,
+        "/v1/functions/{}/feedback",
+        Route::Feedback,
+        Need::InvokeFunction,
+    ),
     (Method::GET, "/v1/components", Route::ListComponents, READ),
     (
         Method::GET,

@@ -10,6 +10,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::model::queue::{BatchCounts, ModelQueue};
 use crate::model::{Backend, PlanCache};
+use crate::operations::{FunctionWatch, RollbackOrder};
 use crate::pipeline::{PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
@@ -22,8 +23,9 @@ use cascade_registry::{Registry, RegistryError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Why a function revision could not be prepared on this host: said on
 /// `/readyz`, in the publish answer's warning, and in the 503 of its
@@ -76,6 +78,12 @@ pub struct Runtime {
     /// Functions whose current revision is stored but could not be
     /// prepared here: revision and why (for invocations, status, /readyz).
     unservable: Mutex<HashMap<String, (u64, String)>>,
+    /// What is watched of each function, shared by its revisions.
+    watches: Mutex<HashMap<String, Arc<FunctionWatch>>>,
+    /// Where watches send rollback orders, and the other end until the
+    /// host takes it ([`Runtime::take_rollback_orders`]).
+    orders: UnboundedSender<RollbackOrder>,
+    pending_orders: Mutex<Option<UnboundedReceiver<RollbackOrder>>>,
 }
 
 impl Runtime {
@@ -90,6 +98,7 @@ impl Runtime {
         backend: Backend,
         shape_plans: usize,
     ) -> Self {
+        let (orders, pending_orders) = tokio::sync::mpsc::unbounded_channel();
         Runtime {
             engine,
             registry,
@@ -107,7 +116,31 @@ impl Runtime {
             changes: tokio::sync::Notify::new(),
             loading: AtomicBool::new(true),
             unservable: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+            orders,
+            pending_orders: Mutex::new(Some(pending_orders)),
         }
+    }
+
+    /// The rollback orders of every function's watch; the first caller
+    /// gets them (the host carries them out), later ones `None`.
+    pub fn take_rollback_orders(&self) -> Option<UnboundedReceiver<RollbackOrder>> {
+        self.pending_orders.lock().ok()?.take()
+    }
+
+    /// What is watched of function `name`.
+    pub fn watch(&self, name: &str) -> Arc<FunctionWatch> {
+        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        watches
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(FunctionWatch::new(
+                    name,
+                    self.metrics.clone(),
+                    self.orders.clone(),
+                ))
+            })
+            .clone()
     }
 
     /// The wasmtime engine.
@@ -267,6 +300,7 @@ impl Runtime {
             if let Ok(mut splits) = self.splits.write() {
                 splits.remove(name);
             }
+            self.watch(name).follow::<PreparedFunction>(None);
             return Ok(());
         };
         let earlier = self.split(name);
@@ -286,6 +320,8 @@ impl Runtime {
             };
             revisions.insert(number, prepared);
         }
+        self.watch(name)
+            .follow(Some((&traffic, head.revision(), &revisions)));
         let split = Arc::new(Split::new(traffic, head.revision(), revisions));
         self.splits
             .write()
@@ -345,6 +381,9 @@ impl Runtime {
                     .and_then(|mut functions| functions.remove(name));
                 if let Ok(mut splits) = self.splits.write() {
                     splits.remove(name);
+                }
+                if let Ok(mut watches) = self.watches.lock() {
+                    watches.remove(name);
                 }
                 if let Some(removed) = removed {
                     removed.retire();
@@ -439,6 +478,7 @@ impl Runtime {
             stages,
             gate,
             self.metrics.clone(),
+            self.watch(name),
         ))
     }
 

@@ -71,12 +71,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let history = Arc::new(History::new());
     let (kept, metrics) = (history.clone(), runtime.metrics().clone());
     tasks.push(tokio::spawn(async move { kept.follow(&metrics).await }));
+    let events = Events::new(nats.as_ref().map(|n| n.client.clone()));
+    if let Some(orders) = runtime.take_rollback_orders() {
+        let read_only = mirror.is_some();
+        let rollbacks =
+            crate::rollback::carry_out(runtime.clone(), events.clone(), orders, read_only);
+        tasks.push(tokio::spawn(rollbacks));
+    }
     let state = HttpState::new(HttpSettings {
         runtime: runtime.clone(),
         access,
         max_upload: config.max_upload_mb << 20,
         readiness,
-        events: Events::new(nats.as_ref().map(|n| n.client.clone())),
+        events,
         mirror_of: mirror.map(|m| m.source().to_string()),
         history: history.clone(),
     });

@@ -27,6 +27,8 @@
 //! [triggers]
 //! http = true
 //! nats = { subject = "embed.requests", result_subject = "embed.results" }
+//! [monitoring]
+//! feedback = 1000                    # answers remembered for `POST .../feedback`
 //! ```
 //!
 //! The `[triggers]` table, JetStream's included, is [`crate::triggers`].
@@ -55,6 +57,9 @@ struct ManifestFile {
     /// How the function is invoked.
     #[serde(default)]
     pub triggers: Triggers,
+    /// What the host watches of its answers.
+    #[serde(default)]
+    pub monitoring: Monitoring,
 }
 
 /// One stage as written: exactly one of `component` or `model`.
@@ -114,6 +119,19 @@ impl Default for Scaling {
         }
     }
 }
+
+/// What the host watches of a function's answers in production.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Monitoring {
+    /// Answers remembered per function for `POST /v1/functions/{name}/feedback`
+    /// (their request id, revision and prediction), and the window of
+    /// feedback that accuracy is computed over. 0: no feedback.
+    pub feedback: u32,
+}
+
+/// Most answers a function may remember for feedback.
+pub const MAX_FEEDBACK: u32 = 100_000;
 
 /// Limits of one invocation.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -190,6 +208,8 @@ pub struct Function {
     pub limits: Limits,
     /// How the function is invoked.
     pub triggers: Triggers,
+    /// What the host watches of its answers.
+    pub monitoring: Monitoring,
 }
 
 /// A manifest as published: its text (what `cascade show` prints and the
@@ -243,6 +263,9 @@ pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
     if l.max_body_kb == 0 || l.max_body_kb > MAX_BODY_KB {
         return invalid(format!("`limits.max_body_kb` must be 1 to {MAX_BODY_KB}"));
     }
+    if manifest.monitoring.feedback > MAX_FEEDBACK {
+        return invalid(format!("`monitoring.feedback` must be 0 to {MAX_FEEDBACK}"));
+    }
     crate::triggers::check(&manifest.triggers)?;
     let stages = manifest
         .stages
@@ -258,6 +281,7 @@ pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
             scaling: manifest.scaling,
             limits: manifest.limits,
             triggers: manifest.triggers,
+            monitoring: manifest.monitoring,
         },
     })
 }

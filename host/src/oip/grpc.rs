@@ -121,7 +121,7 @@ impl Service {
             if size as u64 > limit {
                 return Err(crate::http::too_large(&name, limit));
             }
-            let mut admission = function.admit().await?;
+            let mut admission = function.admit(&request_id).await?;
             if let Some(within) = deadline {
                 admission.tighten(within);
             }

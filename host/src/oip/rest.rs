@@ -117,7 +117,7 @@ async fn infer(
     trace_context::http_server(&span, &request, "/v2/models/{name}/infer");
     async {
         let function = for_inference(state, name, version).await?;
-        let result = infer_function(&function, request).await;
+        let result = infer_function(&function, request, &request_id).await;
         let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
         function.record(Trigger::OipRest, &request_id, status, started.elapsed());
         result
@@ -129,6 +129,7 @@ async fn infer(
 async fn infer_function(
     function: &Arc<PreparedFunction>,
     request: Request<Incoming>,
+    request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let name = function.name();
     let limit = function.max_body();
@@ -145,7 +146,7 @@ async fn infer_function(
         },
         None => None,
     };
-    let admission = match function.admit().await {
+    let admission = match function.admit(request_id).await {
         Ok(admission) => admission,
         Err(refused) => return Err(ApiError::from(refused).refusing(request.into_body())),
     };

@@ -183,6 +183,7 @@ async fn route(
             Ok(response)
         }
         Route::Invoke => invoke(state, matched.param(0), request).await,
+        Route::Feedback => crate::feedback_api::feedback(state, matched.param(0), request).await,
         Route::Status => Ok(json(
             StatusCode::OK,
             &state
@@ -255,7 +256,7 @@ async fn invoke(
         match state.runtime.choose_when_loaded(name, &choice).await {
             Ok(function) => {
                 revision = Some(function.revision());
-                let result = invoke_function(&function, request).await;
+                let result = invoke_function(&function, request, &request_id).await;
                 let status = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
                 function.record(Trigger::Http, &request_id, status, started.elapsed());
                 result
@@ -286,6 +287,7 @@ async fn invoke(
 async fn invoke_function(
     function: &Arc<PreparedFunction>,
     request: Request<Incoming>,
+    request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let name = function.name();
     if !function.function().triggers.http {
@@ -305,7 +307,7 @@ async fn invoke_function(
         .to_string();
     // Admitted first: the queue then bounds how many bodies are in memory,
     // and reading the body counts against the deadline.
-    let admission = match function.admit().await {
+    let admission = match function.admit(request_id).await {
         Ok(admission) => admission,
         Err(refused) => return Err(ApiError::from(refused).refusing(request.into_body())),
     };

@@ -439,7 +439,7 @@ impl FunctionConsumer {
                         .await
                 } else {
                     let outcome = self
-                        .with_progress(message, nats::invoke(&function, message))
+                        .with_progress(message, nats::invoke(&function, message, request_id))
                         .await;
                     let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
                     function.record(Trigger::JetStream, request_id, status, started.elapsed());

@@ -343,7 +343,7 @@ impl NatsTrigger {
             match self.runtime.choose_when_loaded(name, &choice).await {
                 Ok(function) => {
                     revision = Some(function.revision());
-                    let outcome = invoke(&function, message).await;
+                    let outcome = invoke(&function, message, &request_id).await;
                     let status = outcome.as_ref().map_or_else(InvokeError::status, |_| 200);
                     function.record(Trigger::Nats, &request_id, status, started.elapsed());
                     outcome
@@ -403,6 +403,7 @@ impl NatsTrigger {
 pub(crate) async fn invoke(
     function: &Arc<PreparedFunction>,
     message: &async_nats::Message,
+    request_id: &str,
 ) -> Result<GuestMessage, InvokeError> {
     let limit = function.max_body();
     if message.payload.len() as u64 > limit {
@@ -421,7 +422,7 @@ pub(crate) async fn invoke(
         content_type,
         body: Bytes::clone(&message.payload).to_vec(),
     };
-    Ok(function.invoke(input).await?.output)
+    Ok(function.invoke(request_id, input).await?.output)
 }
 
 /// The message's `X-Request-Id` header, or its subject when it has none.

@@ -27,6 +27,12 @@ pub fn registry_event(kind: &str, name: &str) -> String {
     format!("cascade.events.registry.{kind}.{name}")
 }
 
+/// Traffic events of a function (a target rolled back):
+/// `cascade.events.traffic.<name>`.
+pub fn traffic_event(name: &str) -> String {
+    format!("cascade.events.traffic.{name}")
+}
+
 /// Every registry event, for subscribers.
 pub const REGISTRY_EVENTS: &str = "cascade.events.registry.>";
 

@@ -1,0 +1,450 @@
+//! Model operations: what the host watches of a function's revisions in
+//! production. Each function has one [`FunctionWatch`], shared by every
+//! prepared revision of it; its traffic split says what to watch:
+//!
+//! - the latest outcomes of its canaries and shadows, and of the stable
+//!   revision they are judged against, so a rollback rule can take a
+//!   failing one out of the split ([`RollbackOrder`]);
+//! - shadow copies of a sampled share of requests, run after the served
+//!   answer is on its way and compared with it ([`agreement`]);
+//! - the latest answers by request id, scored by feedback ([`feedback`]).
+//!
+//! A function with no split, no rule and no feedback pays one atomic load
+//! per request.
+
+pub mod agreement;
+pub mod feedback;
+pub mod shadow;
+pub mod window;
+
+use crate::bindings::Message;
+use crate::error::InvokeError;
+use crate::metrics::Metrics;
+use cascade_registry::traffic::{RollbackRule, Traffic};
+use feedback::{Feedback, FeedbackError, Remembered, Score};
+use serde::Serialize;
+use shadow::ShadowTarget;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+use window::{Outcome, Ring};
+
+/// Outcomes and comparisons kept per revision when no rule says how many.
+const DEFAULT_WINDOW: usize = 200;
+
+/// A target to take out of its function's split, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackOrder {
+    /// The function.
+    pub function: String,
+    /// The revision the failing target serves.
+    pub revision: u64,
+    /// Whether the target is a shadow.
+    pub shadow: bool,
+    /// What it breached.
+    pub reason: String,
+}
+
+/// What feedback did to a revision's quality.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Scored {
+    /// The revision that gave the answer.
+    pub revision: u64,
+    /// Whether its label was right (a classification).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correct: Option<bool>,
+    /// How far off its number was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub absolute_error: Option<f64>,
+    /// The revision's accuracy over its latest feedback (labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// The revision's mean absolute error over its latest feedback (numbers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_absolute_error: Option<f64>,
+    /// How much feedback that window holds.
+    pub window: usize,
+}
+
+/// A revision's recent history.
+struct RevisionState {
+    outcomes: Ring<Outcome>,
+    agreement: Ring<f64>,
+    /// 1 or 0 per label scored, or the absolute error per number.
+    quality: Ring<f64>,
+    labels: bool,
+    /// A rollback was ordered; not again until the split changes.
+    ordered: bool,
+}
+
+impl RevisionState {
+    fn new(window: usize) -> Self {
+        RevisionState {
+            outcomes: Ring::new(window),
+            agreement: Ring::new(window),
+            quality: Ring::new(window),
+            labels: true,
+            ordered: false,
+        }
+    }
+}
+
+/// A shadow target, ready: the revision, its share, its own counter.
+struct Shadow {
+    revision: u64,
+    function: Weak<dyn ShadowTarget>,
+    percent: u64,
+    sequence: AtomicU64,
+}
+
+/// What the split asks to watch.
+#[derive(Default)]
+struct Plan {
+    /// The split and the head it was resolved with.
+    split: Option<(Traffic, u64)>,
+    rule: Option<RollbackRule>,
+    stable: Option<u64>,
+    /// Revisions judged by the rule: canaries (false) and shadows (true).
+    judged: HashMap<u64, bool>,
+    shadows: Vec<Arc<Shadow>>,
+}
+
+/// What the host watches of one function.
+pub struct FunctionWatch {
+    name: String,
+    metrics: Arc<Metrics>,
+    plan: RwLock<Plan>,
+    /// A rule to judge by, or shadows to run: the per-request work is on.
+    active: AtomicBool,
+    revisions: Mutex<HashMap<u64, RevisionState>>,
+    remembered: Mutex<Remembered>,
+    orders: UnboundedSender<RollbackOrder>,
+}
+
+impl FunctionWatch {
+    /// The watch of function `name`, sending rollback orders to `orders`.
+    pub fn new(name: &str, metrics: Arc<Metrics>, orders: UnboundedSender<RollbackOrder>) -> Self {
+        FunctionWatch {
+            name: name.to_string(),
+            metrics,
+            plan: RwLock::new(Plan::default()),
+            active: AtomicBool::new(false),
+            revisions: Mutex::new(HashMap::new()),
+            remembered: Mutex::new(Remembered::default()),
+            orders,
+        }
+    }
+
+    /// Watches what `split` (resolved with `head`, its revisions prepared
+    /// in `revisions`) asks for; `None`: everything goes to the head.
+    /// A changed split starts every judgement afresh.
+    pub fn follow<T: ShadowTarget>(&self, split: Option<(&Traffic, u64, &HashMap<u64, Arc<T>>)>) {
+        let mut plan = self.plan.write().unwrap_or_else(PoisonError::into_inner);
+        let now = split.map(|(traffic, head, _)| (traffic.clone(), head));
+        if plan.split == now {
+            return;
+        }
+        let mut next = Plan {
+            split: now,
+            ..Plan::default()
+        };
+        if let Some((traffic, head, revisions)) = split {
+            let stable = traffic.stable();
+            next.stable = stable.map(|i| traffic.targets[i].revision.resolve(head));
+            let served: Vec<u64> = traffic.served().map(|t| t.revision.resolve(head)).collect();
+            for (i, target) in traffic.targets.iter().enumerate() {
+                let revision = target.revision.resolve(head);
+                if target.shadow {
+                    if target.percent == 0 {
+                        continue;
+                    }
+                    if served.contains(&revision) {
+                        tracing::warn!(function = %self.name, revision, "a shadow of a served revision is skipped: it would take the callers' instances");
+                        continue;
+                    }
+                    let Some(function) = revisions.get(&revision) else {
+                        continue;
+                    };
+                    let function: Arc<dyn ShadowTarget> = function.clone();
+                    next.shadows.push(Arc::new(Shadow {
+                        revision,
+                        function: Arc::downgrade(&function),
+                        percent: u64::from(target.percent),
+                        sequence: AtomicU64::new(0),
+                    }));
+                    next.judged.insert(revision, true);
+                } else if Some(i) != stable && target.percent > 0 && next.stable != Some(revision) {
+                    next.judged.insert(revision, false);
+                }
+            }
+            next.rule = traffic.rollback.clone();
+        }
+        let window = next
+            .rule
+            .as_ref()
+            .map_or(DEFAULT_WINDOW, |r| r.window as usize);
+        if let Ok(mut revisions) = self.revisions.lock() {
+            for state in revisions.values_mut() {
+                state.outcomes = Ring::new(window);
+                state.agreement = Ring::new(window);
+                state.ordered = false;
+            }
+        }
+        self.active.store(
+            next.rule.is_some() || !next.shadows.is_empty(),
+            Ordering::SeqCst,
+        );
+        *plan = next;
+    }
+
+    /// The shadows that get a copy of this request to `served`, sampled by
+    /// their shares.
+    pub fn shadows_for(&self, served: u64) -> Vec<(u64, Arc<dyn ShadowTarget>)> {
+        if !self.active.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let plan = self.plan.read().unwrap_or_else(PoisonError::into_inner);
+        plan.shadows
+            .iter()
+            .filter(|s| s.revision != served)
+            .filter(|s| {
+                (s.sequence.fetch_add(1, Ordering::Relaxed).wrapping_mul(37)) % 100 < s.percent
+            })
+            .filter_map(|s| Some((s.revision, s.function.upgrade()?)))
+            .collect()
+    }
+
+    /// Records a served request's outcome, judging its revision when the
+    /// rule asks to.
+    pub fn outcome(&self, revision: u64, status: u16, elapsed: Duration) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        self.observe(revision, status >= 500, elapsed, None);
+    }
+
+    /// Records what a shadow copy did: its status, time and, when both it
+    /// and the served request answered, their agreement.
+    pub fn shadow_finished(
+        &self,
+        revision: u64,
+        result: &Result<Message, InvokeError>,
+        served: &Message,
+        elapsed: Duration,
+    ) {
+        let labels = [self.name.as_str(), &revision.to_string()];
+        let status = result.as_ref().map_or_else(InvokeError::status, |_| 200);
+        let status_label = status.to_string();
+        self.metrics
+            .shadow_requests
+            .with_label_values(&[labels[0], labels[1], &status_label])
+            .inc();
+        self.metrics
+            .shadow_latency
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
+        let agreement = result
+            .as_ref()
+            .ok()
+            .map(|answer| agreement::agreement(served, answer));
+        self.observe(revision, status >= 500, elapsed, agreement);
+    }
+
+    fn observe(&self, revision: u64, failed: bool, elapsed: Duration, agreement: Option<f64>) {
+        let plan = self.plan.read().unwrap_or_else(PoisonError::into_inner);
+        let judged = plan.judged.get(&revision).copied();
+        if judged.is_none() && plan.stable != Some(revision) {
+            return;
+        }
+        let window = plan
+            .rule
+            .as_ref()
+            .map_or(DEFAULT_WINDOW, |r| r.window as usize);
+        let mut revisions = self
+            .revisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let state = revisions
+            .entry(revision)
+            .or_insert_with(|| RevisionState::new(window));
+        state.outcomes.push(Outcome {
+            failed,
+            seconds: elapsed.as_secs_f64(),
+        });
+        if let Some(value) = agreement {
+            state.agreement.push(value);
+        }
+        let mean_agreement = state.agreement.mean();
+        let compared = state.agreement.len();
+        if let (Some(_), Some(mean)) = (agreement, mean_agreement) {
+            self.metrics
+                .shadow_agreement
+                .with_label_values(&[&self.name, &revision.to_string()])
+                .set(mean);
+        }
+        let (Some(rule), Some(shadow)) = (plan.rule.as_ref(), judged) else {
+            return;
+        };
+        if state.ordered {
+            return;
+        }
+        let summary = state.outcomes.summary();
+        let stable = plan
+            .stable
+            .filter(|_| !shadow)
+            .and_then(|s| revisions.get(&s))
+            .map(|s| s.outcomes.summary());
+        let agreement = mean_agreement.map(|mean| (compared, mean));
+        let Some(reason) = window::breach(rule, &summary, stable.as_ref(), agreement) else {
+            return;
+        };
+        if let Some(state) = revisions.get_mut(&revision) {
+            state.ordered = true;
+        }
+        let order = RollbackOrder {
+            function: self.name.clone(),
+            revision,
+            shadow,
+            reason,
+        };
+        if self.orders.send(order).is_err() {
+            tracing::warn!(function = %self.name, revision, "no one carries out rollbacks on this host");
+        }
+    }
+
+    /// Remembers what `revision` answered request `request_id`, when the
+    /// function keeps `capacity` answers for feedback.
+    pub fn remember(&self, request_id: &str, revision: u64, output: &Message, capacity: usize) {
+        if capacity == 0 {
+            return;
+        }
+        let Some(prediction) = feedback::prediction(output) else {
+            return;
+        };
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remember(request_id, revision, prediction, capacity);
+    }
+
+    /// Scores `feedback` against the answer it names, into the quality of
+    /// the revision that gave it (over its last `capacity` feedbacks).
+    pub fn feedback(&self, feedback: &Feedback, capacity: usize) -> Result<Scored, FeedbackError> {
+        if capacity == 0 {
+            return Err(FeedbackError::Off(self.name.clone()));
+        }
+        let mut remembered = self
+            .remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some((revision, prediction)) = remembered.take(&feedback.request_id) else {
+            return Err(FeedbackError::Unknown {
+                function: self.name.clone(),
+                request_id: feedback.request_id.clone(),
+                kept: capacity,
+            });
+        };
+        let score = match feedback.score(&prediction) {
+            Ok(score) => score,
+            Err(why) => {
+                // Not counted: the caller may send it again, right.
+                remembered.remember(&feedback.request_id, revision, prediction, capacity);
+                return Err(why);
+            }
+        };
+        drop(remembered);
+        let mut revisions = self
+            .revisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let state = revisions
+            .entry(revision)
+            .or_insert_with(|| RevisionState::new(DEFAULT_WINDOW));
+        state.quality.resize(capacity);
+        let labels = [self.name.as_str(), &revision.to_string()];
+        self.metrics.feedback.with_label_values(&labels).inc();
+        let mut scored = Scored {
+            revision,
+            correct: None,
+            absolute_error: None,
+            accuracy: None,
+            mean_absolute_error: None,
+            window: 0,
+        };
+        match score {
+            Score::Correct(right) => {
+                if !state.labels {
+                    state.quality.clear();
+                    state.labels = true;
+                }
+                state.quality.push(if right { 1.0 } else { 0.0 });
+                scored.correct = Some(right);
+                scored.accuracy = state.quality.mean();
+                if let Some(accuracy) = scored.accuracy {
+                    self.metrics
+                        .accuracy
+                        .with_label_values(&labels)
+                        .set(accuracy);
+                }
+            }
+            Score::AbsoluteError(error) => {
+                if state.labels {
+                    state.quality.clear();
+                    state.labels = false;
+                }
+                state.quality.push(error);
+                scored.absolute_error = Some(error);
+                scored.mean_absolute_error = state.quality.mean();
+                if let Some(mean) = scored.mean_absolute_error {
+                    self.metrics
+                        .mean_absolute_error
+                        .with_label_values(&labels)
+                        .set(mean);
+                }
+            }
+        }
+        scored.window = state.quality.len();
+        Ok(scored)
+    }
+
+    /// Each watched revision's accuracy (or mean absolute error) and
+    /// shadow agreement, for the dashboard and `status`.
+    pub fn quality(&self) -> Vec<RevisionQuality> {
+        let revisions = self
+            .revisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<RevisionQuality> = revisions
+            .iter()
+            .map(|(revision, state)| RevisionQuality {
+                revision: *revision,
+                accuracy: state.quality.mean().filter(|_| state.labels),
+                mean_absolute_error: state.quality.mean().filter(|_| !state.labels),
+                feedback: state.quality.len(),
+                agreement: state.agreement.mean(),
+                compared: state.agreement.len(),
+            })
+            .collect();
+        all.sort_by_key(|q| q.revision);
+        all
+    }
+}
+
+/// What is known of one revision's quality.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RevisionQuality {
+    /// The revision.
+    pub revision: u64,
+    /// Share of right labels over its latest feedback.
+    pub accuracy: Option<f64>,
+    /// Mean absolute error over its latest feedback.
+    pub mean_absolute_error: Option<f64>,
+    /// Feedback in that window.
+    pub feedback: usize,
+    /// Mean agreement of its shadow answers with the served ones.
+    pub agreement: Option<f64>,
+    /// Comparisons in that window.
+    pub compared: usize,
+}
