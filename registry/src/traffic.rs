@@ -165,6 +165,10 @@ impl Traffic {
                 let why = format!("the function has no revision {n} (it has {revisions:?})");
                 return Err(refuse(format!("targets[{i}].revision"), why));
             }
+            if target.shadow && self.served().any(|t| t.revision == target.revision) {
+                let why = "a shadow of a served revision would take its callers' instances";
+                return Err(refuse(format!("targets[{i}].revision"), why));
+            }
             if target.percent > 100 {
                 let why = format!("{} is not a percent (0 to 100)", target.percent);
                 return Err(refuse(format!("targets[{i}].percent"), why));

@@ -50,6 +50,11 @@ fn routes() -> Vec<(Method, &'static str, Option<&'static str>)> {
         (Method::GET, "/metrics", Some("metrics")),
         (Method::POST, "/v1/functions/invoke/invoke", Some("invoke")),
         (Method::GET, "/v1/functions/invoke/status", Some("read")),
+        (
+            Method::POST,
+            "/v1/functions/invoke/feedback",
+            Some("invoke"),
+        ),
         (Method::GET, "/v1/components", Some("read")),
         (Method::GET, "/v1/components/misbehave", Some("read")),
         (Method::GET, "/v1/components/misbehave/0.1.0", Some("read")),

@@ -7,6 +7,9 @@ use serde_json::Value;
 
 /// The agreement of `shadow`'s answer with `served`'s.
 pub fn agreement(served: &Message, shadow: &Message) -> f64 {
+    if served.body == shadow.body {
+        return 1.0;
+    }
     let (Ok(left), Ok(right)) = (
         serde_json::from_slice::<Value>(&served.body),
         serde_json::from_slice::<Value>(&shadow.body),

@@ -168,6 +168,11 @@ impl Remembered {
     pub fn len(&self) -> usize {
         self.answers.len()
     }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
 }
 
 #[cfg(test)]

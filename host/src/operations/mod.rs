@@ -111,6 +111,10 @@ struct Plan {
     shadows: Vec<Arc<Shadow>>,
 }
 
+/// A split as served: the split, the head revision it is resolved with,
+/// and its prepared revisions.
+pub type SplitView<'a, T> = (&'a Traffic, u64, &'a HashMap<u64, Arc<T>>);
+
 /// What the host watches of one function.
 pub struct FunctionWatch {
     name: String,
@@ -140,7 +144,7 @@ impl FunctionWatch {
     /// Watches what `split` (resolved with `head`, its revisions prepared
     /// in `revisions`) asks for; `None`: everything goes to the head.
     /// A changed split starts every judgement afresh.
-    pub fn follow<T: ShadowTarget>(&self, split: Option<(&Traffic, u64, &HashMap<u64, Arc<T>>)>) {
+    pub fn follow<T: ShadowTarget>(&self, split: Option<SplitView<'_, T>>) {
         let mut plan = self.plan.write().unwrap_or_else(PoisonError::into_inner);
         let now = split.map(|(traffic, head, _)| (traffic.clone(), head));
         if plan.split == now {
