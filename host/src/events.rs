@@ -128,6 +128,34 @@ pub enum TrafficAction {
     RolledBack,
 }
 
+/// A signal of a function's revision that drifted from its reference (or
+/// came back), announced on `cascade.events.drift.<name>`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DriftEvent {
+    /// Drifted or recovered.
+    pub action: DriftAction,
+    /// The function.
+    pub function: String,
+    /// The revision.
+    pub revision: u64,
+    /// The signal, e.g. `input_ids.mean` or `output.class`.
+    pub signal: String,
+    /// Its drift score (population stability index).
+    pub score: f64,
+    /// The manifest's threshold.
+    pub threshold: f64,
+}
+
+/// Which way a drift score crossed its threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftAction {
+    /// It rose above the threshold.
+    Drifted,
+    /// It fell back below 80 % of it.
+    Recovered,
+}
+
 /// Publishes registry events when NATS is configured.
 #[derive(Clone, Default)]
 pub struct Events {
@@ -149,6 +177,11 @@ impl Events {
     /// Announces a traffic event.
     pub fn emit_traffic(&self, event: TrafficEvent) {
         self.send(subjects::traffic_event(&event.function), event);
+    }
+
+    /// Announces a drift event.
+    pub fn emit_drift(&self, event: DriftEvent) {
+        self.send(subjects::drift_event(&event.function), event);
     }
 
     fn send(&self, subject: String, event: impl Serialize + Send + 'static) {

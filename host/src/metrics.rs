@@ -78,6 +78,9 @@ pub struct Metrics {
     pub accuracy: GaugeVec,
     /// `cascade_prediction_mean_absolute_error{function, revision}`.
     pub mean_absolute_error: GaugeVec,
+    /// `cascade_drift_score{function, revision, signal}`: the population
+    /// stability index of a signal's latest window against its reference.
+    pub drift_score: GaugeVec,
 }
 
 impl Metrics {
@@ -244,6 +247,11 @@ impl Metrics {
                 "Mean absolute error over the latest feedback.",
                 &["function", "revision"],
             )?,
+            drift_score: float_gauge(
+                "cascade_drift_score",
+                "Population stability index of a signal's latest window against its reference.",
+                &["function", "revision", "signal"],
+            )?,
             registry,
         })
     }
@@ -286,6 +294,7 @@ impl Metrics {
         forget(&self.feedback, function);
         forget(&self.accuracy, function);
         forget(&self.mean_absolute_error, function);
+        forget(&self.drift_score, function);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -357,6 +357,14 @@ impl PreparedFunction {
         input: Payload,
     ) -> Result<Outcome, InvokeError> {
         let deadline = admission.deadline;
+        let drift = &self.function.monitoring.drift;
+        let mut sample = self.watch.drift_sample(drift);
+        if let Some(sample) = sample.as_mut() {
+            match &input {
+                Payload::Message(message) => sample.size("input.bytes", message.body.len()),
+                Payload::Tensors(tensors) => tensors.iter().for_each(|t| sample.tensor(t)),
+            }
+        }
         let mut flow = match input {
             Payload::Message(message) => Flow::Message(message),
             Payload::Tensors(outputs) => Flow::Tensors {
@@ -372,11 +380,20 @@ impl PreparedFunction {
                 .await
                 .map_err(|e| self.stage_error(stage, e))?;
             let took = stage_started.elapsed();
+            if let Some(sample) = sample.as_mut() {
+                match &flow {
+                    Flow::Message(message) => sample.answer(message),
+                    Flow::Tensors { outputs, .. } => outputs.iter().for_each(|t| sample.tensor(t)),
+                }
+            }
             self.metrics
                 .stage_latency
                 .with_label_values(&[&self.name, stage.label()])
                 .observe(took.as_secs_f64());
             timings.push((stage.label().to_string(), took));
+        }
+        if let Some(sample) = sample {
+            self.watch.drift_observe(self.revision, sample, drift);
         }
         let output = match flow {
             Flow::Message(message) => Payload::Message(message),

@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::model::queue::{BatchCounts, ModelQueue};
 use crate::model::{Backend, PlanCache};
-use crate::operations::{FunctionWatch, RollbackOrder};
+use crate::operations::{FunctionWatch, Verdict};
 use crate::pipeline::{PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
@@ -80,10 +80,10 @@ pub struct Runtime {
     unservable: Mutex<HashMap<String, (u64, String)>>,
     /// What is watched of each function, shared by its revisions.
     watches: Mutex<HashMap<String, Arc<FunctionWatch>>>,
-    /// Where watches send rollback orders, and the other end until the
-    /// host takes it ([`Runtime::take_rollback_orders`]).
-    orders: UnboundedSender<RollbackOrder>,
-    pending_orders: Mutex<Option<UnboundedReceiver<RollbackOrder>>>,
+    /// Where watches send their verdicts, and the other end until the
+    /// host takes it ([`Runtime::take_verdicts`]).
+    verdicts: UnboundedSender<Verdict>,
+    pending_verdicts: Mutex<Option<UnboundedReceiver<Verdict>>>,
 }
 
 impl Runtime {
@@ -98,7 +98,7 @@ impl Runtime {
         backend: Backend,
         shape_plans: usize,
     ) -> Self {
-        let (orders, pending_orders) = tokio::sync::mpsc::unbounded_channel();
+        let (verdicts, pending_verdicts) = tokio::sync::mpsc::unbounded_channel();
         Runtime {
             engine,
             registry,
@@ -117,15 +117,15 @@ impl Runtime {
             loading: AtomicBool::new(true),
             unservable: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
-            orders,
-            pending_orders: Mutex::new(Some(pending_orders)),
+            verdicts,
+            pending_verdicts: Mutex::new(Some(pending_verdicts)),
         }
     }
 
-    /// The rollback orders of every function's watch; the first caller
-    /// gets them (the host carries them out), later ones `None`.
-    pub fn take_rollback_orders(&self) -> Option<UnboundedReceiver<RollbackOrder>> {
-        self.pending_orders.lock().ok()?.take()
+    /// The verdicts of every function's watch; the first caller gets them
+    /// (the host carries them out), later ones `None`.
+    pub fn take_verdicts(&self) -> Option<UnboundedReceiver<Verdict>> {
+        self.pending_verdicts.lock().ok()?.take()
     }
 
     /// What is watched of function `name`.
@@ -137,7 +137,7 @@ impl Runtime {
                 Arc::new(FunctionWatch::new(
                     name,
                     self.metrics.clone(),
-                    self.orders.clone(),
+                    self.verdicts.clone(),
                 ))
             })
             .clone()

@@ -72,11 +72,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let (kept, metrics) = (history.clone(), runtime.metrics().clone());
     tasks.push(tokio::spawn(async move { kept.follow(&metrics).await }));
     let events = Events::new(nats.as_ref().map(|n| n.client.clone()));
-    if let Some(orders) = runtime.take_rollback_orders() {
+    if let Some(verdicts) = runtime.take_verdicts() {
         let read_only = mirror.is_some();
-        let rollbacks =
-            crate::rollback::carry_out(runtime.clone(), events.clone(), orders, read_only);
-        tasks.push(tokio::spawn(rollbacks));
+        let carried =
+            crate::verdicts::carry_out(runtime.clone(), events.clone(), verdicts, read_only);
+        tasks.push(tokio::spawn(carried));
     }
     let state = HttpState::new(HttpSettings {
         runtime: runtime.clone(),

@@ -29,6 +29,11 @@
 //! nats = { subject = "embed.requests", result_subject = "embed.results" }
 //! [monitoring]
 //! feedback = 1000                    # answers remembered for `POST .../feedback`
+//! [monitoring.drift]
+//! sample = 0.1                       # share of requests summarised (0: off)
+//! reference = 500                    # a revision's first summaries: its reference
+//! window = 500                       # the latest summaries, compared with it
+//! threshold = 0.25                   # PSI above which an event fires
 //! ```
 //!
 //! The `[triggers]` table, JetStream's included, is [`crate::triggers`].
@@ -124,11 +129,44 @@ impl Default for Scaling {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Monitoring {
+    /// How the host watches the inputs and answers for drift.
+    pub drift: Drift,
     /// Answers remembered per function for `POST /v1/functions/{name}/feedback`
     /// (their request id, revision and prediction), and the window of
     /// feedback that accuracy is computed over. 0: no feedback.
     pub feedback: u32,
 }
+
+/// Drift monitoring: summaries of a sampled share of requests (sizes,
+/// tensor statistics, answer classes), each revision's first ones kept as
+/// its reference, the latest compared with it by the population
+/// stability index.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Drift {
+    /// Share of requests summarised, 0 to 1 (0: drift is not watched).
+    pub sample: f64,
+    /// Summaries that form a revision's reference (its first ones).
+    pub reference: u32,
+    /// Latest summaries compared with the reference.
+    pub window: u32,
+    /// The score above which a signal has drifted (an event fires).
+    pub threshold: f64,
+}
+
+impl Default for Drift {
+    fn default() -> Self {
+        Drift {
+            sample: 0.1,
+            reference: 500,
+            window: 500,
+            threshold: 0.25,
+        }
+    }
+}
+
+/// Fewest and most summaries a drift reference or window may hold.
+pub const DRIFT_SUMMARIES: std::ops::RangeInclusive<u32> = 20..=10_000;
 
 /// Most answers a function may remember for feedback.
 pub const MAX_FEEDBACK: u32 = 100_000;
@@ -263,6 +301,22 @@ pub fn parse(text: &str) -> Result<Manifest, RegistryError> {
     if l.max_body_kb == 0 || l.max_body_kb > MAX_BODY_KB {
         return invalid(format!("`limits.max_body_kb` must be 1 to {MAX_BODY_KB}"));
     }
+    let drift = &manifest.monitoring.drift;
+    if !(0.0..=1.0).contains(&drift.sample) {
+        return invalid("`monitoring.drift.sample` must be a share from 0 to 1".into());
+    }
+    for (field, value) in [("reference", drift.reference), ("window", drift.window)] {
+        if !DRIFT_SUMMARIES.contains(&value) {
+            return invalid(format!(
+                "`monitoring.drift.{field}` must be {} to {}",
+                DRIFT_SUMMARIES.start(),
+                DRIFT_SUMMARIES.end()
+            ));
+        }
+    }
+    if !(drift.threshold.is_finite() && drift.threshold > 0.0) {
+        return invalid("`monitoring.drift.threshold` must be above 0".into());
+    }
     if manifest.monitoring.feedback > MAX_FEEDBACK {
         return invalid(format!("`monitoring.feedback` must be 0 to {MAX_FEEDBACK}"));
     }
@@ -349,6 +403,48 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitoring_settings_are_checked_and_name_their_field() {
+        let base = "name = \"f\"\n[[stages]]\ncomponent = \"c@1.0.0\"\n";
+        let valid = parse(&format!(
+            "{base}[monitoring]\nfeedback = 10\n[monitoring.drift]\nsample = 1.0\nreference = 50\nwindow = 40\n"
+        ))
+        .expect("valid");
+        let monitoring = &valid.function.monitoring;
+        assert_eq!((monitoring.feedback, monitoring.drift.window), (10, 40));
+        assert_eq!(monitoring.drift.threshold, 0.25);
+        let plain = parse(base).expect("valid");
+        assert_eq!(plain.function.monitoring.drift, Drift::default());
+        for (extra, want) in [
+            (
+                "[monitoring.drift]\nsample = 2.0\n",
+                "`monitoring.drift.sample`",
+            ),
+            (
+                "[monitoring.drift]\nwindow = 5\n",
+                "`monitoring.drift.window` must be 20",
+            ),
+            (
+                "[monitoring.drift]\nreference = 50000\n",
+                "`monitoring.drift.reference`",
+            ),
+            (
+                "[monitoring.drift]\nthreshold = 0.0\n",
+                "`monitoring.drift.threshold`",
+            ),
+            (
+                "[monitoring]\nfeedback = 1000000\n",
+                "`monitoring.feedback`",
+            ),
+            ("[monitoring]\nfedback = 1\n", "unknown field `fedback`"),
+        ] {
+            let why = parse(&format!("{base}{extra}"))
+                .expect_err(extra)
+                .to_string();
+            assert!(why.contains(want), "{extra}: {why}");
+        }
+    }
 
     const EMBED: &str = r#"
 name = "embed"

@@ -7,12 +7,17 @@
 //!   failing one out of the split ([`RollbackOrder`]);
 //! - shadow copies of a sampled share of requests, run after the served
 //!   answer is on its way and compared with it ([`agreement`]);
-//! - the latest answers by request id, scored by feedback ([`feedback`]).
+//! - the latest answers by request id, scored by feedback ([`feedback`]);
+//! - summaries of a sampled share of requests, compared with each
+//!   revision's reference for drift ([`drift`]).
 //!
-//! A function with no split, no rule and no feedback pays one atomic load
-//! per request.
+//! What the watch decides (a rollback, a drift) goes out as a [`Verdict`]
+//! for the host to carry out. A function with no split, no rule and no
+//! feedback pays an atomic load per request, and the summary of the
+//! requests drift samples.
 
 pub mod agreement;
+pub mod drift;
 pub mod feedback;
 pub mod shadow;
 pub mod window;
@@ -20,7 +25,9 @@ pub mod window;
 use crate::bindings::Message;
 use crate::error::InvokeError;
 use crate::metrics::Metrics;
+use cascade_registry::manifest::Drift;
 use cascade_registry::traffic::{RollbackRule, Traffic};
+use drift::{RevisionDrift, Sample};
 use feedback::{Feedback, FeedbackError, Remembered, Score};
 use serde::Serialize;
 use shadow::ShadowTarget;
@@ -45,6 +52,32 @@ pub struct RollbackOrder {
     pub shadow: bool,
     /// What it breached.
     pub reason: String,
+}
+
+/// A signal of a revision that drifted from its reference, or came back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftAlert {
+    /// The function.
+    pub function: String,
+    /// The revision.
+    pub revision: u64,
+    /// The signal, e.g. `input_ids.mean` or `output.class`.
+    pub signal: String,
+    /// Its score (PSI).
+    pub score: f64,
+    /// The manifest's threshold.
+    pub threshold: f64,
+    /// True when it rose above the threshold, false when it fell back.
+    pub drifted: bool,
+}
+
+/// What a watch decided, for the host to carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Take a target out of its split.
+    Rollback(RollbackOrder),
+    /// Say that a signal drifted (or recovered).
+    Drift(DriftAlert),
 }
 
 /// What feedback did to a revision's quality.
@@ -124,12 +157,14 @@ pub struct FunctionWatch {
     active: AtomicBool,
     revisions: Mutex<HashMap<u64, RevisionState>>,
     remembered: Mutex<Remembered>,
-    orders: UnboundedSender<RollbackOrder>,
+    drift: Mutex<HashMap<u64, RevisionDrift>>,
+    drift_sequence: AtomicU64,
+    verdicts: UnboundedSender<Verdict>,
 }
 
 impl FunctionWatch {
-    /// The watch of function `name`, sending rollback orders to `orders`.
-    pub fn new(name: &str, metrics: Arc<Metrics>, orders: UnboundedSender<RollbackOrder>) -> Self {
+    /// The watch of function `name`, sending what it decides to `verdicts`.
+    pub fn new(name: &str, metrics: Arc<Metrics>, verdicts: UnboundedSender<Verdict>) -> Self {
         FunctionWatch {
             name: name.to_string(),
             metrics,
@@ -137,7 +172,9 @@ impl FunctionWatch {
             active: AtomicBool::new(false),
             revisions: Mutex::new(HashMap::new()),
             remembered: Mutex::new(Remembered::default()),
-            orders,
+            drift: Mutex::new(HashMap::new()),
+            drift_sequence: AtomicU64::new(0),
+            verdicts,
         }
     }
 
@@ -313,8 +350,65 @@ impl FunctionWatch {
             shadow,
             reason,
         };
-        if self.orders.send(order).is_err() {
+        if self.verdicts.send(Verdict::Rollback(order)).is_err() {
             tracing::warn!(function = %self.name, revision, "no one carries out rollbacks on this host");
+        }
+    }
+
+    /// A summary to fill for this request, when drift `settings` sample it:
+    /// `sample` of all requests, spread evenly (the golden ratio's
+    /// multiples fill the unit interval evenly).
+    pub fn drift_sample(&self, settings: &Drift) -> Option<Sample> {
+        if settings.sample <= 0.0 {
+            return None;
+        }
+        if settings.sample < 1.0 {
+            let n = self.drift_sequence.fetch_add(1, Ordering::Relaxed);
+            let position = (n as f64 * 0.618_033_988_749_895).fract();
+            if position >= settings.sample {
+                return None;
+            }
+        }
+        Some(Sample::default())
+    }
+
+    /// Adds a request's summary to `revision`'s drift, publishing changed
+    /// scores and announcing crossings of the threshold.
+    pub fn drift_observe(&self, revision: u64, sample: Sample, settings: &Drift) {
+        let settings = drift::Settings {
+            reference: settings.reference as usize,
+            window: settings.window as usize,
+            threshold: settings.threshold,
+        };
+        let changed = {
+            let mut all = self.drift.lock().unwrap_or_else(PoisonError::into_inner);
+            let state = all
+                .entry(revision)
+                .or_insert_with(|| RevisionDrift::new(settings));
+            if !state.has(&settings) {
+                *state = RevisionDrift::new(settings);
+            }
+            state.observe(sample)
+        };
+        let number = revision.to_string();
+        for scored in changed {
+            self.metrics
+                .drift_score
+                .with_label_values(&[&self.name, &number, &scored.signal])
+                .set(scored.score);
+            if let Some(drifted) = scored.crossed {
+                let alert = DriftAlert {
+                    function: self.name.clone(),
+                    revision,
+                    signal: scored.signal,
+                    score: scored.score,
+                    threshold: settings.threshold,
+                    drifted,
+                };
+                if self.verdicts.send(Verdict::Drift(alert)).is_err() {
+                    tracing::warn!(function = %self.name, revision, "no one announces drift on this host");
+                }
+            }
         }
     }
 
@@ -416,23 +510,38 @@ impl FunctionWatch {
     /// Each watched revision's accuracy (or mean absolute error) and
     /// shadow agreement, for the dashboard and `status`.
     pub fn quality(&self) -> Vec<RevisionQuality> {
-        let revisions = self
-            .revisions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<RevisionQuality> = revisions
-            .iter()
-            .map(|(revision, state)| RevisionQuality {
-                revision: *revision,
-                accuracy: state.quality.mean().filter(|_| state.labels),
-                mean_absolute_error: state.quality.mean().filter(|_| !state.labels),
-                feedback: state.quality.len(),
-                agreement: state.agreement.mean(),
-                compared: state.agreement.len(),
-            })
-            .collect();
-        all.sort_by_key(|q| q.revision);
-        all
+        let mut all: std::collections::BTreeMap<u64, RevisionQuality> = Default::default();
+        let blank = |revision: u64| RevisionQuality {
+            revision,
+            accuracy: None,
+            mean_absolute_error: None,
+            feedback: 0,
+            agreement: None,
+            compared: 0,
+            drift_reference: 0,
+            drift: Default::default(),
+        };
+        {
+            let revisions = self
+                .revisions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (revision, state) in revisions.iter() {
+                let quality = all.entry(*revision).or_insert_with(|| blank(*revision));
+                quality.accuracy = state.quality.mean().filter(|_| state.labels);
+                quality.mean_absolute_error = state.quality.mean().filter(|_| !state.labels);
+                quality.feedback = state.quality.len();
+                quality.agreement = state.agreement.mean();
+                quality.compared = state.agreement.len();
+            }
+        }
+        let drift = self.drift.lock().unwrap_or_else(PoisonError::into_inner);
+        for (revision, state) in drift.iter() {
+            let quality = all.entry(*revision).or_insert_with(|| blank(*revision));
+            quality.drift_reference = state.reference_len();
+            quality.drift = state.scores().into_iter().collect();
+        }
+        all.into_values().collect()
     }
 }
 
@@ -451,4 +560,8 @@ pub struct RevisionQuality {
     pub agreement: Option<f64>,
     /// Comparisons in that window.
     pub compared: usize,
+    /// Summaries in its drift reference so far.
+    pub drift_reference: usize,
+    /// Each signal's drift score, once its window is full.
+    pub drift: std::collections::BTreeMap<String, f64>,
 }

@@ -33,6 +33,11 @@ pub fn traffic_event(name: &str) -> String {
     format!("cascade.events.traffic.{name}")
 }
 
+/// Drift events of a function: `cascade.events.drift.<name>`.
+pub fn drift_event(name: &str) -> String {
+    format!("cascade.events.drift.{name}")
+}
+
 /// Every registry event, for subscribers.
 pub const REGISTRY_EVENTS: &str = "cascade.events.registry.>";
 

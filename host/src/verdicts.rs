@@ -1,12 +1,18 @@
-//! Carries out the rollback orders of the functions' watches: the failing
-//! target goes to 0 % in the registry's split (a canary's share to the
-//! stable target), the host serves the new split, and says why in the log,
-//! the metrics and a `cascade.events.traffic.<name>` event. Mirrors copy
-//! the split like any other; a mirror itself does not roll back (its
-//! registry is read-only: its source's rule decides).
+//! Carries out what the functions' watches decide.
+//!
+//! - A rollback: the failing target goes to 0 % in the registry's split (a
+//!   canary's share to the stable target), the host serves the new split,
+//!   and says why in the log, the metrics and a
+//!   `cascade.events.traffic.<name>` event. Mirrors copy the split like any
+//!   other; a mirror itself does not roll back (its registry is read-only:
+//!   its source's rule decides).
+//! - A drift: a log line and a `cascade.events.drift.<name>` event, on
+//!   every host (each watches the requests it serves).
 
-use crate::events::{Action, Events, RegistryEvent, TrafficAction, TrafficEvent};
-use crate::operations::RollbackOrder;
+use crate::events::{
+    Action, DriftAction, DriftEvent, Events, RegistryEvent, TrafficAction, TrafficEvent,
+};
+use crate::operations::{DriftAlert, RollbackOrder, Verdict};
 use crate::runtime::{PrepareError, Runtime};
 use cascade_registry::RegistryError;
 use cascade_registry::records::FunctionRecord;
@@ -25,14 +31,21 @@ enum RollbackError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Carries out `orders` until the runtime is gone; `read_only` on mirrors.
+/// Carries out `verdicts` until the runtime is gone; `read_only` on mirrors.
 pub async fn carry_out(
     runtime: Arc<Runtime>,
     events: Events,
-    mut orders: UnboundedReceiver<RollbackOrder>,
+    mut verdicts: UnboundedReceiver<Verdict>,
     read_only: bool,
 ) {
-    while let Some(order) = orders.recv().await {
+    while let Some(verdict) = verdicts.recv().await {
+        let order = match verdict {
+            Verdict::Rollback(order) => order,
+            Verdict::Drift(alert) => {
+                announce_drift(&events, alert);
+                continue;
+            }
+        };
         let RollbackOrder {
             function,
             revision,
@@ -69,6 +82,33 @@ pub async fn carry_out(
             }
         }
     }
+}
+
+/// Logs a drift (or its end) and announces it.
+fn announce_drift(events: &Events, alert: DriftAlert) {
+    let DriftAlert {
+        function,
+        revision,
+        signal,
+        score,
+        threshold,
+        drifted,
+    } = alert;
+    let action = if drifted {
+        tracing::warn!(function = %function, revision, signal = %signal, score, threshold, "drifted from its reference: {signal} scores {score:.3}, above {threshold}");
+        DriftAction::Drifted
+    } else {
+        tracing::info!(function = %function, revision, signal = %signal, score, threshold, "back near its reference: {signal} scores {score:.3}");
+        DriftAction::Recovered
+    };
+    events.emit_drift(DriftEvent {
+        action,
+        function,
+        revision,
+        signal,
+        score,
+        threshold,
+    });
 }
 
 /// Takes the order's target out of the stored split and serves the
