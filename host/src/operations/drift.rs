@@ -291,13 +291,21 @@ fn share(count: usize, n: usize) -> f64 {
     (count as f64).max(0.5) / n as f64
 }
 
-fn psi(expected: &[usize], actual: &[usize], n_expected: usize, n_actual: usize) -> f64 {
+/// PSI of `reference` against `latest`, each value put in one of `bins`
+/// bins by `bin`.
+fn psi(bins: usize, bin: impl Fn(f64) -> usize, reference: &[f64], latest: &[f64]) -> f64 {
+    let count = |values: &[f64]| {
+        let mut counts = vec![0usize; bins];
+        values.iter().for_each(|v| counts[bin(*v).min(bins - 1)] += 1);
+        counts
+    };
+    let (expected, actual) = (count(reference), count(latest));
     expected
         .iter()
-        .zip(actual)
+        .zip(&actual)
         .filter(|(e, a)| **e + **a > 0)
         .map(|(e, a)| {
-            let (e, a) = (share(*e, n_expected), share(*a, n_actual));
+            let (e, a) = (share(*e, reference.len()), share(*a, latest.len()));
             (a - e) * (a / e).ln()
         })
         .sum()
@@ -305,18 +313,8 @@ fn psi(expected: &[usize], actual: &[usize], n_expected: usize, n_actual: usize)
 
 /// PSI of numbers binned at `edges` (a value on an edge goes below it).
 fn psi_binned(edges: &[f64], reference: &[f64], latest: &[f64]) -> f64 {
-    let bin = |v: &f64| edges.partition_point(|e| e < v);
-    let count = |values: &[f64]| {
-        let mut counts = vec![0usize; edges.len() + 1];
-        values.iter().for_each(|v| counts[bin(v)] += 1);
-        counts
-    };
-    psi(
-        &count(reference),
-        &count(latest),
-        reference.len(),
-        latest.len(),
-    )
+    let bin = |v: f64| edges.partition_point(|e| *e < v);
+    psi(edges.len() + 1, bin, reference, latest)
 }
 
 /// PSI of class indices.
@@ -324,18 +322,8 @@ fn psi_classes(reference: &[f64], latest: &[f64]) -> f64 {
     let classes = reference
         .iter()
         .chain(latest)
-        .fold(0usize, |m, v| m.max(*v as usize + 1));
-    let count = |values: &[f64]| {
-        let mut counts = vec![0usize; classes];
-        values.iter().for_each(|v| counts[*v as usize] += 1);
-        counts
-    };
-    psi(
-        &count(reference),
-        &count(latest),
-        reference.len(),
-        latest.len(),
-    )
+        .fold(1usize, |m, v| m.max(*v as usize + 1));
+    psi(classes, |v| v as usize, reference, latest)
 }
 
 #[cfg(test)]
