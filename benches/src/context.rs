@@ -121,6 +121,44 @@ impl Bench {
     }
 }
 
+/// Two targets run side by side, the first without something and the
+/// second with it: their median req/s and p99.
+pub struct Pair {
+    /// Without, req/s.
+    pub off_rps: f64,
+    /// With, req/s.
+    pub on_rps: f64,
+    /// Without, p99 µs.
+    pub off_p99: f64,
+    /// With, p99 µs.
+    pub on_p99: f64,
+}
+
+impl Pair {
+    /// The medians of `runs` (from [`Bench::side_by_side`] over two targets).
+    pub fn of(runs: &[Vec<WrkRun>]) -> Pair {
+        Pair {
+            off_rps: median_rps(&runs[0]),
+            on_rps: median_rps(&runs[1]),
+            off_p99: median_p99(&runs[0]),
+            on_p99: median_p99(&runs[1]),
+        }
+    }
+
+    /// Table cells: both req/s and their ratio, both p99 and their ratio.
+    pub fn cells(&self) -> Vec<String> {
+        use crate::report::num;
+        vec![
+            num(self.off_rps),
+            num(self.on_rps),
+            num(self.on_rps / self.off_rps),
+            num(self.off_p99),
+            num(self.on_p99),
+            num(self.on_p99 / self.off_p99),
+        ]
+    }
+}
+
 /// Median successful requests per second over runs.
 pub fn median_rps(runs: &[WrkRun]) -> f64 {
     median(runs.iter().map(WrkRun::ok_rps))

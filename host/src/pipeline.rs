@@ -76,7 +76,7 @@ pub struct PreparedFunction {
 impl ShadowTarget for PreparedFunction {
     fn answer(self: Arc<Self>, request_id: String, input: Message) -> Answer {
         Box::pin(async move {
-            let admission = self.admit(&request_id).await?;
+            let admission = self.admit_now(&request_id)?;
             Ok(self.run_message(admission, input).await?.output)
         })
     }
@@ -300,6 +300,29 @@ impl PreparedFunction {
             deadline,
             _entry: entry,
             _counted: counted,
+        })
+    }
+
+    /// Admission for a shadow copy, which must take nothing from callers:
+    /// only while the host has fewer invocations in flight than cores
+    /// (idle capacity) and an instance slot of this revision is free now;
+    /// it never queues.
+    pub fn admit_now(&self, request_id: &str) -> Result<Admission, InvokeError> {
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores =
+            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if crate::model::wide_runs::requests_in_flight() >= cores {
+            return Err(InvokeError::Overloaded(self.name.clone()));
+        }
+        let entry = self
+            .gate
+            .try_enter()
+            .map_err(|_| InvokeError::Overloaded(self.name.clone()))?;
+        Ok(Admission {
+            request_id: request_id.to_string(),
+            deadline: Instant::now() + self.timeout(),
+            _entry: entry,
+            _counted: RequestInFlight::enter(),
         })
     }
 

@@ -349,6 +349,21 @@ impl Gate {
         }
     }
 
+    /// A slot now, or `QueueFull` without waiting (for work that must
+    /// never queue, such as shadow copies).
+    pub fn try_enter(&self) -> Result<Entry, Refused> {
+        let place = self.take_place().ok_or(Refused::QueueFull)?;
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refused::QueueFull)?;
+        Ok(Entry {
+            _permit: permit,
+            _place: place,
+        })
+    }
+
     fn take_place(&self) -> Option<Place> {
         self.places
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |taken| {
@@ -394,6 +409,16 @@ mod tests {
     fn gate(concurrency: usize, max_queue: usize) -> Gate {
         let queued = IntGauge::new("queued", "test").expect("gauge");
         Gate::new(concurrency, max_queue, queued)
+    }
+
+    #[test]
+    fn trying_to_enter_never_queues() {
+        let gate = gate(1, 8);
+        let first = gate.try_enter().expect("a free slot");
+        assert_eq!(gate.try_enter().err(), Some(Refused::QueueFull));
+        assert_eq!(gate.waiting(), 0);
+        drop(first);
+        assert!(gate.try_enter().is_ok());
     }
 
     #[tokio::test]

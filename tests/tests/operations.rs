@@ -243,6 +243,26 @@ fn swapped_labels_disagree_and_feedback_scores_each_revision() {
             "revision {revision}"
         );
     }
+    // The dashboard's data shows the same accuracy per revision.
+    let view: Value = host.get("/ui/data").json().expect("JSON");
+    let shown = view["functions"]
+        .as_array()
+        .expect("functions")
+        .iter()
+        .find(|f| f["name"] == "orientation")
+        .expect("orientation shown");
+    for (revision, (right, _, all)) in &matches {
+        let quality = shown["quality"]
+            .as_array()
+            .expect("quality")
+            .iter()
+            .find(|q| q["revision"] == *revision)
+            .expect("the revision's quality");
+        assert_eq!(
+            quality["accuracy"].as_f64(),
+            Some(f64::from(*right) / f64::from(*all))
+        );
+    }
     // Revision 3 matches all but the wrong labels sent; 2 only those.
     let (right, wrong, all) = matches[&3];
     assert_eq!((right, wrong > 0), (all - wrong, true));

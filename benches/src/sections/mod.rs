@@ -6,6 +6,7 @@ mod jetstream;
 mod memory;
 mod messaging;
 mod oip;
+mod operations;
 mod overhead;
 mod python;
 mod sandbox;
@@ -32,6 +33,7 @@ const SECTIONS: &[(u8, &str, SectionFn)] = &[
     (8, "Open Inference Protocol", oip::run),
     (9, "JetStream", jetstream::run),
     (10, "tracing", tracing::run),
+    (11, "model operations", operations::run),
 ];
 
 /// Runs the selected sections and writes `results.json` and the report.

@@ -2,7 +2,7 @@
 //! request's spans over OTLP (sampling 100 %) against a host with tracing
 //! off, side by side in the same rounds.
 
-use crate::context::{Bench, invoke_url, median_p99, median_rps};
+use crate::context::{Bench, Pair, invoke_url};
 use crate::report::{Bar, Record, Section, num};
 use crate::wrk::Wrk;
 use anyhow::{Result, ensure};
@@ -62,19 +62,14 @@ pub fn run(bench: &Bench) -> Result<Section> {
         let traced_requests = served() - requests_before;
         let spans = (receiver.count() - spans_before) as f64;
         ensure!(spans > 0.0, "the traced host exported no spans");
-        let (off_rps, on_rps) = (median_rps(&runs[0]), median_rps(&runs[1]));
-        let (off_p99, on_p99) = (median_p99(&runs[0]), median_p99(&runs[1]));
+        let pair = Pair::of(&runs);
+        let (off_rps, on_rps, off_p99, on_p99) =
+            (pair.off_rps, pair.on_rps, pair.off_p99, pair.on_p99);
         let per_request = spans / traced_requests;
-        section.table.push(vec![
-            connections.to_string(),
-            num(off_rps),
-            num(on_rps),
-            num(on_rps / off_rps),
-            num(off_p99),
-            num(on_p99),
-            num(on_p99 / off_p99),
-            num(per_request),
-        ]);
+        let mut row = vec![connections.to_string()];
+        row.extend(pair.cells());
+        row.push(num(per_request));
+        section.table.push(row);
         section.records.extend([
             Record::against(
                 &format!("tracing_on_rps_ratio_c{connections}"),

@@ -60,6 +60,10 @@ pub struct FunctionView {
     pub jetstream: Option<JetStreamView>,
     /// Its traffic split (empty: every request to `revision`).
     pub traffic: Vec<TargetView>,
+    /// What feedback, shadows and drift say of each watched revision.
+    pub quality: Vec<crate::operations::RevisionQuality>,
+    /// The drift score above which a signal has drifted.
+    pub drift_threshold: f64,
 }
 
 /// One target of a traffic split.
@@ -71,6 +75,8 @@ pub struct TargetView {
     pub percent: u8,
     /// Its tag, if any.
     pub tag: Option<String>,
+    /// Whether it only gets copies.
+    pub shadow: bool,
 }
 
 /// One stage of a function.
@@ -162,6 +168,7 @@ pub fn view(runtime: &Runtime, history: &History) -> View {
                             revision: t.revision.resolve(function.revision()),
                             percent: t.percent,
                             tag: t.tag.clone(),
+                            shadow: t.shadow,
                         })
                         .collect()
                 })
@@ -198,6 +205,8 @@ pub fn view(runtime: &Runtime, history: &History) -> View {
                     dead_letters: counter(&metrics.jetstream_dead_letters, name),
                 }),
                 traffic,
+                quality: function.watch().quality(),
+                drift_threshold: manifest.monitoring.drift.threshold,
             }
         })
         .collect();

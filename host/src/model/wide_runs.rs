@@ -48,6 +48,11 @@ impl Drop for InFlight {
     }
 }
 
+/// Invocations in flight on this host now.
+pub fn requests_in_flight() -> usize {
+    REQUESTS.load(Ordering::Acquire)
+}
+
 /// An invocation in flight, counted for as long as it lives.
 pub struct RequestInFlight(());
 

@@ -296,7 +296,9 @@ fn share(count: usize, n: usize) -> f64 {
 fn psi(bins: usize, bin: impl Fn(f64) -> usize, reference: &[f64], latest: &[f64]) -> f64 {
     let count = |values: &[f64]| {
         let mut counts = vec![0usize; bins];
-        values.iter().for_each(|v| counts[bin(*v).min(bins - 1)] += 1);
+        values
+            .iter()
+            .for_each(|v| counts[bin(*v).min(bins - 1)] += 1);
         counts
     };
     let (expected, actual) = (count(reference), count(latest));

@@ -277,11 +277,21 @@ impl FunctionWatch {
     ) {
         let labels = [self.name.as_str(), &revision.to_string()];
         let status = result.as_ref().map_or_else(InvokeError::status, |_| 200);
-        let status_label = status.to_string();
+        // Every instance of the shadow was busy: the copy was skipped, which
+        // says nothing of the shadow's answers.
+        let skipped = matches!(result, Err(InvokeError::Overloaded(_)));
+        let status_label = if skipped {
+            "skipped".to_string()
+        } else {
+            status.to_string()
+        };
         self.metrics
             .shadow_requests
             .with_label_values(&[labels[0], labels[1], &status_label])
             .inc();
+        if skipped {
+            return;
+        }
         self.metrics
             .shadow_latency
             .with_label_values(&labels)
