@@ -82,6 +82,11 @@ pub mod paths {
         format!("{}/traffic", function(name))
     }
 
+    /// A function's drift reference.
+    pub fn drift_reference(name: &str) -> String {
+        format!("{}/drift/reference", function(name))
+    }
+
     /// A function's invocation.
     pub fn invoke(name: &str) -> String {
         format!("{}/invoke", function(name))
@@ -434,6 +439,11 @@ mod tests {
             ("POST", paths::rollback("embed"), Route::Rollback),
             ("PUT", paths::traffic("embed"), Route::SetTraffic),
             ("GET", paths::traffic("embed"), Route::Traffic),
+            (
+                "PUT",
+                paths::drift_reference("embed"),
+                Route::DriftReference,
+            ),
             ("POST", paths::invoke("embed"), Route::Invoke),
         ];
         for (method, path, route) in cases {

@@ -91,6 +91,24 @@ enum Command {
         #[arg(long)]
         sticky_header: Option<String>,
     },
+    /// Makes example inputs a function's drift reference: each FILE is one
+    /// input, or with --lines each of its non-empty lines is.
+    DriftReference {
+        /// Function name.
+        name: String,
+        /// Files of example inputs.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Each non-empty line of each file is one (text) input.
+        #[arg(long)]
+        lines: bool,
+        /// Content type of the inputs.
+        #[arg(long, default_value = "text/plain")]
+        content_type: String,
+        /// The revision it is for (default: the head).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
     /// Invokes a function and prints its reply.
     Invoke {
         /// Function name.
@@ -312,6 +330,18 @@ async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
             let body = serde_json::to_vec(&split)?;
             print(&client.put_bytes(&path, "application/json", body).await?)
         }
+        Command::DriftReference {
+            name,
+            files,
+            lines,
+            content_type,
+            revision,
+        } => {
+            let upload = drift_reference(&files, lines, &content_type, revision)?;
+            let body = serde_json::to_vec(&upload)?;
+            let path = paths::drift_reference(&name);
+            print(&client.put_bytes(&path, "application/json", body).await?)
+        }
         Command::Invoke {
             name,
             data,
@@ -513,4 +543,36 @@ async fn list(client: &RegistryClient, kind: Option<Kind>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The body of `PUT .../drift/reference` for `cascade drift-reference`.
+fn drift_reference(
+    files: &[PathBuf],
+    lines: bool,
+    content_type: &str,
+    revision: Option<u64>,
+) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let mut inputs = Vec::new();
+    let mut binary = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        if lines {
+            let text = String::from_utf8(bytes)
+                .with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+            inputs.extend(
+                text.lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .map(str::to_string),
+            );
+        } else {
+            binary.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+    }
+    Ok(serde_json::json!({
+        "revision": revision,
+        "content_type": content_type,
+        "inputs": inputs,
+        "inputs_base64": binary,
+    }))
 }

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelQueue;
 use crate::model::wide_runs::RequestInFlight;
 use crate::operations::FunctionWatch;
+use crate::operations::drift::Sample;
 use crate::operations::shadow::{self, Answer, ShadowTarget};
 use crate::pool::{Gate, InstancePool, Lease, Refused, StageStatus};
 use cascade_registry::manifest::Function;
@@ -379,9 +380,39 @@ impl PreparedFunction {
         admission: Admission,
         input: Payload,
     ) -> Result<Outcome, InvokeError> {
-        let deadline = admission.deadline;
         let drift = &self.function.monitoring.drift;
-        let mut sample = self.watch.drift_sample(drift);
+        let sample = self.watch.drift_sample(drift);
+        let (outcome, sample) = self.run_summarised(admission, input, sample).await?;
+        if let Some(sample) = sample {
+            self.watch.drift_observe(self.revision, sample, drift);
+        }
+        Ok(outcome)
+    }
+
+    /// Summarises `input` as drift does, counting it nowhere: one example
+    /// input of an uploaded drift reference.
+    pub async fn summarise(
+        self: &Arc<Self>,
+        request_id: &str,
+        input: Message,
+    ) -> Result<Sample, InvokeError> {
+        let admission = self.admit(request_id).await?;
+        let input = Payload::Message(input);
+        let (_, sample) = self
+            .run_summarised(admission, input, Some(Sample::default()))
+            .await?;
+        Ok(sample.unwrap_or_default())
+    }
+
+    /// Runs an admitted invocation, filling `sample` (when given) with what
+    /// crossed each stage boundary.
+    async fn run_summarised(
+        self: &Arc<Self>,
+        admission: Admission,
+        input: Payload,
+        mut sample: Option<Sample>,
+    ) -> Result<(Outcome, Option<Sample>), InvokeError> {
+        let deadline = admission.deadline;
         if let Some(sample) = sample.as_mut() {
             match &input {
                 Payload::Message(message) => sample.size("input.bytes", message.body.len()),
@@ -415,14 +446,11 @@ impl PreparedFunction {
                 .observe(took.as_secs_f64());
             timings.push((stage.label().to_string(), took));
         }
-        if let Some(sample) = sample {
-            self.watch.drift_observe(self.revision, sample, drift);
-        }
         let output = match flow {
             Flow::Message(message) => Payload::Message(message),
             Flow::Tensors { outputs, .. } => Payload::Tensors(outputs),
         };
-        Ok(Outcome { output, timings })
+        Ok((Outcome { output, timings }, sample))
     }
 
     /// A request the gate did not admit: 503 when the queue was full, 504

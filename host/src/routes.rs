@@ -24,6 +24,9 @@ pub enum Route {
     Status,
     /// `POST /v1/functions/{name}/feedback`: the truth about an answer
     Feedback,
+    /// `PUT /v1/functions/{name}/drift/reference`: example inputs as the
+    /// drift reference
+    DriftReference,
     /// `GET /v1/components`
     ListComponents,
     /// `GET /v1/components/{name}`
@@ -137,6 +140,12 @@ const TABLE: &[(Method, &str, Route, Need)] = &[
         "/v1/functions/{}/feedback",
         Route::Feedback,
         Need::InvokeFunction,
+    ),
+    (
+        Method::PUT,
+        "/v1/functions/{}/drift/reference",
+        Route::DriftReference,
+        PUBLISH,
     ),
     (Method::GET, "/v1/components", Route::ListComponents, READ),
     (
@@ -306,7 +315,8 @@ impl Matched<'_> {
 
     /// Whether the route changes the registry (refused on a mirror).
     pub fn writes_registry(&self) -> bool {
-        self.need == PUBLISH
+        // A drift reference is the host's own, in memory: mirrors take it.
+        self.need == PUBLISH && self.route != Route::DriftReference
     }
 }
 

@@ -276,3 +276,84 @@ fn drift_stays_quiet_on_like_inputs_and_fires_on_another_script_or_orientation()
         .expect("x.mean scored");
     assert!(image_mean < 0.25, "{turned:?}");
 }
+
+#[test]
+fn an_uploaded_reference_of_example_inputs_replaces_the_first_requests() {
+    let host = Host::start();
+    host.publish_examples();
+    host.publish_function("orientation", &watched("orientation", 40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut files = Vec::new();
+    for (i, text) in ["Cascade serves models", "The quick brown fox 42"]
+        .iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("upright-{i}.png"));
+        std::fs::write(&path, cascade_tests::render_line(text, false)).expect("written");
+        files.push(path.display().to_string());
+    }
+    // 40 example inputs: each file twenty times.
+    let mut args = vec![
+        "drift-reference",
+        "orientation",
+        "--content-type",
+        "image/png",
+    ];
+    for _ in 0..20 {
+        args.extend(files.iter().map(String::as_str));
+    }
+    let out = host.cli_ok(&args);
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (answer["revision"].as_u64(), answer["summaries"].as_u64()),
+        (Some(2), Some(40))
+    );
+    let status: Value = host
+        .get("/v1/functions/orientation/status")
+        .json()
+        .expect("JSON");
+    let quality = &status["quality"][0];
+    assert_eq!(quality["drift_reference"], 40);
+    assert_eq!(quality["drift_reference_uploaded"], true);
+
+    // The very first 40 requests, upside down, already fill a window.
+    let rotated: Vec<Vec<u8>> = ["Cascade serves models", "The quick brown fox 42"]
+        .iter()
+        .map(|text| cascade_tests::render_line(text, true))
+        .cycle()
+        .take(40)
+        .collect();
+    feed(&host, "orientation", "image/png", rotated);
+    let turned = scores(&host, "orientation", 2);
+    let class = turned
+        .iter()
+        .find(|(s, _)| s == "output.class")
+        .map(|(_, score)| *score)
+        .expect("output.class scored");
+    assert!(class > 0.25, "{turned:?}");
+
+    // Too few inputs, and a revision not served, are refused by name.
+    let out = host.cli(&[
+        "drift-reference",
+        "orientation",
+        "--content-type",
+        "image/png",
+        &files[0],
+    ]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("a drift reference takes 20 to 10000 example inputs, not 1"),
+        "{said}"
+    );
+    let mut args = vec!["drift-reference", "orientation", "--revision", "1"];
+    for _ in 0..20 {
+        args.push(&files[0]);
+    }
+    let out = host.cli(&args);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("does not serve revision 1 on this host"),
+        "{said}"
+    );
+}

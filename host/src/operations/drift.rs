@@ -144,6 +144,16 @@ pub struct Settings {
     pub threshold: f64,
 }
 
+impl From<&cascade_registry::manifest::Drift> for Settings {
+    fn from(drift: &cascade_registry::manifest::Drift) -> Self {
+        Settings {
+            reference: drift.reference as usize,
+            window: drift.window as usize,
+            threshold: drift.threshold,
+        }
+    }
+}
+
 /// Every signal of one revision.
 #[derive(Debug)]
 pub struct RevisionDrift {
@@ -151,6 +161,11 @@ pub struct RevisionDrift {
     signals: BTreeMap<String, Signal>,
     /// Summaries seen.
     samples: usize,
+    /// Summaries that make the reference: the settings', or how many
+    /// example inputs were uploaded.
+    reference: usize,
+    /// The reference was uploaded, not taken from the first requests.
+    uploaded: bool,
 }
 
 impl RevisionDrift {
@@ -160,21 +175,49 @@ impl RevisionDrift {
             settings,
             signals: BTreeMap::new(),
             samples: 0,
+            reference: settings.reference,
+            uploaded: false,
         }
     }
 
-    /// Whether it was set up with `settings`.
+    /// A reference made of `samples` (summaries of example inputs) instead
+    /// of the first requests.
+    pub fn uploaded(settings: Settings, samples: Vec<Sample>) -> Self {
+        let mut drift = RevisionDrift::new(Settings {
+            reference: samples.len(),
+            ..settings
+        });
+        for sample in samples {
+            drift.observe(sample);
+        }
+        drift.settings.reference = settings.reference;
+        drift.uploaded = true;
+        drift
+    }
+
+    /// Whether it was set up with `settings` (an uploaded reference keeps
+    /// its own size).
     pub fn has(&self, settings: &Settings) -> bool {
-        &self.settings == settings
+        let Settings {
+            reference,
+            window,
+            threshold,
+        } = *settings;
+        (self.uploaded || reference == self.settings.reference)
+            && window == self.settings.window
+            && threshold == self.settings.threshold
+    }
+
+    /// Whether the reference came from example inputs.
+    pub fn is_uploaded(&self) -> bool {
+        self.uploaded
     }
 
     /// Adds a summary: to the reference while it fills, then to the window.
     /// Scores are computed once the window is full, again every tenth of
     /// it; the changed ones are returned.
     pub fn observe(&mut self, sample: Sample) -> Vec<Scored> {
-        let Settings {
-            reference, window, ..
-        } = self.settings;
+        let (reference, window) = (self.reference, self.settings.window);
         let in_reference = self.samples < reference;
         self.samples += 1;
         let numbers = sample
@@ -266,7 +309,7 @@ impl RevisionDrift {
 
     /// How many summaries the reference holds so far.
     pub fn reference_len(&self) -> usize {
-        self.samples.min(self.settings.reference)
+        self.samples.min(self.reference)
     }
 }
 
@@ -382,6 +425,22 @@ mod tests {
         assert_eq!(crossings(&shifted), [true]);
         let back = feed(&mut drift, uniform(3).take(200));
         assert_eq!(crossings(&back), [false], "{back:?}");
+    }
+
+    #[test]
+    fn an_uploaded_reference_is_compared_from_the_first_request() {
+        let sample = |v: f64| {
+            let mut sample = Sample::default();
+            sample.numbers.push(("x".into(), v));
+            sample
+        };
+        let examples: Vec<Sample> = uniform(4).take(50).map(sample).collect();
+        let mut drift = RevisionDrift::uploaded(settings(), examples);
+        assert_eq!(drift.reference_len(), 50);
+        assert!(drift.is_uploaded() && drift.has(&settings()));
+        let shifted = feed(&mut drift, uniform(5).map(|v| v + 2.0).take(200));
+        assert_eq!(crossings(&shifted), [true]);
+        assert_eq!(shifted.len(), 1, "scored once the first window is full");
     }
 
     #[test]

@@ -385,11 +385,7 @@ impl FunctionWatch {
     /// Adds a request's summary to `revision`'s drift, publishing changed
     /// scores and announcing crossings of the threshold.
     pub fn drift_observe(&self, revision: u64, sample: Sample, settings: &Drift) {
-        let settings = drift::Settings {
-            reference: settings.reference as usize,
-            window: settings.window as usize,
-            threshold: settings.threshold,
-        };
+        let settings = drift::Settings::from(settings);
         let changed = {
             let mut all = self.drift.lock().unwrap_or_else(PoisonError::into_inner);
             let state = all
@@ -420,6 +416,17 @@ impl FunctionWatch {
                 }
             }
         }
+    }
+
+    /// Makes `samples` (summaries of example inputs) `revision`'s drift
+    /// reference, starting its window afresh.
+    pub fn set_drift_reference(&self, revision: u64, samples: Vec<Sample>, settings: &Drift) {
+        let settings = drift::Settings::from(settings);
+        let state = RevisionDrift::uploaded(settings, samples);
+        self.drift
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(revision, state);
     }
 
     /// Remembers what `revision` answered request `request_id`, when the
@@ -529,6 +536,7 @@ impl FunctionWatch {
             agreement: None,
             compared: 0,
             drift_reference: 0,
+            drift_reference_uploaded: false,
             drift: Default::default(),
         };
         {
@@ -549,6 +557,7 @@ impl FunctionWatch {
         for (revision, state) in drift.iter() {
             let quality = all.entry(*revision).or_insert_with(|| blank(*revision));
             quality.drift_reference = state.reference_len();
+            quality.drift_reference_uploaded = state.is_uploaded();
             quality.drift = state.scores().into_iter().collect();
         }
         all.into_values().collect()
@@ -572,6 +581,8 @@ pub struct RevisionQuality {
     pub compared: usize,
     /// Summaries in its drift reference so far.
     pub drift_reference: usize,
+    /// Whether the reference came from example inputs.
+    pub drift_reference_uploaded: bool,
     /// Each signal's drift score, once its window is full.
     pub drift: std::collections::BTreeMap<String, f64>,
 }

@@ -183,7 +183,10 @@ async fn route(
             Ok(response)
         }
         Route::Invoke => invoke(state, matched.param(0), request).await,
-        Route::Feedback => crate::feedback_api::feedback(state, matched.param(0), request).await,
+        Route::Feedback => crate::operations_api::feedback(state, matched.param(0), request).await,
+        Route::DriftReference => {
+            crate::operations_api::drift_reference(state, matched.param(0), request).await
+        }
         Route::Status => Ok(json(
             StatusCode::OK,
             &state
