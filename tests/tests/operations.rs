@@ -78,6 +78,7 @@ fn shadows_are_compared_and_never_touch_the_caller() {
     let agreement = host.metric(r#"cascade_shadow_agreement{function="ops",revision="2"}"#);
     assert_eq!(agreement, 1.0);
     let status: Value = host.get("/v1/functions/ops/status").json().expect("JSON");
+    assert_eq!(status["traffic"]["targets"][1]["shadow"], true);
     let quality = status["quality"].as_array().expect("quality");
     let second = quality
         .iter()

@@ -80,8 +80,8 @@ fn a_ninety_ten_split_serves_each_revision_its_share() {
     assert_eq!(
         view["functions"][0]["traffic"],
         json!([
-            {"revision": 1, "percent": 90, "tag": null},
-            {"revision": 2, "percent": 10, "tag": "candidate"}
+            {"revision": 1, "percent": 90, "tag": null, "shadow": false},
+            {"revision": 2, "percent": 10, "tag": "candidate", "shadow": false}
         ]),
         "{view}"
     );
@@ -202,11 +202,11 @@ fn the_cli_publishes_a_canary_and_sets_a_split() {
         .expect("JSON");
     assert_eq!(
         split["targets"][0],
-        json!({"revision": 1, "serves": 1, "percent": 90, "tag": "stable"})
+        json!({"revision": 1, "serves": 1, "percent": 90, "tag": "stable", "shadow": false})
     );
     assert_eq!(
         split["targets"][1],
-        json!({"revision": 2, "serves": 2, "percent": 10, "tag": "canary"})
+        json!({"revision": 2, "serves": 2, "percent": 10, "tag": "canary", "shadow": false})
     );
     assert_eq!(served_by(&host, "split@canary", &[]), 2);
     host.cli_ok(&["traffic", "split", "1=100", "--tag", "next=2"]);

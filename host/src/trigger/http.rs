@@ -187,14 +187,7 @@ async fn route(
         Route::DriftReference => {
             crate::operations_api::drift_reference(state, matched.param(0), request).await
         }
-        Route::Status => Ok(json(
-            StatusCode::OK,
-            &state
-                .runtime
-                .function_when_loaded(matched.param(0))
-                .await?
-                .status(),
-        )),
+        Route::Status => status(state, matched.param(0)).await,
         route if route.is_oip() => oip::rest::route(state, &matched, request).await,
         _ if matched.writes_registry() => {
             let span = trace_context::registry_write(&matched, &HttpHeaders(request.headers()));
@@ -204,6 +197,17 @@ async fn route(
         }
         _ => registry_api::route(state, &matched, request).await,
     }
+}
+
+/// `GET /v1/functions/{name}/status`: the head's status, with the
+/// traffic split it is served with (when not all to the head).
+async fn status(state: &HttpState, name: &str) -> Result<Response<Body>, ApiError> {
+    let function = state.runtime.function_when_loaded(name).await?;
+    let mut status = serde_json::to_value(function.status()).map_err(ApiError::internal)?;
+    if let Some(split) = state.runtime.split(name) {
+        status["traffic"] = serde_json::to_value(split.traffic()).map_err(ApiError::internal)?;
+    }
+    Ok(json(StatusCode::OK, &status))
 }
 
 fn readyz(state: &HttpState) -> Response<Body> {
