@@ -35,7 +35,15 @@ pub async fn feedback(
     let expected = "expected JSON {\"request_id\": ID, \"label\": L} or {\"request_id\": ID, \"value\": N}, or an array of them";
     let value: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("{expected}: {e}")))?;
-    let capacity = function.function().monitoring.feedback as usize;
+    // Each revision remembers as many answers as its manifest says; the
+    // function's feedback window is the largest of those it serves.
+    let split = state.runtime.split(name);
+    let served = split.iter().flat_map(|s| s.revisions());
+    let capacity = std::iter::once(&function)
+        .chain(served)
+        .map(|f| f.function().monitoring.feedback as usize)
+        .max()
+        .unwrap_or(0);
     let watch = function.watch();
     let score = |item: Value| -> Result<Value, ApiError> {
         let feedback: Feedback = serde_json::from_value(item)

@@ -52,6 +52,11 @@ impl Split {
         self.revisions.get(&number).cloned()
     }
 
+    /// Every revision the split serves (or shadows).
+    pub fn revisions(&self) -> impl Iterator<Item = &Arc<PreparedFunction>> {
+        self.revisions.values()
+    }
+
     /// The header whose value keeps a caller on one target, if any.
     pub fn sticky_header(&self) -> Option<&str> {
         self.traffic.sticky_header.as_deref()

@@ -246,7 +246,9 @@ pub struct Function {
     pub limits: Limits,
     /// How the function is invoked.
     pub triggers: Triggers,
-    /// What the host watches of its answers.
+    /// What the host watches of its answers (absent from records stored
+    /// before monitoring existed: the defaults).
+    #[serde(default)]
     pub monitoring: Monitoring,
 }
 
@@ -403,6 +405,18 @@ fn stage(index: usize, spec: &StageSpec) -> Result<Stage, RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn functions_stored_before_monitoring_existed_still_load() {
+        let stored = parse("name = \"f\"\n[[stages]]\ncomponent = \"c@1.0.0\"\n").expect("valid");
+        let mut record = serde_json::to_value(&stored.function).expect("JSON");
+        record
+            .as_object_mut()
+            .expect("an object")
+            .remove("monitoring");
+        let loaded: Function = serde_json::from_value(record).expect("an older record loads");
+        assert_eq!(loaded.monitoring, Monitoring::default());
+    }
 
     #[test]
     fn monitoring_settings_are_checked_and_name_their_field() {

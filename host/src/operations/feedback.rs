@@ -68,7 +68,7 @@ pub enum FeedbackError {
     Off(String),
     /// No answer with that id is remembered.
     #[error(
-        "no answer of function {function} with request id {request_id:?} is remembered (feedback is taken once, for its last {kept} answers)"
+        "no answer of function {function} with request id {request_id:?} is remembered: feedback is taken once, for the last {kept} answers of its revisions whose manifest sets `[monitoring] feedback`"
     )]
     Unknown {
         /// The function.
