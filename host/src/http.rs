@@ -107,15 +107,22 @@ impl HttpState {
         headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
+            // A caller's id is logged, traced and may be remembered for
+            // feedback: a longer one is replaced, not kept.
+            .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_BYTES)
             .map(str::to_string)
             .unwrap_or_else(|| self.next_request_id())
     }
 
-    /// A request id for a request that brought none (`X-Request-Id`).
+    /// A request id for a request that brought none (`X-Request-Id`), or
+    /// one too long to keep.
     pub fn next_request_id(&self) -> String {
         format!("{:016x}", self.next_request.fetch_add(1, Ordering::Relaxed))
     }
 }
+
+/// Longest request id a caller may choose (`X-Request-Id`).
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// An error response.
 #[derive(Debug)]

@@ -112,6 +112,25 @@ fn shadows_are_compared_and_never_touch_the_caller() {
         0.0
     );
 
+    // A caller's request id is kept when short, replaced when long (it is
+    // logged, traced and remembered for feedback).
+    let with_id = |id: &str| {
+        let response = client()
+            .post(format!("{}/v1/functions/ops/invoke", host.url))
+            .header("x-request-id", id)
+            .body("hi")
+            .send()
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+        response.headers()["x-request-id"]
+            .to_str()
+            .expect("an id")
+            .to_string()
+    };
+    assert_eq!(with_id("order-17"), "order-17");
+    let replaced = with_id(&"r".repeat(200));
+    assert_eq!(replaced.len(), 16, "{replaced}");
+
     // A shadow of the served revision would take the callers' instances.
     let refused = host.put(
         "/v1/functions/ops/traffic",

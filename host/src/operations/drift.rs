@@ -20,6 +20,10 @@ use std::collections::BTreeMap;
 /// Largest class count a score tensor may have to be read as classes.
 const MAX_CLASSES: usize = 1000;
 
+/// Most signals watched per revision: tensor names come from guests, and
+/// each signal is a metric series.
+const MAX_SIGNALS: usize = 64;
+
 /// What one sampled request looked like: numeric signals and class signals.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Sample {
@@ -229,6 +233,9 @@ impl RevisionDrift {
             .into_iter()
             .map(|(s, c)| (s, Value::Class(c)));
         for (name, value) in numbers.chain(classes) {
+            if self.signals.len() >= MAX_SIGNALS && !self.signals.contains_key(&name) {
+                continue;
+            }
             let signal = self.signals.entry(name).or_insert_with(|| Signal {
                 reference: Vec::new(),
                 latest: Ring::new(window),
@@ -441,6 +448,17 @@ mod tests {
         let shifted = feed(&mut drift, uniform(5).map(|v| v + 2.0).take(200));
         assert_eq!(crossings(&shifted), [true]);
         assert_eq!(shifted.len(), 1, "scored once the first window is full");
+    }
+
+    #[test]
+    fn a_revision_watches_a_bounded_number_of_signals() {
+        let mut drift = RevisionDrift::new(settings());
+        for i in 0..100 {
+            let mut sample = Sample::default();
+            sample.numbers.push((format!("tensor-{i}.mean"), 1.0));
+            drift.observe(sample);
+        }
+        assert_eq!(drift.signals.len(), MAX_SIGNALS);
     }
 
     #[test]

@@ -8,6 +8,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 
+/// Longest request id remembered.
+const MAX_ID_BYTES: usize = 128;
+
 /// What an answer predicted.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prediction {
@@ -131,6 +134,11 @@ impl Remembered {
         prediction: Prediction,
         capacity: usize,
     ) {
+        // Ids are the caller's (NATS headers included): a long one is not
+        // kept, so N answers stay small.
+        if request_id.len() > MAX_ID_BYTES {
+            return;
+        }
         self.sequence += 1;
         self.answers.insert(
             request_id.to_string(),
@@ -246,5 +254,7 @@ mod tests {
             kept.remember(&format!("x{i}"), 1, Prediction::Value(0.0), 4);
         }
         assert_eq!(kept.take("again"), Some((2, Prediction::Value(2.0))));
+        kept.remember(&"x".repeat(200), 1, Prediction::Value(0.0), 4);
+        assert_eq!(kept.take(&"x".repeat(200)), None, "a long id is not kept");
     }
 }
