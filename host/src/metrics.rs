@@ -81,6 +81,9 @@ pub struct Metrics {
     /// `cascade_drift_score{function, revision, signal}`: the population
     /// stability index of a signal's latest window against its reference.
     pub drift_score: GaugeVec,
+    /// `cascade_model_backend{backend}`: 1 for the engine models run on
+    /// (`tract` or `onnxruntime`).
+    pub model_backend: IntGaugeVec,
 }
 
 impl Metrics {
@@ -251,6 +254,11 @@ impl Metrics {
                 "cascade_drift_score",
                 "Population stability index of a signal's latest window against its reference.",
                 &["function", "revision", "signal"],
+            )?,
+            model_backend: gauge(
+                "cascade_model_backend",
+                "The engine models run on: 1 for the one in use.",
+                &["backend"],
             )?,
             registry,
         })

@@ -127,18 +127,29 @@ fn open_runtime(config: &ServeConfig) -> Result<Runtime> {
     })
     .map_err(anyhow::Error::from)?;
     let backend = config.backend();
-    if let Backend::OnnxRuntime(settings) = &backend {
-        // Fail at start, not at the first model, when the library is wrong.
-        crate::model::ort::init(&settings.library)?;
-        tracing::info!(
-            "models run with ONNX Runtime from {}",
-            settings.library.display()
-        );
-    }
+    let metrics = Metrics::new()?;
+    let name = match &backend {
+        Backend::OnnxRuntime(settings) => {
+            // Fail at start, not at the first model, when the library is wrong.
+            crate::model::ort::init(&settings.library)?;
+            tracing::info!(
+                "models run with ONNX Runtime from {}",
+                settings.library.display()
+            );
+            "onnxruntime"
+        }
+        Backend::Tract => {
+            tracing::info!(
+                "models run with tract (pure Rust); --onnxruntime LIBRARY runs them with ONNX Runtime, usually faster (`cargo xtask up` passes the copy `cargo xtask models` caches)"
+            );
+            "tract"
+        }
+    };
+    metrics.model_backend.with_label_values(&[name]).set(1);
     Ok(Runtime::new(
         engine,
         Arc::new(registry),
-        Arc::new(Metrics::new()?),
+        Arc::new(metrics),
         config.data.join("compiled"),
         backend,
         config.shape_plans,

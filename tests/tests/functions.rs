@@ -140,6 +140,8 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
         "2",
     ]);
     host.publish_examples();
+    assert_eq!(host.metric("cascade_model_backend{backend=\"onnxruntime\"}"), 1.0);
+    assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 0.0);
     // One request at a time: lone runs, the first ones alternating between
     // one thread and two, all giving the reference answers.
     for (text, want) in embed_reference() {
@@ -273,6 +275,7 @@ fn a_host_given_no_onnxruntime_library_says_so_and_exits() {
 fn a_repeated_input_shape_gets_a_specialised_plan_with_the_same_answers() {
     let host = Host::start_with(&["--shape-plans", "1"]);
     host.publish_examples();
+    assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 1.0);
     let gauge = "cascade_shape_plans{model=\"minilm-l3@1.0.0\"}";
     let text = "A man is eating food.";
     let general = embed(&host, &[text]);
