@@ -140,7 +140,10 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
         "2",
     ]);
     host.publish_examples();
-    assert_eq!(host.metric("cascade_model_backend{backend=\"onnxruntime\"}"), 1.0);
+    assert_eq!(
+        host.metric("cascade_model_backend{backend=\"onnxruntime\"}"),
+        1.0
+    );
     assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 0.0);
     // One request at a time: lone runs, the first ones alternating between
     // one thread and two, all giving the reference answers.

@@ -54,7 +54,7 @@ pub fn top_labels(answer: &Value) -> Option<Vec<String>> {
 }
 
 /// Every number in `value`, in document order.
-fn numbers(value: &Value, out: &mut Vec<f64>) {
+pub(super) fn numbers(value: &Value, out: &mut Vec<f64>) {
     match value {
         Value::Number(n) => out.extend(n.as_f64()),
         Value::Array(items) => items.iter().for_each(|v| numbers(v, out)),

@@ -28,22 +28,10 @@ pub fn prediction(output: &Message) -> Option<Prediction> {
         return labels.into_iter().next().map(Prediction::Label);
     }
     let mut numbers = Vec::new();
-    collect(&answer, &mut numbers);
+    super::agreement::numbers(&answer, &mut numbers);
     match numbers.as_slice() {
         [only] => Some(Prediction::Value(*only)),
         _ => None,
-    }
-}
-
-fn collect(value: &Value, out: &mut Vec<f64>) {
-    if out.len() > 1 {
-        return;
-    }
-    match value {
-        Value::Number(n) => out.extend(n.as_f64()),
-        Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
-        Value::Object(fields) => fields.values().for_each(|v| collect(v, out)),
-        _ => {}
     }
 }
 
