@@ -1,8 +1,7 @@
 //! Configuration of `cascade serve`, from flags or the environment,
 //! validated once.
 
-use crate::model::Backend;
-use crate::model::ort::OrtSettings;
+use crate::model::choice::{BackendRequest, ModelBackend};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,9 +79,15 @@ pub struct ServeConfig {
     /// model's matrix weights each. 0 runs every shape on the general plan.
     #[arg(long, env = "CASCADE_SHAPE_PLANS", default_value_t = 4)]
     pub shape_plans: usize,
-    /// Run models with ONNX Runtime instead of tract, loaded from this
-    /// shared library (`libonnxruntime.so.1.x.y`, 1.22 or newer, e.g. from
-    /// the `onnxruntime` wheel's `onnxruntime/capi/`).
+    /// The engine that runs models: `auto` runs them with ONNX Runtime when
+    /// its library is given (`--onnxruntime`) or cached by `cargo xtask
+    /// models`, else with tract; `onnxruntime` refuses to start without the
+    /// library; `tract` is pure Rust whatever is installed.
+    #[arg(long, env = "CASCADE_MODEL_BACKEND", value_enum, default_value_t = ModelBackend::Auto)]
+    pub model_backend: ModelBackend,
+    /// ONNX Runtime's shared library (`libonnxruntime.so.1.x.y`, 1.22 or
+    /// newer, e.g. from the `onnxruntime` wheel's `onnxruntime/capi/`);
+    /// without it the host looks for the copy `cargo xtask models` caches.
     #[arg(long, env = "CASCADE_ONNXRUNTIME")]
     pub onnxruntime: Option<PathBuf>,
     /// Threads one ONNX Runtime model run may use.
@@ -100,19 +105,17 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// The engine that runs models: ONNX Runtime when given its library,
-    /// else tract.
-    pub fn backend(&self) -> Backend {
-        match &self.onnxruntime {
-            Some(library) => Backend::OnnxRuntime(OrtSettings {
-                library: library.clone(),
-                threads: usize::from(self.onnxruntime_threads),
-                alone_threads: self.onnxruntime_alone_threads.map_or_else(
-                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    usize::from,
-                ),
-            }),
-            None => Backend::Tract,
+    /// What `--model-backend` and the ONNX Runtime flags ask for; see
+    /// [`crate::model::choice::choose`].
+    pub fn backend_request(&self) -> BackendRequest {
+        BackendRequest {
+            choice: self.model_backend,
+            library: self.onnxruntime.clone(),
+            threads: usize::from(self.onnxruntime_threads),
+            alone_threads: self.onnxruntime_alone_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            ),
         }
     }
 }

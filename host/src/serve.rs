@@ -126,24 +126,17 @@ fn open_runtime(config: &ServeConfig) -> Result<Runtime> {
         max_memory_mb: cascade_registry::manifest::MAX_MEMORY_MB,
     })
     .map_err(anyhow::Error::from)?;
-    let backend = config.backend();
+    let chosen = crate::model::choice::choose(&config.backend_request())?;
+    if chosen.fell_back {
+        tracing::warn!("{}", chosen.reason);
+    } else {
+        tracing::info!("{}", chosen.reason);
+    }
+    let backend = chosen.backend;
     let metrics = Metrics::new()?;
     let name = match &backend {
-        Backend::OnnxRuntime(settings) => {
-            // Fail at start, not at the first model, when the library is wrong.
-            crate::model::ort::init(&settings.library)?;
-            tracing::info!(
-                "models run with ONNX Runtime from {}",
-                settings.library.display()
-            );
-            "onnxruntime"
-        }
-        Backend::Tract => {
-            tracing::info!(
-                "models run with tract (pure Rust); --onnxruntime LIBRARY runs them with ONNX Runtime, usually faster (`cargo xtask up` passes the copy `cargo xtask models` caches)"
-            );
-            "tract"
-        }
+        Backend::OnnxRuntime(_) => "onnxruntime",
+        Backend::Tract => "tract",
     };
     metrics.model_backend.with_label_values(&[name]).set(1);
     Ok(Runtime::new(

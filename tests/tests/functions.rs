@@ -275,8 +275,88 @@ fn a_host_given_no_onnxruntime_library_says_so_and_exits() {
 }
 
 #[test]
+fn by_default_a_host_runs_models_with_the_cached_onnxruntime_and_else_with_tract() {
+    // The cache `cargo xtask models` filled: ONNX Runtime, no flag needed.
+    let host = Host::start_logged();
+    host.publish_examples();
+    assert_eq!(
+        host.metric("cascade_model_backend{backend=\"onnxruntime\"}"),
+        1.0
+    );
+    let library = cascade_tests::onnxruntime_library();
+    let log = host.log();
+    assert!(
+        log.contains(&format!(
+            "models run with ONNX Runtime from {} (the cached copy",
+            library.display()
+        )),
+        "{log}"
+    );
+    let want = &embed_reference()[0];
+    let got = embed(&host, &[&want.0]);
+    assert!(cosine(&got[0], &want.1) > 0.999);
+    drop(host);
+    // A cache without the library, or with one that does not load: tract,
+    // saying why (a warning when a library was there but failed).
+    let cache = tempfile::tempdir().expect("tempdir");
+    for (junk, level, why) in [
+        (
+            false,
+            "INFO",
+            "no ONNX Runtime library given (--onnxruntime) or cached in",
+        ),
+        (true, "WARN", "did not load"),
+    ] {
+        let models = cache.path().join("models");
+        if junk {
+            std::fs::create_dir_all(&models).expect("models dir");
+            std::fs::write(models.join("libonnxruntime.so.1.40.0"), b"not a library")
+                .expect("junk library");
+        }
+        let data = tempfile::tempdir().expect("tempdir");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let listen = taken.local_addr().expect("its address").to_string();
+        let output = std::process::Command::new(cascade_tests::host::cascade_binary())
+            .args(["serve", "--listen", &listen, "--data"])
+            .arg(data.path())
+            .env("CASCADE_CACHE_DIR", cache.path())
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("cascade runs");
+        // The port is taken: the host chooses its backend, then exits.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("models run with tract (pure Rust)"))
+            .unwrap_or_else(|| panic!("no backend line: {stderr}"));
+        assert!(line.contains(level) && line.contains(why), "{line}");
+    }
+    // Asking for ONNX Runtime where there is none stops the host.
+    let data = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(cascade_tests::host::cascade_binary())
+        .args([
+            "serve",
+            "--model-backend",
+            "onnxruntime",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data.path())
+        .env("CASCADE_CACHE_DIR", data.path())
+        .output()
+        .expect("cascade runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--model-backend onnxruntime, but no library"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_repeated_input_shape_gets_a_specialised_plan_with_the_same_answers() {
-    let host = Host::start_with(&["--shape-plans", "1"]);
+    let host = Host::start_with(&["--model-backend", "tract", "--shape-plans", "1"]);
     host.publish_examples();
     assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 1.0);
     let gauge = "cascade_shape_plans{model=\"minilm-l3@1.0.0\"}";

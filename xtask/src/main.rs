@@ -200,15 +200,13 @@ fn up(root: &Path) -> Result<()> {
     }
     let data = root.join("cascade-data");
     let nats = up_nats::UpNats::start(&root.join("cascade-nats"))?;
-    // The fastest path: ONNX Runtime, from the copy `models::ensure` keeps.
-    let onnxruntime = models.join(catalog::ONNXRUNTIME_LIBRARY);
+    // The default path: the host finds ONNX Runtime's library in the cache
+    // `models::ensure` fills, and says so.
     let mut server = Command::new(&cascade)
         .args([
             "serve", "--listen", UP_ADDRESS, "--nats", &nats.url, "--data",
         ])
         .arg(&data)
-        .arg("--onnxruntime")
-        .arg(&onnxruntime)
         .spawn()
         .context("starting cascade serve")?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -9,8 +9,10 @@
 //! - [`queue`], [`threads`], [`wide_runs`]: how runs wait, where they run, how many threads a lone one gets;
 //! - [`shape_plans`], [`shared_initializers`]: tract plans per input shape, ONNX Runtime weights shared across sessions;
 //! - [`wasi_nn`]: `wasi:nn` for inferencer components, on the same plans and queues;
+//! - [`choice`]: which backend a host runs, ONNX Runtime when its library is found;
 //! - [`memory`]: handing memory back after a burst of model work.
 
+pub mod choice;
 pub mod memory;
 pub mod ort;
 pub mod plan;
