@@ -63,7 +63,7 @@ pub struct RunArgs {
     /// Side-by-side rounds per comparison (medians are taken over rounds).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Only these sections (1-9), comma-separated; all by default.
+    /// Only these sections (1-12), comma-separated; all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Text appended to the report (the optimisation log).

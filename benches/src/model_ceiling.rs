@@ -4,10 +4,12 @@
 //! every core, with no HTTP, no tokenizing and no pooling. Section 2 sets
 //! both servers' throughput against it: a server that runs each request's
 //! model once cannot pass it, so it bounds what a ratio between two such
-//! servers can reach.
+//! servers can reach. With the tokenizer and pooling around it
+//! ([`ModelCeiling::embed`]) it is also section 1's native baseline for
+//! the ONNX Runtime backend.
 
 use crate::native::NativeEmbed;
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use cascade_host::bindings::{Tensor, TensorType};
 use cascade_host::model::ort::{OrtModel, OrtSettings, RunCounts};
 use prometheus::IntCounter;
@@ -48,23 +50,37 @@ impl ModelCeiling {
         )
         .map_err(|e| anyhow!("{e}"))?;
         let (ids, mask) = native.encode(text)?;
-        let tensor = |name: &str, values: &[i64]| Tensor {
-            name: name.to_string(),
-            dimensions: vec![1, values.len() as u32],
-            ty: TensorType::I64,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        };
-        let zeros = vec![0; ids.len()];
-        let inputs = model
-            .input_names()
-            .iter()
-            .map(|name| match name.as_str() {
-                "input_ids" => tensor(name, &ids),
-                "attention_mask" => tensor(name, &mask),
-                _ => tensor(name, &zeros),
-            })
-            .collect();
+        let inputs = tensors(&model, &ids, &mask);
         Ok(ModelCeiling { model, inputs })
+    }
+
+    /// One embedding of `text` natively on ONNX Runtime: `native`'s
+    /// tokenizer, this model (one thread), mean pooling in Rust — `embed`
+    /// with no sandbox, no copies between stages and no HTTP.
+    pub fn embed(&self, native: &NativeEmbed, text: &str) -> Result<Vec<f32>> {
+        let (ids, mask) = native.encode(text)?;
+        let outputs = self
+            .model
+            .run(&tensors(&self.model, &ids, &mask))
+            .map_err(|e| anyhow!("{e}"))?;
+        let tokens = outputs.first().context("the model has no output")?;
+        let dim = *tokens.dimensions.last().context("scalar output")? as usize;
+        let values: Vec<f32> = tokens
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        crate::native::mean_pool(&values, dim, &mask)
+    }
+
+    /// Latencies of back-to-back [`ModelCeiling::embed`]s for `duration`.
+    pub fn measure(
+        &self,
+        native: &NativeEmbed,
+        text: &str,
+        duration: Duration,
+    ) -> Result<Vec<Duration>> {
+        crate::native::time_each(duration, || self.embed(native, text))
     }
 
     /// Model runs per second over `duration`, one thread per core running
@@ -96,4 +112,24 @@ impl ModelCeiling {
         let seconds = started.elapsed().as_secs_f64();
         Ok(runs as f64 / seconds)
     }
+}
+
+/// `model`'s inputs for one text: its ids, its mask, zeros for the rest.
+fn tensors(model: &OrtModel, ids: &[i64], mask: &[i64]) -> Vec<Tensor> {
+    let tensor = |name: &str, values: &[i64]| Tensor {
+        name: name.to_string(),
+        dimensions: vec![1, values.len() as u32],
+        ty: TensorType::I64,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    let zeros = vec![0; ids.len()];
+    model
+        .input_names()
+        .iter()
+        .map(|name| match name.as_str() {
+            "input_ids" => tensor(name, ids),
+            "attention_mask" => tensor(name, mask),
+            _ => tensor(name, &zeros),
+        })
+        .collect()
 }

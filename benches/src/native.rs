@@ -176,37 +176,47 @@ impl NativeEmbed {
             .context("the plan has no output")?
             .to_plain_array_view::<f32>()?;
         let dim = *tokens.shape().last().context("scalar output")?;
-        let mut pooled = vec![0f32; dim];
-        let mut count = 0f32;
-        for (row, &m) in tokens
-            .as_slice()
-            .context("contiguous")?
-            .chunks_exact(dim)
-            .zip(&mask)
-        {
-            if m != 0 {
-                count += 1.0;
-                pooled.iter_mut().zip(row).for_each(|(p, v)| *p += v);
-            }
-        }
-        let norm = pooled
-            .iter()
-            .map(|v| (v / count.max(1.0)).powi(2))
-            .sum::<f32>()
-            .sqrt()
-            .max(1e-12);
-        Ok(pooled.iter().map(|v| v / count.max(1.0) / norm).collect())
+        mean_pool(tokens.as_slice().context("contiguous")?, dim, &mask)
     }
 
     /// Latencies of back-to-back embeddings of `text` for `duration`.
     pub fn measure(&self, text: &str, duration: Duration) -> Result<Vec<Duration>> {
-        let mut samples = Vec::new();
-        let end = Instant::now() + duration;
-        while Instant::now() < end {
-            let started = Instant::now();
-            std::hint::black_box(self.embed(text)?);
-            samples.push(started.elapsed());
-        }
-        Ok(samples)
+        time_each(duration, || self.embed(text))
     }
+}
+
+/// Latencies of back-to-back calls of `work` for `duration`.
+pub fn time_each<T>(
+    duration: Duration,
+    mut work: impl FnMut() -> Result<T>,
+) -> Result<Vec<Duration>> {
+    let mut samples = Vec::new();
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let started = Instant::now();
+        std::hint::black_box(work()?);
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+/// Mean of the `dim`-wide token rows whose `mask` is set, L2-normalised:
+/// what the `mean-pool` guest computes.
+pub fn mean_pool(tokens: &[f32], dim: usize, mask: &[i64]) -> Result<Vec<f32>> {
+    anyhow::ensure!(dim > 0, "token rows of width 0");
+    let mut pooled = vec![0f32; dim];
+    let mut count = 0f32;
+    for (row, &m) in tokens.chunks_exact(dim).zip(mask) {
+        if m != 0 {
+            count += 1.0;
+            pooled.iter_mut().zip(row).for_each(|(p, v)| *p += v);
+        }
+    }
+    let norm = pooled
+        .iter()
+        .map(|v| (v / count.max(1.0)).powi(2))
+        .sum::<f32>()
+        .sqrt()
+        .max(1e-12);
+    Ok(pooled.iter().map(|v| v / count.max(1.0) / norm).collect())
 }

@@ -16,7 +16,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let mut section = Section::new(
         "7. Memory",
         &format!(
-            "VmRSS of the `cascade serve` process (from /proc) on a fresh data directory: empty; \
+            "VmRSS of the `cascade serve --model-backend tract` process (from /proc) on a fresh \
+             data directory: empty; \
              with {FUNCTIONS} functions published (each one `echo` stage, `min_instances` 0) and \
              idle; after one call to each (one warm instance per function). Then the example \
              functions are published, `embed` is called once, then until MiniLM's plan for 32 \
@@ -25,7 +26,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
              with its vocabulary, mean-pool)."
         ),
     );
-    let host = Host::start();
+    // tract, so the figures stay comparable with earlier runs and the
+    // shape-plan step has plans to measure (ONNX Runtime needs none).
+    let host = Host::start_with(&["--model-backend", "tract"]);
     let pid = host.pid().context("host pid")?;
     settle();
     let empty = rss_mb(pid)?;

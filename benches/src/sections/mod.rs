@@ -3,6 +3,7 @@
 
 mod cold_start;
 mod jetstream;
+mod many;
 mod memory;
 mod messaging;
 mod oip;
@@ -34,6 +35,7 @@ const SECTIONS: &[(u8, &str, SectionFn)] = &[
     (9, "JetStream", jetstream::run),
     (10, "tracing", tracing::run),
     (11, "model operations", operations::run),
+    (12, "many functions", many::run),
 ];
 
 /// Runs the selected sections and writes `results.json` and the report.

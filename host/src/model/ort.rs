@@ -25,7 +25,7 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use prometheus::IntCounter;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
@@ -78,24 +78,34 @@ pub struct OrtModel {
     inputs: Vec<(String, TensorElementType)>,
     outputs: Vec<String>,
     /// Packed weights and large constants shared by the model's sessions.
-    shared: Shared,
-    pool: Mutex<Sessions>,
-    returned: Condvar,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
     limit: usize,
     /// The session for lone runs, when `alone_threads` > `threads`.
-    wide: Option<Wide>,
+    wide: Option<Arc<Wide>>,
     counts: RunCounts,
 }
 
 /// What every session of one model shares instead of holding its own.
 struct Shared {
     weights: PrepackedWeights,
-    initializers: SharedInitializers,
+    /// Read in the background after the first session is built, so a model
+    /// serves without waiting for them; sessions built before hold their
+    /// own copies and are retired once one that shares them exists.
+    initializers: OnceLock<SharedInitializers>,
+}
+
+/// The narrow sessions, and the signal that one came back.
+struct Pool {
+    sessions: Mutex<Sessions>,
+    returned: Condvar,
 }
 
 /// One session with more threads, for runs that have the host to themselves.
 struct Wide {
-    /// `None` while a run uses it.
+    /// `None` while a run uses it, and until it is built: it is built in the
+    /// background after the model loads, so a restart answers without
+    /// waiting for a second session (lone runs take a narrow one meanwhile).
     runner: Mutex<Option<Runner>>,
     chooser: WidthChooser,
 }
@@ -104,12 +114,28 @@ struct Wide {
 struct Sessions {
     idle: Vec<Runner>,
     alive: usize,
+    /// A session sharing the initializers exists: those holding their own
+    /// copies are dropped instead of reused.
+    retire_own: bool,
+}
+
+impl Sessions {
+    /// Takes `runner` back, or drops it when it is due to retire.
+    fn give_back(&mut self, runner: Runner) {
+        if runner.own_initializers && self.retire_own {
+            self.alive -= 1;
+        } else {
+            self.idle.push(runner);
+        }
+    }
 }
 
 /// A session with the run options that select the model's outputs.
 struct Runner {
     session: Session,
     options: RunOptions<HasSelectedOutputs>,
+    /// Built before the shared initializers were read.
+    own_initializers: bool,
 }
 
 impl OrtModel {
@@ -122,11 +148,17 @@ impl OrtModel {
         counts: RunCounts,
     ) -> Result<Self, ModelError> {
         init(&settings.library)?;
-        let shared = Shared {
+        let started = Instant::now();
+        let shared = Arc::new(Shared {
             weights: PrepackedWeights::new(),
-            initializers: SharedInitializers::read(path)?,
-        };
+            initializers: OnceLock::new(),
+        });
         let session = new_session(path, settings.threads, &shared)?;
+        tracing::debug!(
+            model = %path.display(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "ONNX Runtime session ready"
+        );
         let outputs = selected_outputs(&session, outputs)?;
         let inputs = session
             .inputs()
@@ -139,28 +171,39 @@ impl OrtModel {
                 ))),
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let wide = if settings.alone_threads > settings.threads {
-            let session = new_session(path, settings.alone_threads, &shared)?;
-            Some(Wide {
-                runner: Mutex::new(Some(runner(session, &outputs)?)),
+        let wide = (settings.alone_threads > settings.threads).then(|| {
+            Arc::new(Wide {
+                runner: Mutex::new(None),
                 chooser: WidthChooser::default(),
             })
-        } else {
-            None
-        };
-        let runner = runner(session, &outputs)?;
+        });
+        let runner = runner(session, &outputs, true)?;
         let limit = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = Arc::new(Pool {
+            sessions: Mutex::new(Sessions {
+                idle: vec![runner],
+                alive: 1,
+                retire_own: false,
+            }),
+            returned: Condvar::new(),
+        });
+        Later {
+            path: path.to_path_buf(),
+            threads: settings.threads,
+            alone_threads: settings.alone_threads,
+            outputs: outputs.clone(),
+            shared: shared.clone(),
+            pool: pool.clone(),
+            wide: wide.clone(),
+        }
+        .spawn();
         Ok(OrtModel {
             path: path.to_path_buf(),
             threads: settings.threads,
             inputs,
             outputs,
             shared,
-            pool: Mutex::new(Sessions {
-                idle: vec![runner],
-                alive: 1,
-            }),
-            returned: Condvar::new(),
+            pool,
             limit,
             wide,
             counts,
@@ -248,9 +291,13 @@ impl OrtModel {
     /// the next one returned.
     fn lease(&self) -> Result<Lease<'_>, StageError> {
         let poisoned = |_| StageError::Internal("the model's session pool is poisoned".into());
-        let mut pool = self.pool.lock().map_err(poisoned)?;
+        let mut pool = self.pool.sessions.lock().map_err(poisoned)?;
         loop {
             if let Some(runner) = pool.idle.pop() {
+                if runner.own_initializers && pool.retire_own {
+                    pool.alive -= 1;
+                    continue;
+                }
                 return Ok(Lease {
                     model: self,
                     runner: Some(runner),
@@ -259,22 +306,23 @@ impl OrtModel {
             if pool.alive < self.limit {
                 pool.alive += 1;
                 drop(pool);
+                let own = self.shared.initializers.get().is_none();
                 let made = new_session(&self.path, self.threads, &self.shared)
-                    .and_then(|session| runner(session, &self.outputs));
+                    .and_then(|session| runner(session, &self.outputs, own));
                 return match made {
                     Ok(runner) => Ok(Lease {
                         model: self,
                         runner: Some(runner),
                     }),
                     Err(e) => {
-                        if let Ok(mut pool) = self.pool.lock() {
+                        if let Ok(mut pool) = self.pool.sessions.lock() {
                             pool.alive -= 1;
                         }
                         Err(StageError::Internal(e.to_string()))
                     }
                 };
             }
-            pool = self.returned.wait(pool).map_err(poisoned)?;
+            pool = self.pool.returned.wait(pool).map_err(poisoned)?;
         }
     }
 }
@@ -288,9 +336,10 @@ struct Lease<'a> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let (Some(runner), Ok(mut pool)) = (self.runner.take(), self.model.pool.lock()) {
-            pool.idle.push(runner);
-            self.model.returned.notify_one();
+        if let (Some(runner), Ok(mut pool)) = (self.runner.take(), self.model.pool.sessions.lock())
+        {
+            pool.give_back(runner);
+            self.model.pool.returned.notify_one();
         }
     }
 }
@@ -305,11 +354,98 @@ fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, 
         .map_err(failed)?
         .with_prepacked_weights(&shared.weights)
         .map_err(failed)?;
-    shared
-        .initializers
-        .lend(builder)?
-        .commit_from_file(path)
-        .map_err(failed)
+    match shared.initializers.get() {
+        Some(initializers) => initializers.lend(builder)?,
+        None => builder,
+    }
+    .commit_from_file(path)
+    .map_err(failed)
+}
+
+/// What a model builds after it serves: its shared initializers and a
+/// narrow session using them (replacing the first, which holds its own
+/// copies), then the session for lone runs. Off the load path, so a
+/// restart answers after one session instead of three and the reading.
+struct Later {
+    path: PathBuf,
+    threads: usize,
+    alone_threads: usize,
+    outputs: Vec<String>,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    wide: Option<Arc<Wide>>,
+}
+
+impl Later {
+    /// Runs [`Later::build`] on a thread of its own.
+    fn spawn(self) {
+        let spawned = std::thread::Builder::new()
+            .name("ort-sessions".into())
+            .spawn(move || self.build());
+        if let Err(error) = spawned {
+            tracing::warn!("no thread to share a model's initializers: {error}");
+        }
+    }
+
+    fn build(self) {
+        let model = self.path.display();
+        match SharedInitializers::read(&self.path) {
+            Ok(initializers) => {
+                let worth_it = initializers.names().next().is_some();
+                let _ = self.shared.initializers.set(initializers);
+                if worth_it {
+                    self.replace_first();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%model, "sessions keep their own initializers: {error}");
+            }
+        }
+        if let Some(wide) = &self.wide {
+            let own = self.shared.initializers.get().is_none();
+            let built = new_session(&self.path, self.alone_threads, &self.shared)
+                .and_then(|s| runner(s, &self.outputs, own));
+            match built {
+                Ok(runner) => {
+                    if let Ok(mut slot) = wide.runner.lock() {
+                        *slot = Some(runner);
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    %model,
+                    "no {}-thread session for lone runs ({error}); they run on one",
+                    self.alone_threads
+                ),
+            }
+        }
+    }
+
+    /// Adds a narrow session that shares the initializers and retires those
+    /// that hold their own (now, if idle; when given back, if in use).
+    fn replace_first(&self) {
+        let built = new_session(&self.path, self.threads, &self.shared)
+            .and_then(|s| runner(s, &self.outputs, false));
+        let runner = match built {
+            Ok(runner) => runner,
+            Err(error) => {
+                tracing::warn!(
+                    model = %self.path.display(),
+                    "the first session keeps its own initializers: {error}"
+                );
+                return;
+            }
+        };
+        let Ok(mut pool) = self.pool.sessions.lock() else {
+            return;
+        };
+        pool.alive += 1;
+        pool.idle.push(runner);
+        pool.retire_own = true;
+        let before = pool.idle.len();
+        pool.idle.retain(|r| !r.own_initializers);
+        pool.alive -= before - pool.idle.len();
+        self.pool.returned.notify_all();
+    }
 }
 
 /// `outputs` (every graph output when empty), each one the graph has.
@@ -339,7 +475,11 @@ fn failed(source: impl Into<ort::Error>) -> ModelError {
     }
 }
 
-fn runner(session: Session, outputs: &[String]) -> Result<Runner, ModelError> {
+fn runner(
+    session: Session,
+    outputs: &[String],
+    own_initializers: bool,
+) -> Result<Runner, ModelError> {
     let selector = outputs
         .iter()
         .fold(OutputSelector::no_default(), |s, name| s.with(name.clone()));
@@ -349,7 +489,11 @@ fn runner(session: Session, outputs: &[String]) -> Result<Runner, ModelError> {
             source,
         })?
         .with_outputs(selector);
-    Ok(Runner { session, options })
+    Ok(Runner {
+        session,
+        options,
+        own_initializers,
+    })
 }
 
 fn element_of(ty: TensorType) -> TensorElementType {
