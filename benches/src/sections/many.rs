@@ -1,6 +1,6 @@
-//! 12. Many functions: 1,000 functions published over 10 distinct
-//! components, each invoked once, then invoked at random, against one hot
-//! function.
+//! Section 12, many functions: 1,000 functions published over 10
+//! distinct components, each invoked once, then invoked at random, against
+//! one hot function.
 
 use crate::context::Bench;
 use crate::process::rss_mb;
