@@ -50,7 +50,8 @@ pub fn onnxruntime_library() -> PathBuf {
 
 /// The `embed` example's manifest (`xtask/functions/embed.toml`) renamed
 /// to `name`, its model stage merging up to `rows` rows of concurrent
-/// requests (`batch`) and its component stages at most `max_instances`.
+/// requests (`batch`; 1 turns batching off) and its component stages at
+/// most `max_instances`.
 pub fn batched_embed_manifest(name: &str, rows: u32, max_instances: u32) -> String {
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/functions/embed.toml"),
@@ -65,11 +66,12 @@ pub fn batched_embed_manifest(name: &str, rows: u32, max_instances: u32) -> Stri
             manifest.push_str(&format!("max_instances = {max_instances}\n"));
             continue;
         }
+        if line.starts_with("batch =") {
+            manifest.push_str(&format!("batch = {rows}\n"));
+            continue;
+        }
         manifest.push_str(&line);
         manifest.push('\n');
-        if line.starts_with("model =") {
-            manifest.push_str(&format!("batch = {rows}\n"));
-        }
     }
     assert!(
         manifest.contains("batch =") && manifest.contains("max_instances ="),

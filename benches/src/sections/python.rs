@@ -18,10 +18,6 @@ use std::time::Duration;
 
 /// Concurrencies compared.
 const CONCURRENCY: [u32; 3] = [1, 4, 16];
-/// `batch` of the ONNX Runtime host's `embed` model stage.
-const BATCH_ROWS: u32 = 8;
-/// `scaling.max_instances` of the ONNX Runtime host's `embed`.
-const BATCH_INSTANCES: u32 = 16;
 
 /// Runs the section.
 pub fn run(bench: &Bench) -> Result<Section> {
@@ -37,11 +33,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
              in turn. The targets compare equal work with equal resources: Cascade with its default \
              backend, ONNX Runtime from the same wheel's library (which `cargo xtask models` caches \
              and `cascade serve` finds), one thread per model run, lone runs included (`--onnxruntime-alone-threads 1`), at most one run per \
-             core, and both examples exactly as published (no batching, which the Python server does \
-             not do): the same kernels, threads and cores as the Python server, so the ratio is what \
-             each platform adds around them. Beside it, labelled and not a target: the same backend \
-             tuned (`embed` with `batch = {BATCH_ROWS}` and `max_instances = {BATCH_INSTANCES}`, lone \
-             runs on every core), and Cascade on tract (`--model-backend tract`) with the examples unchanged. \
+             core, and both examples exactly as `cargo xtask up` publishes them (`embed` with \
+             `batch = 8` and `max_instances = 16`: requests that wait for the model together share \
+             a run, which the Python server cannot do): the same kernels, threads and cores as the \
+             Python server. Beside it, labelled and not a target: `cascade serve` with no flag at \
+             all (lone runs may use every core), and Cascade on tract (`--model-backend tract`). \
              Every measured run must be all 2xx with no socket error, or the section fails."
         ),
     );
@@ -50,23 +46,13 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let python_base = format!("http://127.0.0.1:{python_port}");
     let equal = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"]);
     let host = bench.host_with_examples(&[]);
-    // With ONNX Runtime, MiniLM costs ~15 % less per row in batches of
-    // 2–8, so that host serves `embed` with dynamic batching (and room for
-    // 16 requests in flight to batch); with tract batching does not pay.
-    let batched = cascade_tests::batched_embed_manifest("embed", BATCH_ROWS, BATCH_INSTANCES);
-    let response = host.put("/v1/functions/embed", "application/toml", batched);
-    ensure!(
-        response.status().is_success(),
-        "publishing the batched embed: {}",
-        response.text().unwrap_or_default()
-    );
     let tract = bench.host_with_examples(&["--model-backend", "tract"]);
     check_same_answers(bench, &python_base, &equal.url)?;
     check_same_answers(bench, &python_base, &host.url)?;
     check_same_answers(bench, &python_base, &tract.url)?;
     section.commands.push(
         "cascade serve --onnxruntime-alone-threads 1   # the others: \
-         cascade serve (tuned embed), cascade serve --model-backend tract"
+         cascade serve, cascade serve --model-backend tract"
             .into(),
     );
     section.commands.push(format!(
@@ -82,8 +68,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "req/s ×",
             "Cascade p99 ms (equal)",
             "Python p99 ms",
-            "tuned req/s ×",
-            "tuned p99 ms",
+            "default req/s ×",
+            "default p99 ms",
             "tract req/s ×",
             "tract p99 ms",
         ]
@@ -96,7 +82,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
     ] {
         let contenders = Contenders {
             equal: bench.target(invoke_url(&equal, function), content_type, file),
-            tuned: bench.target(invoke_url(&host, function), content_type, file),
+            default: bench.target(invoke_url(&host, function), content_type, file),
             tract: bench.target(invoke_url(&tract, function), content_type, file),
             python: bench.target(format!("{python_base}/{function}"), content_type, file),
         };
@@ -176,10 +162,10 @@ struct Req {
 }
 
 /// The servers loaded in turn: Cascade with ONNX Runtime at equal
-/// resources, the same tuned, Cascade with tract, Python.
+/// resources, `cascade serve` with no flag, Cascade with tract, Python.
 struct Contenders {
     equal: Target,
-    tuned: Target,
+    default: Target,
     tract: Target,
     python: Target,
 }
@@ -198,14 +184,14 @@ fn compare(
         c,
         bench.args.seconds,
         &format!(
-            "{}   # and the tuned, tract and Python URLs",
+            "{}   # and the default, tract and Python URLs",
             contenders.equal.url
         ),
     ));
     let runs = bench.side_by_side(
         &[
             &contenders.equal,
-            &contenders.tuned,
+            &contenders.default,
             &contenders.tract,
             &contenders.python,
         ],
@@ -215,7 +201,7 @@ fn compare(
     let rps_ratio = |runs| median_rps(runs) / median_rps(theirs);
     let p99_ms = |runs| median_p99(runs) / 1000.0;
     let p99_ratio = |runs| median_p99(runs) / median_p99(theirs);
-    let (equal, tuned, tract) = (&runs[0], &runs[1], &runs[2]);
+    let (equal, default, tract) = (&runs[0], &runs[1], &runs[2]);
     section.table.push(vec![
         function.into(),
         c.to_string(),
@@ -224,8 +210,8 @@ fn compare(
         num(rps_ratio(equal)),
         num(p99_ms(equal)),
         num(p99_ms(theirs)),
-        num(rps_ratio(tuned)),
-        num(p99_ms(tuned)),
+        num(rps_ratio(default)),
+        num(p99_ms(default)),
         num(rps_ratio(tract)),
         num(p99_ms(tract)),
     ]);
@@ -243,7 +229,7 @@ fn compare(
             Bar::AtMost(0.8),
         ),
     ]);
-    for (setting, runs) in [("tuned", tuned), ("tract", tract)] {
+    for (setting, runs) in [("default", default), ("tract", tract)] {
         section.records.extend([
             Record::info(
                 &format!("vs_python_{setting}_rps_ratio_{function}_c{c}"),
