@@ -22,11 +22,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log's filter when `RUST_LOG` is unset: `info`, but ONNX Runtime's
+/// own account of each session it builds (hundreds of lines per model) only
+/// from `warn`.
+pub const DEFAULT_FILTER: &str = "info,ort=warn";
+
 /// Installs the log for this process, and with it the trace exporter's
-/// layer when traces are on. `RUST_LOG` filters the log (default `info`);
-/// it does not filter traces, which take the host's spans at `info`.
+/// layer when traces are on. `RUST_LOG` filters the log (default
+/// [`DEFAULT_FILTER`]); it does not filter traces, which take the host's
+/// spans at `info`.
 pub fn init(format: LogFormat, traces: Option<&Traces>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let exported = traces.map(Traces::layer);
     let registry = tracing_subscriber::registry().with(exported);
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
