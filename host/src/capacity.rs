@@ -107,7 +107,19 @@ pub trait Reclaim: Send + Sync {
 pub struct Capacity {
     total: Footprint,
     used: Mutex<Footprint>,
-    holders: Mutex<Vec<Weak<dyn Reclaim>>>,
+    holders: Mutex<Holders>,
+}
+
+/// The pools that may give an idle instance back, and where the next
+/// search for one starts.
+#[derive(Default)]
+struct Holders {
+    list: Vec<Weak<dyn Reclaim>>,
+    /// The holder after the last one that gave an instance back: searches
+    /// go round the list instead of rescanning the same empty pools from
+    /// the start (with 1,000 functions that scan, and the list copied for
+    /// it, cost more than the instance it found).
+    next: usize,
 }
 
 impl std::fmt::Debug for Capacity {
@@ -139,7 +151,7 @@ impl Capacity {
         Arc::new(Capacity {
             total,
             used: Mutex::new(Footprint::default()),
-            holders: Mutex::new(Vec::new()),
+            holders: Mutex::new(Holders::default()),
         })
     }
 
@@ -164,8 +176,9 @@ impl Capacity {
     /// Lets `holder`'s idle instances be dropped to make room for others.
     pub fn register(&self, holder: Weak<dyn Reclaim>) {
         let mut holders = self.holders.lock().unwrap_or_else(PoisonError::into_inner);
-        holders.retain(|h| h.strong_count() > 0);
-        holders.push(holder);
+        holders.list.retain(|h| h.strong_count() > 0);
+        holders.list.push(holder);
+        holders.next = 0;
     }
 
     /// Reserves room for one instance of `footprint`, released when the
@@ -199,18 +212,24 @@ impl Capacity {
         })
     }
 
-    /// Asks the holders for one idle instance (never under the `used` lock:
-    /// dropping it gives its reservation back).
+    /// Asks the holders, round from where the last search stopped, for one
+    /// idle instance. Under the holders' lock but never the `used` one:
+    /// dropping the instance gives its reservation back (lock order:
+    /// holders, then a pool's idle list, then `used`).
     fn reclaim_one(&self) -> bool {
-        let holders: Vec<Weak<dyn Reclaim>> = self
-            .holders
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        holders
-            .iter()
-            .filter_map(Weak::upgrade)
-            .any(|holder| holder.release_idle())
+        let mut holders = self.holders.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = holders.list.len();
+        for step in 0..count {
+            let at = (holders.next + step) % count;
+            let released = holders.list[at]
+                .upgrade()
+                .is_some_and(|holder| holder.release_idle());
+            if released {
+                holders.next = (at + 1) % count;
+                return true;
+            }
+        }
+        false
     }
 
     /// What live instances hold now.
@@ -283,6 +302,35 @@ mod tests {
         let busy_too = capacity.reserve(TINY).expect("and another");
         assert!(capacity.reserve(TINY).is_err(), "nothing idle is left");
         drop((busy, busy_too));
+    }
+
+    #[test]
+    fn reclaiming_goes_round_the_holders_instead_of_draining_the_first() {
+        let capacity = Capacity::new(TINY.times(4));
+        let holders: Vec<Arc<IdleHolder>> = (0..2)
+            .map(|_| {
+                let idle = Arc::new(IdleHolder(Mutex::new(vec![
+                    capacity.reserve(TINY).expect("room"),
+                    capacity.reserve(TINY).expect("room"),
+                ])));
+                let holder: Arc<dyn Reclaim> = idle.clone();
+                capacity.register(Arc::downgrade(&holder));
+                idle
+            })
+            .collect();
+        let left = || -> Vec<usize> {
+            holders
+                .iter()
+                .map(|h| h.0.lock().expect("lock").len())
+                .collect()
+        };
+        let first = capacity.reserve(TINY).expect("an idle one made room");
+        assert_eq!(left(), [1, 2]);
+        let second = capacity.reserve(TINY).expect("the next holder's");
+        assert_eq!(left(), [1, 1]);
+        let third = capacity.reserve(TINY).expect("round again");
+        assert_eq!(left(), [0, 1]);
+        drop((first, second, third));
     }
 
     #[test]

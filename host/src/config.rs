@@ -51,8 +51,9 @@ pub struct ServeConfig {
     /// Largest registry upload, in MiB.
     #[arg(long, env = "CASCADE_MAX_UPLOAD_MB", default_value_t = 1024)]
     pub max_upload_mb: u64,
-    /// Component instances alive at once across all functions.
-    #[arg(long, default_value_t = 512)]
+    /// Component instances alive at once across all functions (the pools
+    /// reserve address space for them, ~8 GB each, not memory).
+    #[arg(long, default_value_t = 1024)]
     pub max_instances: u32,
     /// Serve the registry of another host (read-only here): fetch its
     /// functions, components and models, verify and cache them, and follow
