@@ -38,6 +38,7 @@ impl ModelCeiling {
             library: library.to_path_buf(),
             threads: 1,
             alone_threads: 1,
+            or_tract: false,
         };
         let model = OrtModel::load(
             &models.join(crate::native::MODEL_FILE),

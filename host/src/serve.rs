@@ -10,7 +10,6 @@ use crate::events::Events;
 use crate::http::{HttpSettings, HttpState, Readiness};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::model::Backend;
 use crate::runtime::Runtime;
 use crate::trigger::http::{self, Limits};
 use crate::trigger::jetstream::JetStreamTrigger;
@@ -126,19 +125,10 @@ fn open_runtime(config: &ServeConfig) -> Result<Runtime> {
         max_memory_mb: cascade_registry::manifest::MAX_MEMORY_MB,
     })
     .map_err(anyhow::Error::from)?;
-    let chosen = crate::model::choice::choose(&config.backend_request())?;
-    if chosen.fell_back {
-        tracing::warn!("{}", chosen.reason);
-    } else {
-        tracing::info!("{}", chosen.reason);
-    }
-    let backend = chosen.backend;
     let metrics = Metrics::new()?;
-    let name = match &backend {
-        Backend::OnnxRuntime(_) => "onnxruntime",
-        Backend::Tract => "tract",
-    };
-    metrics.model_backend.with_label_values(&[name]).set(1);
+    let chosen = crate::model::choice::choose(&config.backend_request(), &metrics.model_backend)?;
+    tracing::info!("{}", chosen.reason);
+    let backend = chosen.backend;
     Ok(Runtime::new(
         engine,
         Arc::new(registry),

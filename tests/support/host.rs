@@ -47,6 +47,7 @@ pub struct Host {
     pub data: PathBuf,
     port: u16,
     extra: Vec<String>,
+    env: Vec<(String, std::ffi::OsString)>,
     log: Option<PathBuf>,
     _owned: Option<tempfile::TempDir>,
 }
@@ -74,6 +75,7 @@ impl Host {
             data: data.to_path_buf(),
             port,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             log: None,
             _owned: None,
         };
@@ -88,6 +90,12 @@ impl Host {
 
     /// [`Host::start_logged`] with extra `serve` flags.
     pub fn start_logged_with(extra: &[&str]) -> Host {
+        Host::start_logged_in(extra, &[])
+    }
+
+    /// [`Host::start_logged_with`] with environment variables set for the
+    /// host alone.
+    pub fn start_logged_in(extra: &[&str], env: &[(&str, &Path)]) -> Host {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut host = Host {
             child: None,
@@ -95,6 +103,10 @@ impl Host {
             data: dir.path().join("data"),
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_os_str().to_os_string()))
+                .collect(),
             log: Some(dir.path().join("host.log")),
             _owned: Some(dir),
         };
@@ -128,6 +140,7 @@ impl Host {
             ])
             .arg(&self.data)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", level)
             // Hosts given an OTLP endpoint send spans within 0.1 s, not 5.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")

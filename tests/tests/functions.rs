@@ -307,41 +307,52 @@ fn by_default_a_host_runs_models_with_the_cached_onnxruntime_and_else_with_tract
     let got = embed(&host, &[&want.0]);
     assert!(cosine(&got[0], &want.1) > 0.999);
     drop(host);
-    // A cache without the library, or with one that does not load: tract,
-    // saying why (a warning when a library was there but failed).
+    // A cache without the library: tract, saying why at start.
     let cache = tempfile::tempdir().expect("tempdir");
-    for (junk, level, why) in [
-        (
-            false,
-            "INFO",
-            "no ONNX Runtime library given (--onnxruntime) or cached in",
-        ),
-        (true, "WARN", "did not load"),
-    ] {
-        let models = cache.path().join("models");
-        if junk {
-            std::fs::create_dir_all(&models).expect("models dir");
-            std::fs::write(models.join("libonnxruntime.so.1.40.0"), b"not a library")
-                .expect("junk library");
-        }
-        let data = tempfile::tempdir().expect("tempdir");
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-        let listen = taken.local_addr().expect("its address").to_string();
-        let output = std::process::Command::new(cascade_tests::host::cascade_binary())
-            .args(["serve", "--listen", &listen, "--data"])
-            .arg(data.path())
-            .env("CASCADE_CACHE_DIR", cache.path())
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("cascade runs");
-        // The port is taken: the host chooses its backend, then exits.
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("models run with tract (pure Rust)"))
-            .unwrap_or_else(|| panic!("no backend line: {stderr}"));
-        assert!(line.contains(level) && line.contains(why), "{line}");
+    let data = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let listen = taken.local_addr().expect("its address").to_string();
+    let output = std::process::Command::new(cascade_tests::host::cascade_binary())
+        .args(["serve", "--listen", &listen, "--data"])
+        .arg(data.path())
+        .env("CASCADE_CACHE_DIR", cache.path())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("cascade runs");
+    // The port is taken: the host chooses its backend, then exits.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("INFO")
+            && stderr.contains(
+                "models run with tract (pure Rust): no ONNX Runtime library given (--onnxruntime) or cached in"
+            ),
+        "{stderr}"
+    );
+    // One that does not load: it was loading in the background, so the
+    // host serves, warns, and runs models with tract.
+    let models = cache.path().join("models");
+    std::fs::create_dir_all(&models).expect("models dir");
+    std::fs::write(models.join("libonnxruntime.so.1.40.0"), b"not a library").expect("junk");
+    let host = Host::start_logged_in(&[], &[("CASCADE_CACHE_DIR", cache.path())]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.log().contains("did not load") {
+        assert!(Instant::now() < deadline, "no warning: {}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let log = host.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("did not load"))
+        .expect("the line");
+    assert!(
+        warning.contains("WARN") && warning.contains("models run with tract (pure Rust)"),
+        "{warning}"
+    );
+    assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 1.0);
+    host.publish_examples();
+    let got = embed(&host, &[&want.0]);
+    assert!(cosine(&got[0], &want.1) > 0.999, "embed on the fallback");
+    drop(host);
     // Asking for ONNX Runtime where there is none stops the host.
     let data = tempfile::tempdir().expect("tempdir");
     let output = std::process::Command::new(cascade_tests::host::cascade_binary())

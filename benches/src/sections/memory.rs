@@ -1,4 +1,4 @@
-//! 7. Memory: resident set of an idle host with 100 published functions,
+//! Section 7, memory: resident set of an idle host with 100 published functions,
 //! and what each warm instance adds.
 
 use crate::context::{Bench, invoke_url, publish_echo};

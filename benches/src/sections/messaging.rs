@@ -1,4 +1,4 @@
-//! 6. NATS: `embed` request-reply over NATS against HTTP, and the trivial
+//! Section 6, NATS: `embed` request-reply over NATS against HTTP, and the trivial
 //! `echo` function over NATS against a raw async-nats responder.
 
 use crate::context::{Bench, invoke_url, median_p50, publish_echo};

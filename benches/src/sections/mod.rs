@@ -123,7 +123,7 @@ fn header(args: &RunArgs, seconds: f64) -> String {
          Written by `cargo xtask bench` (do not edit by hand: the next run rewrites it; \
          the optimisation log at the end comes from `benches/optimisations.md`).\n\n\
          - Machine: {cores} cores, {cpu}, {memory} RAM, {kernel}\n\
-         - Toolchain: {rustc}; wasmtime 48, tract-onnx 0.23.9; host built in the dev profile \
+         - Toolchain: {rustc}; wasmtime 48; models on ONNX Runtime 1.32.0 (the default backend, the `onnxruntime` wheel's library) and tract-onnx 0.23.9 where labelled; host built in the dev profile \
          with dependencies at opt-level 2 without their debug assertions (the profile the tests use)\n\
          - Load generator: {wrk}, one thread, keep-alive connections; NATS load from \
          `benches/src/nats.rs` (async-nats)\n\
@@ -134,11 +134,7 @@ fn header(args: &RunArgs, seconds: f64) -> String {
          - Command: `cargo xtask bench` (this run took {seconds:.0} s of measuring)\n",
         kernel = output("uname", "-sr"),
         rustc = output("rustc", "--version"),
-        wrk = output("wrk", "--version")
-            .lines()
-            .next()
-            .unwrap_or("wrk")
-            .to_string(),
+        wrk = output("wrk", "--version").lines().next().unwrap_or("wrk"),
         rounds = args.rounds,
         secs = args.seconds,
     )

@@ -1,4 +1,4 @@
-//! 1. Pipeline overhead: `embed` over HTTP (keep-alive, concurrency 1)
+//! Section 1, pipeline overhead: `embed` over HTTP (keep-alive, concurrency 1)
 //! against the same three steps compiled natively in one process, on each
 //! model backend.
 

@@ -1,4 +1,4 @@
-//! 2. Against what users would pick instead: a FastAPI + uvicorn +
+//! Section 2, against what users would pick instead: a FastAPI + uvicorn +
 //! onnxruntime + `tokenizers` server serving the same two functions, against
 //! Cascade running its models with ONNX Runtime (the default backend, on
 //! the same wheel's library, so the ratio is what each platform adds) and,

@@ -1,4 +1,4 @@
-//! 3. What the sandbox costs: warm instantiation + call of a trivial
+//! Section 3, what the sandbox costs: warm instantiation + call of a trivial
 //! component, and a trivial function over HTTP against `wasmtime serve`.
 
 use crate::context::{Bench, invoke_url, median_p50, median_rps, publish_echo};

@@ -1,4 +1,4 @@
-//! 4. Scaling: `embed` throughput with one instance against two on this
+//! Section 4, scaling: `embed` throughput with one instance against two on this
 //! machine's cores, and latency under a load beyond capacity.
 
 use crate::context::{Bench, invoke_url, median_p99, median_rps};
@@ -161,7 +161,7 @@ fn native_ceiling(bench: &Bench) -> Result<f64> {
         one.push(rate(1)?);
         two.push(rate(2)?);
     }
-    Ok(median(two.into_iter()) / median(one.into_iter()))
+    Ok(median(two) / median(one))
 }
 
 /// The share of responses that were not 2xx over `runs`.

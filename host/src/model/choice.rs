@@ -1,11 +1,12 @@
 //! Which engine runs models. The default is the fastest one the machine
 //! has: ONNX Runtime when its shared library is found (`--onnxruntime`, or
 //! the copy `cargo xtask models` caches), tract otherwise, saying which
-//! and why in one log line.
+//! and why in one log line and in `cascade_model_backend`.
 
 use super::ModelError;
 use super::ort::{self, OrtSettings};
 use super::plan::Backend;
+use prometheus::IntGaugeVec;
 use std::path::{Path, PathBuf};
 
 /// `--model-backend`.
@@ -54,53 +55,62 @@ pub struct Chosen {
     pub backend: Backend,
     /// One line for the start-up log.
     pub reason: String,
-    /// A library was found but did not load: worth a warning.
-    pub fell_back: bool,
 }
 
-/// Chooses the engine and, for ONNX Runtime, loads its library now so a
-/// wrong one fails at start rather than at the first model. A library the
-/// host only found (not named) that fails to load falls back to tract
-/// under `auto`.
-pub fn choose(request: &BackendRequest) -> Result<Chosen, ChoiceError> {
-    let onnxruntime = |library: PathBuf, how: &str| -> Result<Chosen, ModelError> {
-        ort::init(&library)?;
-        Ok(Chosen {
+/// Chooses the engine and sets `cascade_model_backend` (`gauge`) to it.
+/// A library named (`--onnxruntime`) or required (`--model-backend
+/// onnxruntime`) loads now, so a wrong one stops the host at start. One the
+/// host only found loads in the background, so functions without models
+/// answer without waiting for it (~20 ms); if it does not load, a WARN line
+/// says so, the gauge turns to tract and models load with tract.
+pub fn choose(request: &BackendRequest, gauge: &IntGaugeVec) -> Result<Chosen, ChoiceError> {
+    let settings = |library: PathBuf, or_tract: bool| OrtSettings {
+        library,
+        threads: request.threads,
+        alone_threads: request.alone_threads,
+        or_tract,
+    };
+    let onnxruntime = |settings: OrtSettings, how: &str| {
+        set(gauge, "onnxruntime");
+        Chosen {
             reason: format!(
                 "models run with ONNX Runtime from {} ({how}; --model-backend tract runs them with tract)",
-                library.display()
+                settings.library.display()
             ),
-            backend: Backend::OnnxRuntime(OrtSettings {
-                library,
-                threads: request.threads,
-                alone_threads: request.alone_threads,
-            }),
-            fell_back: false,
-        })
+            backend: Backend::OnnxRuntime(settings),
+        }
     };
-    let tract = |why: String| Chosen {
-        backend: Backend::Tract,
-        reason: format!("models run with tract (pure Rust): {why}"),
-        fell_back: false,
+    let tract = |why: String| {
+        set(gauge, "tract");
+        Chosen {
+            backend: Backend::Tract,
+            reason: format!("models run with tract (pure Rust): {why}"),
+        }
     };
     match (request.choice, &request.library) {
         (ModelBackend::Tract, Some(_)) => Err(ChoiceError::Contradiction),
         (ModelBackend::Tract, None) => Ok(tract("--model-backend tract".into())),
-        (_, Some(library)) => Ok(onnxruntime(library.clone(), "--onnxruntime")?),
+        (_, Some(library)) => {
+            ort::init(library)?;
+            Ok(onnxruntime(
+                settings(library.clone(), false),
+                "--onnxruntime",
+            ))
+        }
         (choice, None) => {
             let models = models_dir();
             match newest_library(&models) {
-                Some(found) => match onnxruntime(found.clone(), "the cached copy") {
-                    Ok(chosen) => Ok(chosen),
-                    Err(error) if choice == ModelBackend::Auto => Ok(Chosen {
-                        fell_back: true,
-                        ..tract(format!(
-                            "the ONNX Runtime library {} did not load ({error})",
-                            found.display()
-                        ))
-                    }),
-                    Err(error) => Err(error.into()),
-                },
+                Some(found) if choice == ModelBackend::Auto => {
+                    load_in_background(found.clone(), gauge.clone());
+                    Ok(onnxruntime(
+                        settings(found, true),
+                        "the cached copy, loading in the background; tract if it does not load",
+                    ))
+                }
+                Some(found) => {
+                    ort::init(&found)?;
+                    Ok(onnxruntime(settings(found, false), "the cached copy"))
+                }
                 None if choice == ModelBackend::Auto => Ok(tract(format!(
                     "no ONNX Runtime library given (--onnxruntime) or cached in {} by `cargo xtask models`; with one, models usually run faster",
                     models.display()
@@ -108,6 +118,36 @@ pub fn choose(request: &BackendRequest) -> Result<Chosen, ChoiceError> {
                 None => Err(ChoiceError::NoLibrary(models.display().to_string())),
             }
         }
+    }
+}
+
+/// `gauge{backend}` 1 for `backend`, 0 for the other.
+fn set(gauge: &IntGaugeVec, backend: &str) {
+    for name in ["tract", "onnxruntime"] {
+        gauge
+            .with_label_values(&[name])
+            .set(i64::from(name == backend));
+    }
+}
+
+/// Loads ONNX Runtime from `library` on a thread of its own; model loads
+/// wait for it ([`ort::init`] runs once at a time).
+fn load_in_background(library: PathBuf, gauge: IntGaugeVec) {
+    let spawned = std::thread::Builder::new()
+        .name("ort-init".into())
+        .spawn(move || {
+            if let Err(error) = ort::init(&library) {
+                set(&gauge, "tract");
+                tracing::warn!(
+                    "models run with tract (pure Rust): the ONNX Runtime library {} did not load ({error})",
+                    library.display()
+                );
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(
+            "no thread to load ONNX Runtime on ({error}); models load it when first used"
+        );
     }
 }
 
@@ -189,14 +229,24 @@ mod tests {
             threads: 1,
             alone_threads: 1,
         };
-        assert!(matches!(choose(&request), Err(ChoiceError::Contradiction)));
+        let gauge = IntGaugeVec::new(
+            prometheus::Opts::new("backend", "the engine in use"),
+            &["backend"],
+        )
+        .expect("gauge");
+        assert!(matches!(
+            choose(&request, &gauge),
+            Err(ChoiceError::Contradiction)
+        ));
         request.library = None;
-        let chosen = choose(&request).expect("tract needs nothing");
+        let chosen = choose(&request, &gauge).expect("tract needs nothing");
         assert!(matches!(chosen.backend, Backend::Tract));
         assert!(
             chosen.reason.contains("--model-backend tract"),
             "{}",
             chosen.reason
         );
+        assert_eq!(gauge.with_label_values(&["tract"]).get(), 1);
+        assert_eq!(gauge.with_label_values(&["onnxruntime"]).get(), 0);
     }
 }

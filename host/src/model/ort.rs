@@ -25,7 +25,7 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use prometheus::IntCounter;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
@@ -40,6 +40,9 @@ pub struct OrtSettings {
     /// Threads a run may use when no other run is in flight, if that is
     /// faster for the model (no more than `threads`: never).
     pub alone_threads: usize,
+    /// The host found the library itself (no flag named it): if it does not
+    /// load, models run with tract instead of failing.
+    pub or_tract: bool,
 }
 
 /// Model runs by width, for `/metrics`.
@@ -51,8 +54,11 @@ pub struct RunCounts {
 }
 
 /// Loads the library and creates the process's one ONNX Runtime
-/// environment; later calls reuse it.
+/// environment; later calls reuse it, and calls made while another is
+/// loading it wait for that one.
 pub fn init(library: &Path) -> Result<(), ModelError> {
+    static LOADING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = LOADING.lock().unwrap_or_else(PoisonError::into_inner);
     if ENVIRONMENT.get().is_some() {
         return Ok(());
     }

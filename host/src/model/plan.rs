@@ -125,14 +125,21 @@ impl PlanCache {
         {
             return Ok(plan.clone());
         }
+        let tract = || {
+            let specialisation = Specialisation {
+                limit: self.shape_plans,
+                label: label.to_string(),
+                built: self.built.with_label_values(&[label]),
+            };
+            ModelPlan::load(path, shapes, outputs, Some(specialisation))
+        };
         let plan = Arc::new(match &self.backend {
-            Backend::Tract => {
-                let specialisation = Specialisation {
-                    limit: self.shape_plans,
-                    label: label.to_string(),
-                    built: self.built.with_label_values(&[label]),
-                };
-                ModelPlan::load(path, shapes, outputs, Some(specialisation))?
+            Backend::Tract => tract()?,
+            // A library the host found that did not load (it logged why).
+            Backend::OnnxRuntime(settings)
+                if settings.or_tract && super::ort::init(&settings.library).is_err() =>
+            {
+                tract()?
             }
             Backend::OnnxRuntime(settings) => {
                 let counts = |threads: usize| {
