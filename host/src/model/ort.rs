@@ -25,8 +25,9 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use prometheus::IntCounter;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
 
@@ -90,7 +91,13 @@ pub struct OrtModel {
     /// The session for lone runs, when `alone_threads` > `threads`.
     wide: Option<Arc<Wide>>,
     counts: RunCounts,
+    /// Tells [`Later`] the first run is over (taken by that run).
+    first_run: Mutex<Option<mpsc::Sender<()>>>,
 }
+
+/// How long [`Later`] waits for a model's first run before building its
+/// other sessions anyway.
+const FIRST_RUN_WAIT: Duration = Duration::from_secs(1);
 
 /// What every session of one model shares instead of holding its own.
 struct Shared {
@@ -193,7 +200,9 @@ impl OrtModel {
             }),
             returned: Condvar::new(),
         });
+        let (first_run, after_first_run) = mpsc::channel();
         Later {
+            after_first_run,
             path: path.to_path_buf(),
             threads: settings.threads,
             alone_threads: settings.alone_threads,
@@ -213,6 +222,7 @@ impl OrtModel {
             limit,
             wide,
             counts,
+            first_run: Mutex::new(Some(first_run)),
         })
     }
 
@@ -223,6 +233,15 @@ impl OrtModel {
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        let outcome = self.run_picking(available);
+        if let Some(first) = self.first_run.lock().ok().and_then(|mut f| f.take()) {
+            let _ = first.send(());
+        }
+        outcome
+    }
+
+    /// [`OrtModel::run`] on a wide session when alone and faster, else narrow.
+    fn run_picking(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
         let in_flight = InFlight::enter();
         let mut elements = 0usize;
         let inputs = self
@@ -373,6 +392,10 @@ fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, 
 /// copies), then the session for lone runs. Off the load path, so a
 /// restart answers after one session instead of three and the reading.
 struct Later {
+    /// Ends when the model's first run is over: until then (or
+    /// [`FIRST_RUN_WAIT`]) the work here would take cores from it, the
+    /// first request after a restart.
+    after_first_run: mpsc::Receiver<()>,
     path: PathBuf,
     threads: usize,
     alone_threads: usize,
@@ -394,6 +417,12 @@ impl Later {
     }
 
     fn build(self) {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) =
+            self.after_first_run.recv_timeout(FIRST_RUN_WAIT)
+        {
+            // The model was dropped before it ever ran.
+            return;
+        }
         let model = self.path.display();
         match SharedInitializers::read(&self.path) {
             Ok(initializers) => {
