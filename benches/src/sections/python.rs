@@ -1,8 +1,7 @@
 //! Section 2, against what users would pick instead: a FastAPI + uvicorn +
 //! onnxruntime + `tokenizers` server serving the same two functions, against
 //! Cascade running its models with ONNX Runtime (the default backend, on
-//! the same wheel's library, so the ratio is what each platform adds) and,
-//! for reference, with tract (`--model-backend tract`).
+//! the same wheel's library, so the ratio is what each platform adds).
 
 use crate::context::{Bench, invoke_url, median_p99, median_rps};
 use crate::model_ceiling::ModelCeiling;
@@ -37,7 +36,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
              `batch = 8` and `max_instances = 16`: requests that wait for the model together share \
              a run, which the Python server cannot do): the same kernels, threads and cores as the \
              Python server. Beside it, labelled and not a target: `cascade serve` with no flag at \
-             all (lone runs may use every core), and Cascade on tract (`--model-backend tract`). \
+             all (lone runs may use every core). tract, the fallback, is in section 1. \
              Every measured run must be all 2xx with no socket error, or the section fails."
         ),
     );
@@ -46,13 +45,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let python_base = format!("http://127.0.0.1:{python_port}");
     let equal = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"]);
     let host = bench.host_with_examples(&[]);
-    let tract = bench.host_with_examples(&["--model-backend", "tract"]);
     check_same_answers(bench, &python_base, &equal.url)?;
     check_same_answers(bench, &python_base, &host.url)?;
-    check_same_answers(bench, &python_base, &tract.url)?;
     section.commands.push(
         "cascade serve --onnxruntime-alone-threads 1   # the others: \
-         cascade serve, cascade serve --model-backend tract"
+         cascade serve"
             .into(),
     );
     section.commands.push(format!(
@@ -70,8 +67,6 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "Python p99 ms",
             "default req/s ×",
             "default p99 ms",
-            "tract req/s ×",
-            "tract p99 ms",
         ]
         .map(String::from)
         .to_vec(),
@@ -83,7 +78,6 @@ pub fn run(bench: &Bench) -> Result<Section> {
         let contenders = Contenders {
             equal: bench.target(invoke_url(&equal, function), content_type, file),
             default: bench.target(invoke_url(&host, function), content_type, file),
-            tract: bench.target(invoke_url(&tract, function), content_type, file),
             python: bench.target(format!("{python_base}/{function}"), content_type, file),
         };
         let mut rps = Vec::new();
@@ -162,15 +156,14 @@ struct Req {
 }
 
 /// The servers loaded in turn: Cascade with ONNX Runtime at equal
-/// resources, `cascade serve` with no flag, Cascade with tract, Python.
+/// resources, `cascade serve` with no flag, Python.
 struct Contenders {
     equal: Target,
     default: Target,
-    tract: Target,
     python: Target,
 }
 
-/// Loads the four servers in turn at `c` connections, records the
+/// Loads the three servers in turn at `c` connections, records the
 /// ratios (targets at equal resources, the rest labelled info), and
 /// returns the equal host's and Python's req/s.
 fn compare(
@@ -184,24 +177,19 @@ fn compare(
         c,
         bench.args.seconds,
         &format!(
-            "{}   # and the default, tract and Python URLs",
+            "{}   # and the default and Python URLs",
             contenders.equal.url
         ),
     ));
     let runs = bench.side_by_side(
-        &[
-            &contenders.equal,
-            &contenders.default,
-            &contenders.tract,
-            &contenders.python,
-        ],
+        &[&contenders.equal, &contenders.default, &contenders.python],
         c,
     )?;
-    let theirs = &runs[3];
+    let theirs = &runs[2];
     let rps_ratio = |runs| median_rps(runs) / median_rps(theirs);
     let p99_ms = |runs| median_p99(runs) / 1000.0;
     let p99_ratio = |runs| median_p99(runs) / median_p99(theirs);
-    let (equal, default, tract) = (&runs[0], &runs[1], &runs[2]);
+    let (equal, default) = (&runs[0], &runs[1]);
     section.table.push(vec![
         function.into(),
         c.to_string(),
@@ -212,8 +200,6 @@ fn compare(
         num(p99_ms(theirs)),
         num(rps_ratio(default)),
         num(p99_ms(default)),
-        num(rps_ratio(tract)),
-        num(p99_ms(tract)),
     ]);
     section.records.extend([
         Record::against(
@@ -229,20 +215,18 @@ fn compare(
             Bar::AtMost(0.8),
         ),
     ]);
-    for (setting, runs) in [("default", default), ("tract", tract)] {
-        section.records.extend([
-            Record::info(
-                &format!("vs_python_{setting}_rps_ratio_{function}_c{c}"),
-                rps_ratio(runs),
-                "ratio",
-            ),
-            Record::info(
-                &format!("vs_python_{setting}_p99_ratio_{function}_c{c}"),
-                p99_ratio(runs),
-                "ratio",
-            ),
-        ]);
-    }
+    section.records.extend([
+        Record::info(
+            &format!("vs_python_default_rps_ratio_{function}_c{c}"),
+            rps_ratio(default),
+            "ratio",
+        ),
+        Record::info(
+            &format!("vs_python_default_p99_ratio_{function}_c{c}"),
+            p99_ratio(default),
+            "ratio",
+        ),
+    ]);
     Ok(Req {
         cascade: median_rps(equal),
         python: median_rps(theirs),
