@@ -195,3 +195,28 @@ pub fn publish_echo(host: &Host, name: &str, extra: &str) -> Result<()> {
 pub fn invoke_url(host: &Host, name: &str) -> String {
     format!("{}/v1/functions/{name}/invoke", host.url)
 }
+
+/// Time from sending a POST of `body` to `function`'s invoke URL on `base`
+/// to the end of its 2xx answer's body, over `client`'s kept-alive
+/// connection.
+pub fn timed_invoke(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    function: &str,
+    content_type: &str,
+    body: impl Into<reqwest::blocking::Body>,
+) -> Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    let response = client
+        .post(format!("{base}/v1/functions/{function}/invoke"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{function}: {}",
+        response.status()
+    );
+    response.bytes()?;
+    Ok(started.elapsed())
+}

@@ -2,7 +2,7 @@
 //! compiled cache warm, publish to first response, and the first request
 //! after a stage scaled to zero.
 
-use crate::context::{Bench, publish_echo};
+use crate::context::{Bench, publish_echo, timed_invoke};
 use crate::native::{MODEL_FILE, TOKEN_EMBEDDINGS};
 use crate::report::{Bar, Record, Section, num};
 use crate::stats::median;
@@ -263,19 +263,8 @@ fn scale_from_zero(host: &Host, text: &str) -> Result<ScaleFromZero> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let call = || -> Result<f64> {
-        let started = Instant::now();
-        let response = client
-            .post(format!("{}/v1/functions/{name}/invoke", host.url))
-            .header("content-type", "text/plain")
-            .body(text.to_string())
-            .send()?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "{name}: {}",
-            response.status()
-        );
-        response.bytes()?;
-        Ok(started.elapsed().as_secs_f64() * 1000.0)
+        let took = timed_invoke(&client, &host.url, name, "text/plain", text.to_string())?;
+        Ok(took.as_secs_f64() * 1000.0)
     };
     for _ in 0..5 {
         call()?;

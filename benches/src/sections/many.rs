@@ -2,7 +2,7 @@
 //! distinct components, each invoked once, then invoked at random, against
 //! one hot function.
 
-use crate::context::Bench;
+use crate::context::{Bench, timed_invoke};
 use crate::process::rss_mb;
 use crate::report::{Bar, Record, Section, num};
 use crate::stats::median;
@@ -75,22 +75,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let call = |name: &str| -> Result<Duration> {
-        let started = Instant::now();
-        let response = client
-            .post(format!("{}/v1/functions/{name}/invoke", host.url))
-            .header("content-type", "text/plain")
-            .body("hello")
-            .send()?;
-        let took = started.elapsed();
-        ensure!(
-            response.status().is_success(),
-            "{name}: {}",
-            response.status()
-        );
-        response.bytes()?;
-        Ok(took)
-    };
+    let call = |name: &str| timed_invoke(&client, &host.url, name, "text/plain", "hello");
     let first_calls = (0..FUNCTIONS)
         .map(|i| call(&function(i)))
         .collect::<Result<Vec<_>>>()?;

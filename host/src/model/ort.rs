@@ -25,6 +25,7 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use prometheus::IntCounter;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -93,6 +94,8 @@ pub struct OrtModel {
     counts: RunCounts,
     /// Tells [`Later`] the first run is over (taken by that run).
     first_run: Mutex<Option<mpsc::Sender<()>>>,
+    /// A run has finished: later runs skip the lock above.
+    ran: AtomicBool,
 }
 
 /// How long [`Later`] waits for a model's first run before building its
@@ -223,6 +226,7 @@ impl OrtModel {
             wide,
             counts,
             first_run: Mutex::new(Some(first_run)),
+            ran: AtomicBool::new(false),
         })
     }
 
@@ -234,7 +238,9 @@ impl OrtModel {
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
         let outcome = self.run_picking(available);
-        if let Some(first) = self.first_run.lock().ok().and_then(|mut f| f.take()) {
+        if !self.ran.swap(true, Ordering::Relaxed)
+            && let Some(first) = self.first_run.lock().ok().and_then(|mut f| f.take())
+        {
             let _ = first.send(());
         }
         outcome
