@@ -94,6 +94,8 @@ pub const ONNXRUNTIME_LIBRARY: &str = "libonnxruntime.so.1.32.0";
 pub const CACHE_DIR_VAR: &str = "CASCADE_CACHE_DIR";
 
 /// Where downloads are cached, outside any clone so fresh clones reuse them.
+/// `cascade serve` looks for ONNX Runtime's library in the same place
+/// (`host/src/model/choice.rs`, `models_dir`): change both together.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(CACHE_DIR_VAR) {
         return PathBuf::from(dir);
