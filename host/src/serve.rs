@@ -3,6 +3,7 @@
 //! drains in-flight requests and closes.
 
 use crate::access::Access;
+use crate::client::RegistryClient;
 use crate::config::ServeConfig;
 use crate::dashboard::history::History;
 use crate::engine::{EngineSettings, ServingEngine};
@@ -21,6 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// A mirror of another host's registry over HTTP.
+type HttpMirror = Mirror<RegistryClient>;
 
 /// gRPC calls in flight at once on one connection.
 const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
@@ -83,7 +87,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         max_upload: config.max_upload_mb << 20,
         readiness,
         events,
-        mirror_of: mirror.map(|m| m.source().to_string()),
+        mirror_of: mirror.map(|m| m.source().base().to_string()),
         history: history.clone(),
     });
     let listeners = Listeners {
@@ -101,7 +105,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
 /// Keeps a mirror in step with its source, woken by registry events when
 /// NATS is there.
 async fn follow_source(
-    mirror: &Arc<Mirror>,
+    mirror: &Arc<HttpMirror>,
     runtime: &Arc<Runtime>,
     nats: Option<&Nats>,
 ) -> Result<tokio::task::JoinHandle<()>> {
@@ -112,7 +116,8 @@ async fn follow_source(
         )),
         None => None,
     };
-    let follow = crate::mirror::run(mirror.clone(), runtime.clone(), events);
+    let wakeup = crate::mirror::RegistryEvents(events);
+    let follow = crate::mirror::run(mirror.clone(), runtime.clone(), wakeup);
     Ok(tokio::spawn(follow))
 }
 
@@ -164,7 +169,7 @@ async fn connect_nats(config: &ServeConfig, url: &str) -> Result<Nats> {
 fn readiness(
     runtime: &Arc<Runtime>,
     nats: Option<&Nats>,
-    mirror: Option<&Arc<Mirror>>,
+    mirror: Option<&Arc<HttpMirror>>,
 ) -> Vec<Readiness> {
     let loaded = runtime.clone();
     let mut checks: Vec<Readiness> =
@@ -276,14 +281,17 @@ async fn serve_until_stopped(
 }
 
 /// Mirrors `url` into this host's registry, syncing once before serving.
-async fn start_mirror(config: &ServeConfig, url: &str, runtime: &Arc<Runtime>) -> Result<Mirror> {
+async fn start_mirror(
+    config: &ServeConfig,
+    url: &str,
+    runtime: &Arc<Runtime>,
+) -> Result<HttpMirror> {
     let mirror = Mirror::new(
-        url,
-        config.registry_token.clone(),
+        RegistryClient::new(url, config.registry_token.clone())?,
         runtime.registry().clone(),
         config.max_upload_mb << 20,
         runtime.metrics().mirror_failures.clone(),
-    )?;
+    );
     if let Err(e) = mirror.sync().await {
         tracing::warn!(
             "source registry {url} is not reachable yet ({e:#}); serving the local copy"

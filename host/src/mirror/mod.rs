@@ -1,22 +1,84 @@
-//! A serving host's copy of another host's registry (`--registry-url`).
+//! A serving host's copy of a registry of record: another host's registry
+//! over HTTP (`--registry-url`, [`http_source`]) or the cluster's buckets in
+//! JetStream (`--registry-store jetstream`, [`crate::cluster`]).
 //!
-//! The source registry stays the one place artifacts are published; this
-//! host fetches function revisions and the components and models they use
-//! over the registry API, verifies every digest, stores them in its own
+//! The host fetches function revisions and the components and models they
+//! use from its [`Source`], verifies every digest, stores them in its own
 //! data directory (so restarts need no network), and reports which
 //! functions changed so the runtime can hot-reload them.
 
-use crate::client::{ClientError, Kind, RegistryClient, paths};
-use cascade_registry::records::{FunctionRecord, Use};
+pub mod http_source;
+
+use crate::client::ClientError;
+use cascade_registry::blobs::BlobWriter;
+use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord, Use};
 use cascade_registry::traffic::{RevisionRef, Traffic};
 use cascade_registry::{
     ModelPackage, Registry, RegistryError, blobs::StagedBlob, names::Reference,
 };
-use futures_util::StreamExt;
 use prometheus::IntGauge;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tracing::Instrument;
+
+/// Bytes a source holds, named as the source's API names them.
+#[derive(Debug, Clone, Copy)]
+pub enum Blob<'a> {
+    /// A component's WebAssembly.
+    Component(&'a Reference),
+    /// A model's ONNX file.
+    Model(&'a Reference),
+    /// One extra file of a model package.
+    ModelFile(&'a Reference, &'a str),
+}
+
+impl std::fmt::Display for Blob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blob::Component(r) => write!(f, "component {r}"),
+            Blob::Model(r) => write!(f, "model {r}"),
+            Blob::ModelFile(r, name) => write!(f, "file {name} of model {r}"),
+        }
+    }
+}
+
+/// Where a mirror copies from: the records and bytes of a registry of record.
+pub trait Source: Send + Sync {
+    /// Where it is, for logs.
+    fn describe(&self) -> String;
+    /// The current revision of every function.
+    fn functions(&self) -> impl Future<Output = Result<Vec<FunctionRecord>, MirrorError>> + Send;
+    /// Every component version.
+    fn components(&self) -> impl Future<Output = Result<Vec<ComponentRecord>, MirrorError>> + Send;
+    /// Every model version.
+    fn models(&self) -> impl Future<Output = Result<Vec<ModelRecord>, MirrorError>> + Send;
+    /// One component version.
+    fn component(
+        &self,
+        reference: &Reference,
+    ) -> impl Future<Output = Result<ComponentRecord, MirrorError>> + Send;
+    /// One model version.
+    fn model(
+        &self,
+        reference: &Reference,
+    ) -> impl Future<Output = Result<ModelRecord, MirrorError>> + Send;
+    /// A function's traffic split as stored.
+    fn traffic(&self, name: &str) -> impl Future<Output = Result<Traffic, MirrorError>> + Send;
+    /// One revision of a function.
+    fn revision(
+        &self,
+        name: &str,
+        revision: u64,
+    ) -> impl Future<Output = Result<FunctionRecord, MirrorError>> + Send;
+    /// Streams the bytes of `blob` (whose digest is `digest`) into `writer`.
+    fn download(
+        &self,
+        blob: Blob<'_>,
+        digest: &str,
+        writer: &mut BlobWriter,
+    ) -> impl Future<Output = Result<(), MirrorError>> + Send;
+}
 
 /// Why a mirror could not copy something from its source.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +93,11 @@ pub enum MirrorError {
         path: String,
         /// Why it stopped.
         #[source]
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The cluster's buckets refused or could not be reached.
+    #[error("the cluster registry: {0}")]
+    Bucket(String),
     /// The local registry refused or failed.
     #[error(transparent)]
     Local(#[from] RegistryError),
@@ -69,8 +134,8 @@ pub enum MirrorError {
 }
 
 /// The source registry and the local copy.
-pub struct Mirror {
-    source: RegistryClient,
+pub struct Mirror<S> {
+    source: S,
     registry: Arc<Registry>,
     limit: u64,
     /// The last sync's failures (`None` before the source was first reached).
@@ -78,45 +143,31 @@ pub struct Mirror {
     failed_gauge: IntGauge,
 }
 
-impl Mirror {
-    /// Mirrors the registry at `source` (e.g. `http://10.0.0.1:8080`) into `registry`.
-    pub fn new(
-        source: &str,
-        token: Option<String>,
-        registry: Arc<Registry>,
-        limit: u64,
-        failed_gauge: IntGauge,
-    ) -> Result<Self, MirrorError> {
-        Ok(Mirror {
-            source: RegistryClient::new(source, token)?,
+impl<S: Source> Mirror<S> {
+    /// Mirrors `source` into `registry`, staging at most `limit` bytes a blob.
+    pub fn new(source: S, registry: Arc<Registry>, limit: u64, failed_gauge: IntGauge) -> Self {
+        Mirror {
+            source,
             registry,
             limit,
             health: Mutex::new(None),
             failed_gauge,
-        })
-    }
-
-    /// Where artifacts are published.
-    pub fn source(&self) -> &str {
-        self.source.base()
-    }
-
-    /// Streams `path` into a staged blob and checks it has `digest`.
-    async fn fetch(&self, path: &str, digest: &str) -> Result<StagedBlob, MirrorError> {
-        let response = self.source.download(path).await?;
-        let mut writer = self.registry.stage(self.limit)?;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|source| MirrorError::Download {
-                path: path.to_string(),
-                source,
-            })?;
-            tokio::task::block_in_place(|| writer.write_chunk(&chunk))?;
         }
+    }
+
+    /// Where artifacts come from.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// Streams `blob` into a staged blob and checks it has `digest`.
+    async fn fetch(&self, blob: Blob<'_>, digest: &str) -> Result<StagedBlob, MirrorError> {
+        let mut writer = self.registry.stage(self.limit)?;
+        self.source.download(blob, digest, &mut writer).await?;
         let staged = tokio::task::block_in_place(|| writer.finish())?;
         if staged.digest != digest {
             return Err(MirrorError::Digest {
-                path: path.to_string(),
+                path: blob.to_string(),
                 fetched: staged.digest,
                 listed: digest.to_string(),
             });
@@ -182,13 +233,7 @@ impl Mirror {
         if tokio::task::block_in_place(|| self.registry.function(name)).is_err() {
             return Ok(false);
         }
-        let shown: serde_json::Value = self.source.get(&paths::traffic(name)).await?;
-        let split: Traffic = serde_json::from_value(shown["split"].clone()).map_err(|e| {
-            MirrorError::Unreadable {
-                what: format!("traffic split of {name}"),
-                why: e.to_string(),
-            }
-        })?;
+        let split = self.source.traffic(name).await?;
         let local = tokio::task::block_in_place(|| self.registry.traffic(name))?;
         if local == split {
             return Ok(false);
@@ -200,8 +245,7 @@ impl Mirror {
             if self.registry.function_revision(name, number).is_ok() {
                 continue;
             }
-            let path = format!("{}/{number}", paths::function(name));
-            let record: FunctionRecord = self.source.get(&path).await?;
+            let record = self.source.revision(name, number).await?;
             self.copy_revision(&record, false).await?;
         }
         tokio::task::block_in_place(|| self.registry.set_traffic(name, &split))?;
@@ -294,7 +338,7 @@ impl Mirror {
         }
         let record = self.source.component(reference).await?;
         let blob = self
-            .fetch(&paths::content(Kind::Components, reference), &record.digest)
+            .fetch(Blob::Component(reference), &record.digest)
             .await?;
         tokio::task::block_in_place(|| {
             self.registry
@@ -308,13 +352,11 @@ impl Mirror {
             return Ok(());
         }
         let record = self.source.model(reference).await?;
-        let model = self
-            .fetch(&paths::content(Kind::Models, reference), &record.digest)
-            .await?;
+        let model = self.fetch(Blob::Model(reference), &record.digest).await?;
         let mut files = Vec::new();
         for file in &record.files {
-            let path = paths::model_file(reference, &file.name);
-            files.push((file.name.clone(), self.fetch(&path, &file.digest).await?));
+            let blob = Blob::ModelFile(reference, &file.name);
+            files.push((file.name.clone(), self.fetch(blob, &file.digest).await?));
         }
         let package = ModelPackage {
             model,
@@ -348,41 +390,26 @@ pub struct SyncReport {
 /// How often a mirror checks its source even without events.
 pub const SYNC_EVERY: Duration = Duration::from_secs(10);
 
-/// Keeps the mirror in sync: at once, on every registry event from
-/// `events` (when NATS is configured), after every NATS (re)connection
-/// (events sent meanwhile were missed), and every [`SYNC_EVERY`]; reloads
-/// the functions that changed.
-pub async fn run(
-    mirror: Arc<Mirror>,
-    runtime: Arc<crate::runtime::Runtime>,
-    mut events: Option<(
+/// What wakes a mirror for its next sync.
+pub trait Wakeup: Send {
+    /// Returns when the source may have changed.
+    fn wait(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Wakes an HTTP mirror on every registry event (when NATS is configured),
+/// after every NATS (re)connection (events sent meanwhile were missed), and
+/// every [`SYNC_EVERY`].
+pub struct RegistryEvents(
+    pub  Option<(
         async_nats::Subscriber,
         Arc<crate::trigger::nats::ConnectionState>,
     )>,
-) {
-    loop {
-        let span = tracing::info_span!("mirror sync", source = %mirror.source());
-        match mirror.sync().instrument(span).await {
-            Ok(report) => {
-                mirror.failed_gauge.set(report.failed.len() as i64);
-                for (what, why) in &report.failed {
-                    tracing::warn!("mirror cannot copy {what} from {}: {why}", mirror.source());
-                }
-                for name in report.changed {
-                    let runtime = runtime.clone();
-                    let reloaded = tokio::task::spawn_blocking(move || {
-                        let result = runtime.reload(&name);
-                        (name, result)
-                    })
-                    .await;
-                    if let Ok((name, Err(e))) = reloaded {
-                        tracing::error!(function = %name, "cannot serve the mirrored revision: {e}");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("syncing from {}: {e}", mirror.source()),
-        }
-        match events.as_mut() {
+);
+
+impl Wakeup for RegistryEvents {
+    async fn wait(&mut self) {
+        use futures_util::StreamExt;
+        match self.0.as_mut() {
             Some((subscriber, connection)) => {
                 tokio::select! {
                     _ = subscriber.next() => {}
@@ -392,5 +419,47 @@ pub async fn run(
             }
             None => tokio::time::sleep(SYNC_EVERY).await,
         }
+    }
+}
+
+/// Keeps the mirror in sync: at once, then whenever `wakeup` says; reloads
+/// the functions that changed.
+pub async fn run<S: Source + 'static>(
+    mirror: Arc<Mirror<S>>,
+    runtime: Arc<crate::runtime::Runtime>,
+    mut wakeup: impl Wakeup,
+) {
+    loop {
+        sync_and_reload(&mirror, &runtime).await;
+        wakeup.wait().await;
+    }
+}
+
+/// One sync, then a reload of each function it changed.
+pub async fn sync_and_reload<S: Source>(
+    mirror: &Mirror<S>,
+    runtime: &Arc<crate::runtime::Runtime>,
+) {
+    let source = mirror.source.describe();
+    let span = tracing::info_span!("mirror sync", source = %source);
+    match mirror.sync().instrument(span).await {
+        Ok(report) => {
+            mirror.failed_gauge.set(report.failed.len() as i64);
+            for (what, why) in &report.failed {
+                tracing::warn!("mirror cannot copy {what} from {source}: {why}");
+            }
+            for name in report.changed {
+                let runtime = runtime.clone();
+                let reloaded = tokio::task::spawn_blocking(move || {
+                    let result = runtime.reload(&name);
+                    (name, result)
+                })
+                .await;
+                if let Ok((name, Err(e))) = reloaded {
+                    tracing::error!(function = %name, "cannot serve the mirrored revision: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("syncing from {source}: {e}"),
     }
 }
