@@ -63,7 +63,17 @@ pub struct ServeConfig {
     /// Token for reading the source registry (when it uses `--token-read`).
     #[arg(long, env = "CASCADE_REGISTRY_TOKEN", hide_env_values = true)]
     pub registry_token: Option<String>,
-    /// NATS server URL(s); functions with `triggers.nats` then serve over NATS.
+    /// Where the registry of record lives: `embedded` (this host's data
+    /// directory) or `jetstream` (the buckets of the NATS cluster given by
+    /// `--nats`: every host publishes and serves, each keeping its data
+    /// directory as a local copy).
+    #[arg(long, env = "CASCADE_REGISTRY_STORE", value_enum, default_value_t = RegistryStore::Embedded)]
+    pub registry_store: RegistryStore,
+    /// The JetStream buckets, with `--registry-store jetstream`.
+    #[command(flatten)]
+    pub buckets: BucketFlags,
+    /// NATS server URL(s), comma-separated; functions with `triggers.nats`
+    /// then serve over NATS.
     #[arg(long = "nats", env = "CASCADE_NATS_URL")]
     pub nats_url: Option<String>,
     /// NATS token.
@@ -103,6 +113,57 @@ pub struct ServeConfig {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+}
+
+/// Where the registry of record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistryStore {
+    /// redb in the data directory, on this host alone.
+    Embedded,
+    /// JetStream buckets shared by every host on the NATS cluster.
+    Jetstream,
+}
+
+/// The JetStream buckets of the registry (`--registry-store jetstream`,
+/// `cascade registry push`).
+#[derive(Debug, Clone, Args)]
+pub struct BucketFlags {
+    /// The key-value bucket of records.
+    #[arg(
+        long,
+        env = "CASCADE_REGISTRY_BUCKET",
+        default_value = "cascade-registry"
+    )]
+    pub registry_bucket: String,
+    /// The object store of blobs (components, models, files), by sha256.
+    #[arg(
+        long,
+        env = "CASCADE_REGISTRY_BLOB_BUCKET",
+        default_value = "cascade-blobs"
+    )]
+    pub registry_blob_bucket: String,
+    /// Copies JetStream keeps of each bucket when it creates them (3 for a
+    /// production cluster, at most the number of NATS servers).
+    #[arg(long, env = "CASCADE_REGISTRY_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub registry_replicas: u8,
+    /// Seconds a blob no record names is kept before it is removed (a
+    /// publish on another host may be about to name it).
+    #[arg(long, env = "CASCADE_REGISTRY_GC_GRACE_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub registry_gc_grace_secs: u64,
+}
+
+impl BucketFlags {
+    /// The buckets these flags name.
+    pub fn buckets(&self) -> crate::cluster::Buckets {
+        crate::cluster::Buckets {
+            records: self.registry_bucket.clone(),
+            blobs: self.registry_blob_bucket.clone(),
+            replicas: usize::from(self.registry_replicas),
+            gc_grace: std::time::Duration::from_secs(self.registry_gc_grace_secs),
+        }
+    }
 }
 
 impl ServeConfig {

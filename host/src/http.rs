@@ -41,6 +41,9 @@ pub struct HttpState {
     pub(crate) events: crate::events::Events,
     /// Set on hosts that serve another host's registry: writes go there.
     pub(crate) mirror_of: Option<String>,
+    /// Set when the registry of record is the cluster's (JetStream): writes
+    /// are decided there, then applied here.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The last minutes of the metrics, for the dashboard.
     pub(crate) history: Arc<History>,
     next_request: AtomicU64,
@@ -60,6 +63,8 @@ pub struct HttpSettings {
     pub events: crate::events::Events,
     /// The source registry, on a mirror.
     pub mirror_of: Option<String>,
+    /// The cluster registry, with `--registry-store jetstream`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The last minutes of the metrics, kept by [`History::follow`].
     pub history: Arc<History>,
 }
@@ -74,8 +79,17 @@ impl HttpState {
             readiness: settings.readiness,
             events: settings.events,
             mirror_of: settings.mirror_of,
+            cluster: settings.cluster,
             history: settings.history,
             next_request: AtomicU64::new(1),
+        }
+    }
+
+    /// After a write to the cluster registry: waits until this host's copy
+    /// holds it (a no-op without one).
+    pub(crate) async fn settle_cluster(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.settle().await;
         }
     }
 
@@ -233,6 +247,21 @@ impl From<RegistryError> for ApiError {
             e.code(),
             e.to_string(),
         )
+    }
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        use crate::cluster::ClusterError;
+        match e {
+            ClusterError::Registry(e) => e.into(),
+            ClusterError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+            ClusterError::Unreadable { .. } => ApiError::internal(e),
+        }
     }
 }
 

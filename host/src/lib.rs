@@ -40,6 +40,7 @@ pub mod access;
 pub mod bindings;
 pub mod capacity;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod engine;

@@ -138,10 +138,35 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         batch: u32,
     },
+    /// Works on a host's data directory directly (the host stopped).
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Tells which Cascade world a local component file implements.
     Inspect {
         /// Path to a `.wasm` component.
         component: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Copies every component, model and function of a data directory into
+    /// the cluster registry's JetStream buckets (idempotent: what is there
+    /// with the same bytes is left alone; other bytes are reported as
+    /// conflicts and the command exits non-zero).
+    Push {
+        /// The data directory (of a stopped host).
+        #[arg(long, env = "CASCADE_DATA", default_value = "./cascade-data")]
+        data: PathBuf,
+        /// NATS server URL(s), comma-separated.
+        #[arg(long = "nats", env = "CASCADE_NATS_URL")]
+        nats_url: String,
+        /// NATS token.
+        #[arg(long, env = "CASCADE_NATS_TOKEN", hide_env_values = true)]
+        nats_token: Option<String>,
+        /// The buckets.
+        #[command(flatten)]
+        buckets: cascade_host::config::BucketFlags,
     },
 }
 
@@ -263,11 +288,54 @@ fn run(cli: Cli) -> Result<()> {
             served
         }
         Command::Inspect { component } => inspect(&component),
+        Command::Registry(RegistryCommand::Push {
+            data,
+            nats_url,
+            nats_token,
+            buckets,
+        }) => runtime.block_on(push(&data, &nats_url, nats_token, &buckets)),
         command => {
             let client = RegistryClient::new(&cli.registry, cli.token)?;
             runtime.block_on(talk(&client, command))
         }
     }
+}
+
+/// How long `cascade registry push` waits for NATS.
+const PUSH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `cascade registry push`: the data directory into the buckets.
+async fn push(
+    data: &std::path::Path,
+    nats_url: &str,
+    token: Option<String>,
+    buckets: &cascade_host::config::BucketFlags,
+) -> Result<()> {
+    let registry = cascade_registry::Registry::open(data).with_context(|| {
+        format!(
+            "opening the registry in {} (stop the host that uses it first)",
+            data.display()
+        )
+    })?;
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(PUSH_CONNECT_TIMEOUT);
+    if let Some(token) = token {
+        options = options.token(token);
+    }
+    let client = options
+        .connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+    let jetstream = async_nats::jetstream::new(client);
+    let store = cascade_host::cluster::ClusterStore::open(&jetstream, &buckets.buckets()).await?;
+    let report = cascade_host::cluster::push::push(&registry, &store).await?;
+    print(&serde_json::to_value(&report)?)?;
+    if !report.conflicts.is_empty() {
+        bail!(
+            "{} item(s) are in the cluster registry with other content and were left as they are",
+            report.conflicts.len()
+        );
+    }
+    Ok(())
 }
 
 /// Prints the world of a local component file.
@@ -354,7 +422,7 @@ async fn talk(client: &RegistryClient, command: Command) -> Result<()> {
             outputs,
             batch,
         } => serve_model(client, &model, name, &outputs, batch).await,
-        Command::Serve(_) | Command::Inspect { .. } => Ok(()),
+        Command::Serve(_) | Command::Inspect { .. } | Command::Registry(_) => Ok(()),
     }
 }
 

@@ -57,16 +57,29 @@ pub async fn component(
 ) -> Result<Response<Body>, ApiError> {
     let staged = stage_body(state, request).await?;
     let runtime = state.runtime.clone();
-    let (published, footprint) = blocking(move || {
+    let (staged, world, footprint) = blocking(move || {
         let world = component_world(&runtime, &staged)?;
         let bytes = std::fs::read(staged.path()).map_err(ApiError::internal)?;
         let footprint = Footprint::of(&bytes).map_err(ApiError::invalid)?;
-        let published = runtime
-            .registry()
-            .publish_component(&reference, staged, world)?;
-        Ok::<_, ApiError>((published, footprint))
+        Ok::<_, ApiError>((staged, world, footprint))
     })
     .await??;
+    let published = match &state.cluster {
+        Some(cluster) => {
+            let published = cluster
+                .store()?
+                .publish_component(&reference, &staged, world)
+                .await?;
+            let registry = state.runtime.registry().clone();
+            blocking(move || registry.mirror_component(&reference, staged, world)).await??;
+            state.settle_cluster().await;
+            published
+        }
+        None => {
+            let registry = state.runtime.registry().clone();
+            blocking(move || registry.publish_component(&reference, staged, world)).await??
+        }
+    };
     if published.created {
         state.events.emit(RegistryEvent::component(
             Action::Published,
@@ -127,7 +140,7 @@ pub async fn model(
     let staged = stage_body(state, request).await?;
     let runtime = state.runtime.clone();
     let max_upload = state.max_upload;
-    let published = blocking(move || {
+    let package = blocking(move || {
         let (model, files) = if is_tar {
             unpack_package(runtime.registry(), staged.path(), max_upload)?
         } else {
@@ -135,17 +148,24 @@ pub async fn model(
         };
         let signature = model::inspect(model.path(), &shapes)
             .map_err(|e| ApiError::invalid(format!("invalid ONNX model: {e}")))?;
-        Ok::<_, ApiError>(runtime.registry().publish_model(
-            &reference,
-            ModelPackage {
-                model,
-                files,
-                input_shapes: shapes,
-                signature,
-            },
-        )?)
+        Ok::<_, ApiError>(ModelPackage {
+            model,
+            files,
+            input_shapes: shapes,
+            signature,
+        })
     })
     .await??;
+    let registry = state.runtime.registry().clone();
+    let published = match &state.cluster {
+        Some(cluster) => {
+            let published = cluster.store()?.publish_model(&reference, &package).await?;
+            blocking(move || registry.mirror_model(&reference, package)).await??;
+            state.settle_cluster().await;
+            published
+        }
+        None => blocking(move || registry.publish_model(&reference, package)).await??,
+    };
     created(published.created, &published.record)
 }
 
@@ -239,14 +259,19 @@ pub async fn function(
             manifest.function.name.as_str()
         )));
     }
-    let runtime = state.runtime.clone();
-    let (published, served) = blocking(move || {
-        check_durable_is_free(runtime.registry(), &manifest.function)?;
-        let published = runtime.registry().publish_function(&manifest)?;
-        let served = runtime.serve(&published.record);
-        Ok::<_, ApiError>((published, served))
-    })
-    .await??;
+    let published = match &state.cluster {
+        Some(cluster) => publish_to_cluster(state, cluster, manifest).await?,
+        None => {
+            let runtime = state.runtime.clone();
+            blocking(move || {
+                check_durable_is_free(runtime.registry(), &manifest.function)?;
+                Ok::<_, ApiError>(runtime.registry().publish_function(&manifest)?)
+            })
+            .await??
+        }
+    };
+    let (runtime, revision) = (state.runtime.clone(), published.record.clone());
+    let served = blocking(move || runtime.serve(&revision)).await?;
     if published.created {
         state.events.emit(RegistryEvent::function(
             Action::Published,
@@ -258,6 +283,44 @@ pub async fn function(
         body["warning"] = format!("published, but the host cannot serve it: {e}").into();
     }
     created(published.created, &body)
+}
+
+/// How long a function publish waits for the stages it names to reach
+/// this host from the cluster (published on another host a moment ago).
+const STAGES_ARRIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Publishes a function through the cluster registry: checked here, numbered
+/// there, then stored here.
+async fn publish_to_cluster(
+    state: &Arc<HttpState>,
+    cluster: &crate::cluster::Cluster,
+    manifest: cascade_registry::manifest::Manifest,
+) -> Result<cascade_registry::Published<cascade_registry::records::Revision>, ApiError> {
+    let store = cluster.store()?;
+    let registry = state.runtime.registry().clone();
+    let manifest = Arc::new(manifest);
+    let deadline = tokio::time::Instant::now() + STAGES_ARRIVE_WITHIN;
+    let prepared = loop {
+        let (registry, manifest) = (registry.clone(), manifest.clone());
+        let prepared = blocking(move || {
+            check_durable_is_free(&registry, &manifest.function)?;
+            Ok::<_, ApiError>(registry.prepare_function(&manifest, 0)?)
+        })
+        .await?;
+        match prepared {
+            Err(e)
+                if e.status == StatusCode::NOT_FOUND && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => break other?,
+        }
+    };
+    let published = store.publish_function(prepared).await?;
+    let record = published.record.record.clone();
+    blocking(move || registry.mirror_revision(&record, true)).await??;
+    state.settle_cluster().await;
+    Ok(published)
 }
 
 /// Two functions reading one durable consumer would each get the other's

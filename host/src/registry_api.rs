@@ -67,13 +67,18 @@ async fn component(
             file(&registry.blob_path(&record.digest), "application/wasm").await
         }
         Route::DeleteComponent => {
+            let decided = match &state.cluster {
+                Some(cluster) => Some(cluster.store()?.delete_component(&reference).await?),
+                None => None,
+            };
             let runtime = state.runtime.clone();
             let record = blocking(move || {
-                let record = runtime.registry().delete_component(&reference)?;
+                let local = runtime.registry().delete_component(&reference);
                 runtime.collect_compiled();
-                Ok::<_, ApiError>(record)
+                Ok::<_, ApiError>(decided_or_local(decided, local)?)
             })
             .await??;
+            state.settle_cluster().await;
             state
                 .events
                 .emit(RegistryEvent::component(Action::Deleted, &record));
@@ -108,8 +113,15 @@ async fn model(
             file(&registry.blob_path(&found.digest), OCTETS).await
         }
         Route::DeleteModel => {
+            let decided = match &state.cluster {
+                Some(cluster) => Some(cluster.store()?.delete_model(&reference).await?),
+                None => None,
+            };
             let registry = Arc::clone(registry);
-            let record = blocking(move || registry.delete_model(&reference)).await??;
+            let record =
+                blocking(move || decided_or_local(decided, registry.delete_model(&reference)))
+                    .await??;
+            state.settle_cluster().await;
             state
                 .events
                 .emit(RegistryEvent::model(Action::Deleted, &record));
@@ -155,20 +167,44 @@ async fn read_or_delete(
 }
 
 async fn delete_function(state: &Arc<HttpState>, name: &str) -> Result<Response<Body>, ApiError> {
+    let decided = match &state.cluster {
+        Some(cluster) => Some(cluster.store()?.delete_function(name).await?),
+        None => None,
+    };
     let (runtime, name) = (state.runtime.clone(), name.to_string());
     let removed = blocking(move || {
-        let removed = runtime.registry().delete_function(&name)?;
+        let removed = runtime.registry().delete_function(&name);
         let _ = runtime.reload(&name);
-        Ok::<_, ApiError>(removed)
+        removed
     })
-    .await??;
-    if let Some(last) = removed.last() {
-        state
-            .events
-            .emit(RegistryEvent::function(Action::Deleted, &last.record));
+    .await?;
+    state.settle_cluster().await;
+    if let Ok(last) = removed.as_ref().map(|r| r.last()) {
+        if let Some(last) = last {
+            state
+                .events
+                .emit(RegistryEvent::function(Action::Deleted, &last.record));
+        }
     }
-    let revisions: Vec<u64> = removed.iter().map(|r| r.record.revision).collect();
+    let revisions: Vec<u64> = match decided {
+        // This host may not have held every revision the cluster had.
+        Some(numbers) => numbers,
+        None => removed?.iter().map(|r| r.record.revision).collect(),
+    };
     ok(&serde_json::json!({ "deleted": revisions }))
+}
+
+/// The record a delete removed: the cluster's when it decided (this host
+/// may not have had the artifact yet), else this host's.
+fn decided_or_local<R>(
+    decided: Option<R>,
+    local: Result<R, cascade_registry::RegistryError>,
+) -> Result<R, ApiError> {
+    match (decided, local) {
+        (Some(record), Ok(_) | Err(cascade_registry::RegistryError::NotFound(_))) => Ok(record),
+        (_, Err(e)) => Err(e.into()),
+        (None, Ok(record)) => Ok(record),
+    }
 }
 
 async fn rollback(
@@ -183,13 +219,25 @@ async fn rollback(
     let body = read_body(request.into_body(), 4096).await?;
     let Rollback { revision } = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("expected JSON {{\"revision\": N}}: {e}")))?;
+    let decided = match &state.cluster {
+        Some(cluster) => Some(cluster.store()?.rollback(name, revision).await?),
+        None => None,
+    };
     let (runtime, name) = (state.runtime.clone(), name.to_string());
     let record = blocking(move || {
-        let record = runtime.registry().rollback(&name, revision)?;
+        let registry = runtime.registry();
+        let record = match decided {
+            Some(record) => {
+                registry.mirror_revision(&record, true)?;
+                registry.function(&name)?
+            }
+            None => registry.rollback(&name, revision)?,
+        };
         runtime.reload(&name).map_err(ApiError::internal)?;
         Ok::<_, ApiError>(record)
     })
     .await??;
+    state.settle_cluster().await;
     state
         .events
         .emit(RegistryEvent::function(Action::RolledBack, &record.record));
@@ -212,8 +260,15 @@ async fn set_traffic(
             "expected JSON {{\"targets\": [{{\"revision\": N or \"latest\", \"percent\": P, \"tag\": T, \"shadow\": B}}], \"sticky_header\": H, \"rollback\": R}}: {e}"
         ))
     })?;
+    let named = match &state.cluster {
+        Some(cluster) => cluster.store()?.set_traffic(name, &split).await?,
+        None => Vec::new(),
+    };
     let (runtime, function) = (state.runtime.clone(), name.to_string());
     let head = blocking(move || {
+        for record in &named {
+            runtime.registry().mirror_revision(record, false)?;
+        }
         runtime.registry().set_traffic(&function, &split)?;
         runtime
             .refresh_split(&function)
@@ -221,6 +276,7 @@ async fn set_traffic(
         Ok::<_, ApiError>(runtime.registry().function(&function)?)
     })
     .await??;
+    state.settle_cluster().await;
     state
         .events
         .emit(RegistryEvent::function(Action::TrafficSet, &head.record));

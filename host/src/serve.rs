@@ -4,7 +4,8 @@
 
 use crate::access::Access;
 use crate::client::RegistryClient;
-use crate::config::ServeConfig;
+use crate::cluster::Cluster;
+use crate::config::{RegistryStore, ServeConfig};
 use crate::dashboard::history::History;
 use crate::engine::{EngineSettings, ServingEngine};
 use crate::events::Events;
@@ -16,6 +17,7 @@ use crate::trigger::http::{self, Limits};
 use crate::trigger::jetstream::JetStreamTrigger;
 use crate::trigger::nats::{self, ConnectionState, NatsOptions, NatsTrigger};
 use crate::trigger::subjects;
+use crate::verdicts::Decider;
 use anyhow::{Context, Result};
 use cascade_registry::Registry;
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config.token_read,
         config.tokens.as_deref(),
     )?;
+    check_registry_store(&config)?;
     let runtime = Arc::new(open_runtime(&config)?);
     let mirror = match &config.registry_url {
         Some(url) => Some(Arc::new(start_mirror(&config, url, &runtime).await?)),
@@ -59,7 +62,28 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         Some(url) => Some(connect_nats(&config, url).await?),
         None => None,
     };
-    let readiness = readiness(&runtime, nats.as_ref(), mirror.as_ref());
+    let cluster = match (&nats, config.registry_store) {
+        (Some(nats), RegistryStore::Jetstream) => {
+            let cluster = Arc::new(Cluster::default());
+            tasks.push(tokio::spawn(crate::cluster::follow::run(
+                cluster.clone(),
+                nats.client.clone(),
+                config.buckets.buckets(),
+                runtime.clone(),
+                config.max_upload_mb << 20,
+            )));
+            Some(cluster)
+        }
+        _ => None,
+    };
+    let mut readiness = readiness(&runtime, nats.as_ref(), mirror.as_ref());
+    if let Some(cluster) = &cluster {
+        let synced = cluster.clone();
+        readiness.push((
+            "cluster_registry".into(),
+            Box::new(move || synced.synced.load(Ordering::SeqCst)),
+        ));
+    }
     if let Some(mirror) = &mirror {
         tasks.push(follow_source(mirror, &runtime, nats.as_ref()).await?);
     }
@@ -76,9 +100,13 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     tasks.push(tokio::spawn(async move { kept.follow(&metrics).await }));
     let events = Events::new(nats.as_ref().map(|n| n.client.clone()));
     if let Some(verdicts) = runtime.take_verdicts() {
-        let read_only = mirror.is_some();
+        let decider = match (&mirror, &cluster) {
+            (Some(_), _) => Decider::Mirror,
+            (None, Some(cluster)) => Decider::Cluster(cluster.clone()),
+            (None, None) => Decider::Local,
+        };
         let carried =
-            crate::verdicts::carry_out(runtime.clone(), events.clone(), verdicts, read_only);
+            crate::verdicts::carry_out(runtime.clone(), events.clone(), verdicts, decider);
         tasks.push(tokio::spawn(carried));
     }
     let state = HttpState::new(HttpSettings {
@@ -88,6 +116,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         readiness,
         events,
         mirror_of: mirror.map(|m| m.source().base().to_string()),
+        cluster,
         history: history.clone(),
     });
     let listeners = Listeners {
@@ -99,6 +128,23 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         task.abort();
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Refuses settings that cannot work together, before anything starts.
+fn check_registry_store(config: &ServeConfig) -> Result<()> {
+    if config.registry_store == RegistryStore::Jetstream {
+        if config.nats_url.is_none() {
+            anyhow::bail!(
+                "--registry-store jetstream keeps the registry in the NATS cluster: give its URL(s) with --nats"
+            );
+        }
+        if config.registry_url.is_some() {
+            anyhow::bail!(
+                "--registry-store jetstream and --registry-url contradict each other: with JetStream every host is a source; drop --registry-url"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -288,6 +334,7 @@ async fn start_mirror(
 ) -> Result<HttpMirror> {
     let mirror = Mirror::new(
         RegistryClient::new(url, config.registry_token.clone())?,
+        false,
         runtime.registry().clone(),
         config.max_upload_mb << 20,
         runtime.metrics().mirror_failures.clone(),

@@ -29,14 +29,29 @@ enum RollbackError {
     Prepare(#[from] PrepareError),
     #[error("the rollback task ended: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
-/// Carries out `verdicts` until the runtime is gone; `read_only` on mirrors.
+/// Who decides a rollback: this host's registry, the cluster's (every host
+/// may order it; the split's compare-and-set lets one through), or nobody
+/// here (a mirror: its source's rule decides).
+#[derive(Clone)]
+pub enum Decider {
+    /// This host's registry is the registry of record.
+    Local,
+    /// The cluster's buckets are.
+    Cluster(Arc<crate::cluster::Cluster>),
+    /// A mirror of another host.
+    Mirror,
+}
+
+/// Carries out `verdicts` until the runtime is gone.
 pub async fn carry_out(
     runtime: Arc<Runtime>,
     events: Events,
     mut verdicts: UnboundedReceiver<Verdict>,
-    read_only: bool,
+    decider: Decider,
 ) {
     while let Some(verdict) = verdicts.recv().await {
         let order = match verdict {
@@ -52,11 +67,11 @@ pub async fn carry_out(
             shadow,
             reason,
         } = &order;
-        if read_only {
+        if matches!(decider, Decider::Mirror) {
             tracing::warn!(function = %function, revision, "breached the rollback rule ({reason}), but this host is a mirror: its source decides");
             continue;
         }
-        match roll_back(&runtime, &order).await {
+        match roll_back(&runtime, &order, &decider).await {
             Ok(Some((traffic, head))) => {
                 runtime
                     .metrics()
@@ -116,23 +131,35 @@ fn announce_drift(events: &Events, alert: DriftAlert) {
 async fn roll_back(
     runtime: &Arc<Runtime>,
     order: &RollbackOrder,
+    decider: &Decider,
 ) -> Result<Option<(Traffic, FunctionRecord)>, RollbackError> {
-    let (runtime, order) = (runtime.clone(), order.clone());
-    tokio::task::spawn_blocking(move || {
-        let registry = runtime.registry();
-        let head = registry.function(&order.function)?.record;
-        let traffic = registry.traffic(&order.function)?;
+    let (reader, read) = (runtime.clone(), order.clone());
+    let planned = tokio::task::spawn_blocking(move || {
+        let registry = reader.registry();
+        let head = registry.function(&read.function)?.record;
+        let traffic = registry.traffic(&read.function)?;
         let Some(index) = traffic.targets.iter().position(|t| {
-            t.shadow == order.shadow
+            t.shadow == read.shadow
                 && t.percent > 0
-                && t.revision.resolve(head.revision) == order.revision
+                && t.revision.resolve(head.revision) == read.revision
         }) else {
-            return Ok(None);
+            return Ok::<_, RollbackError>(None);
         };
-        let next = traffic.without(index);
-        registry.set_traffic(&order.function, &next)?;
-        runtime.refresh_split(&order.function)?;
-        Ok(Some((next, head)))
+        Ok(Some((traffic.without(index), head)))
     })
-    .await?
+    .await??;
+    let Some((next, head)) = planned else {
+        return Ok(None);
+    };
+    if let Decider::Cluster(cluster) = decider {
+        cluster.store()?.set_traffic(&order.function, &next).await?;
+    }
+    let (runtime, function, stored) = (runtime.clone(), order.function.clone(), next.clone());
+    tokio::task::spawn_blocking(move || {
+        runtime.registry().set_traffic(&function, &stored)?;
+        runtime.refresh_split(&function)?;
+        Ok::<_, RollbackError>(())
+    })
+    .await??;
+    Ok(Some((next, head)))
 }

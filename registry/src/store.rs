@@ -134,6 +134,43 @@ impl Lookup for Tables<'_> {
     }
 }
 
+/// The same, read-only, for checks outside a write.
+struct ReadTables {
+    components: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    models: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+}
+
+impl Lookup for ReadTables {
+    fn component(&self, reference: &Reference) -> Result<Option<ComponentRecord>, RegistryError> {
+        let found = self.components.get(reference.to_string().as_str())?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+
+    fn model(&self, reference: &Reference) -> Result<Option<ModelRecord>, RegistryError> {
+        let found = self.models.get(reference.to_string().as_str())?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+}
+
+impl ModelPackage {
+    /// The record this package is published as under `reference` (file
+    /// names checked, package digest computed).
+    pub fn record(&self, reference: &Reference) -> Result<ModelRecord, RegistryError> {
+        let files = file_records(&self.files)?;
+        Ok(ModelRecord {
+            name: reference.name.to_string(),
+            version: reference.version.to_string(),
+            digest: self.model.digest.clone(),
+            size: self.model.size,
+            package_digest: package_digest(&self.model.digest, &files, &self.input_shapes),
+            files,
+            input_shapes: self.input_shapes.clone(),
+            signature: self.signature.clone(),
+            published_at: now(),
+        })
+    }
+}
+
 fn get<R: DeserializeOwned>(
     db: &Database,
     table: TableDefinition<&str, &[u8]>,
@@ -310,14 +347,8 @@ impl Registry {
         package: ModelPackage,
         versions: Versions,
     ) -> Result<Published<ModelRecord>, RegistryError> {
-        let ModelPackage {
-            model,
-            files,
-            input_shapes,
-            signature,
-        } = package;
-        let file_records = file_records(&files)?;
-        let package_digest = package_digest(&model.digest, &file_records, &input_shapes);
+        let record = package.record(reference)?;
+        let ModelPackage { model, files, .. } = package;
         let key = reference.to_string();
         self.write(|txn| {
             let mut table = txn.open_table(MODELS)?;
@@ -326,27 +357,17 @@ impl Registry {
                 .map(|v| decode(v.value()))
                 .transpose()?;
             if let Some(existing) = existing
-                && (versions == Versions::Immutable || existing.package_digest == package_digest)
+                && (versions == Versions::Immutable
+                    || existing.package_digest == record.package_digest)
             {
                 return same_or_conflict(
                     existing.clone(),
                     &existing.package_digest,
-                    &package_digest,
+                    &record.package_digest,
                     "model",
                     &key,
                 );
             }
-            let record = ModelRecord {
-                name: reference.name.to_string(),
-                version: reference.version.to_string(),
-                digest: model.digest.clone(),
-                size: model.size,
-                package_digest: package_digest.clone(),
-                files: file_records,
-                input_shapes,
-                signature,
-                published_at: now(),
-            };
             self.blobs.commit(model)?;
             for (_, blob) in files {
                 self.blobs.commit(blob)?;
@@ -367,7 +388,7 @@ impl Registry {
         manifest: &Manifest,
     ) -> Result<Published<Revision>, RegistryError> {
         let name = manifest.function.name.as_str();
-        let digest = hex::encode(Sha256::digest(manifest.text.as_bytes()));
+        let digest = manifest_digest(manifest);
         self.write(|txn| {
             let uses = check_stages(&manifest.function.stages, &Tables::of(txn)?)?;
             let mut heads = txn.open_table(FUNCTION_HEADS)?;
@@ -408,6 +429,33 @@ impl Registry {
                 record: revision,
                 created: true,
             })
+        })
+    }
+
+    /// The record `manifest` would be published as, checked against the
+    /// components and models stored here, numbered `revision` (for a
+    /// registry of record elsewhere, which numbers revisions itself).
+    pub fn prepare_function(
+        &self,
+        manifest: &Manifest,
+        revision: u64,
+    ) -> Result<Revision, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let tables = ReadTables {
+            components: txn.open_table(COMPONENTS)?,
+            models: txn.open_table(MODELS)?,
+        };
+        let uses = check_stages(&manifest.function.stages, &tables)?;
+        Ok(Revision {
+            record: FunctionRecord {
+                name: manifest.function.name.to_string(),
+                revision,
+                digest: manifest_digest(manifest),
+                manifest: manifest.text.clone(),
+                uses,
+                published_at: now(),
+            },
+            function: manifest.function.clone(),
         })
     }
 
@@ -535,7 +583,10 @@ impl Registry {
             check_stages(&revision.function.stages, &Tables::of(txn)?)?;
             let mut revisions = txn.open_table(FUNCTION_REVISIONS)?;
             let key = (record.name.as_str(), record.revision);
-            if revisions.get(key)?.is_none() {
+            // A number the source gave anew (after a delete) replaces ours.
+            let stored: Option<FunctionRecord> =
+                revisions.get(key)?.map(|v| decode(v.value())).transpose()?;
+            if stored.is_none_or(|s| s.digest != record.digest) {
                 revisions.insert(key, encode_revision(&revision)?.as_slice())?;
             }
             if head {
@@ -747,7 +798,14 @@ impl Registry {
     }
 }
 
-fn same_or_conflict<R>(
+/// What tells one manifest text from another.
+fn manifest_digest(manifest: &Manifest) -> String {
+    hex::encode(Sha256::digest(manifest.text.as_bytes()))
+}
+
+/// The answer to a publish of a version stored before: the stored record
+/// when the bytes are the same, else a conflict naming the stored digest.
+pub fn same_or_conflict<R>(
     existing: R,
     stored: &str,
     offered: &str,

@@ -11,6 +11,8 @@ pub struct NatsServer {
     pub port: u16,
     /// JetStream's file store, kept across restarts (JetStream servers only).
     store: Option<tempfile::TempDir>,
+    /// Further arguments (a cluster node's name and routes).
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -20,6 +22,7 @@ impl NatsServer {
             child: None,
             port: free_port(),
             store: None,
+            args: Vec::new(),
         };
         server.resume();
         server
@@ -32,6 +35,7 @@ impl NatsServer {
             child: None,
             port: free_port(),
             store: Some(tempfile::tempdir().expect("a store directory")),
+            args: Vec::new(),
         };
         server.resume();
         server
@@ -49,6 +53,7 @@ impl NatsServer {
         if let Some(store) = &self.store {
             command.arg("-js").arg("-sd").arg(store.path());
         }
+        command.args(&self.args);
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -79,5 +84,58 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A NATS cluster of JetStream servers on loopback, routed to each other
+/// (`--cluster_name cascade`), each with a file store of its own.
+pub struct NatsCluster {
+    /// The servers, in order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers routed to each other.
+    pub fn start(size: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, cluster_port)| {
+                let mut server = NatsServer {
+                    child: None,
+                    port: free_port(),
+                    store: Some(tempfile::tempdir().expect("a store directory")),
+                    args: vec![
+                        "--server_name".into(),
+                        format!("n{i}"),
+                        "--cluster_name".into(),
+                        "cascade".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{cluster_port}"),
+                        "--routes".into(),
+                        routes.clone(),
+                    ],
+                };
+                server.resume();
+                server
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every server's URL, comma-separated, starting with node `first`
+    /// (so each host can prefer another node).
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.nodes.len();
+        (0..n)
+            .map(|i| self.nodes[(first + i) % n].url())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }

@@ -136,6 +136,8 @@ pub enum MirrorError {
 /// The source registry and the local copy.
 pub struct Mirror<S> {
     source: S,
+    /// Copy every artifact the source lists, not only those functions use.
+    copy_all: bool,
     registry: Arc<Registry>,
     limit: u64,
     /// The last sync's failures (`None` before the source was first reached).
@@ -144,10 +146,18 @@ pub struct Mirror<S> {
 }
 
 impl<S: Source> Mirror<S> {
-    /// Mirrors `source` into `registry`, staging at most `limit` bytes a blob.
-    pub fn new(source: S, registry: Arc<Registry>, limit: u64, failed_gauge: IntGauge) -> Self {
+    /// Mirrors `source` into `registry`, staging at most `limit` bytes a
+    /// blob; with `copy_all`, every artifact, else those functions use.
+    pub fn new(
+        source: S,
+        copy_all: bool,
+        registry: Arc<Registry>,
+        limit: u64,
+        failed_gauge: IntGauge,
+    ) -> Self {
         Mirror {
             source,
+            copy_all,
             registry,
             limit,
             health: Mutex::new(None),
@@ -181,8 +191,17 @@ impl<S: Source> Mirror<S> {
     /// Fails as a whole only when the source cannot be listed.
     pub async fn sync(&self) -> Result<SyncReport, MirrorError> {
         let remote = self.source.functions().await?;
+        let artifacts = Artifacts {
+            components: self.source.components().await?,
+            models: self.source.models().await?,
+        };
         let mut report = SyncReport::default();
-        let replaced = self.follow_replaced_artifacts(&mut report).await?;
+        let replaced = self
+            .follow_replaced_artifacts(&artifacts, &mut report)
+            .await;
+        if self.copy_all {
+            self.copy_every_artifact(&artifacts, &mut report).await;
+        }
         let local = tokio::task::block_in_place(|| self.registry.functions())?;
         for function in &remote {
             let current = local.iter().find(|l| l.record.name == function.name);
@@ -222,8 +241,66 @@ impl<S: Source> Mirror<S> {
                     .push((format!("function {name}"), e.to_string())),
             }
         }
+        self.forget_deleted_artifacts(&artifacts)?;
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.failed.clone());
         Ok(report)
+    }
+
+    /// Copies every component and model the source lists that is not here
+    /// yet (so a function published later finds them already local).
+    async fn copy_every_artifact(&self, artifacts: &Artifacts, report: &mut SyncReport) {
+        let components = artifacts
+            .components
+            .iter()
+            .map(|r| reference(&r.name, &r.version).map(Use::Component));
+        let models = artifacts
+            .models
+            .iter()
+            .map(|r| reference(&r.name, &r.version).map(Use::Model));
+        for used in components.chain(models) {
+            let copied = match used {
+                Ok(used) => self
+                    .copy(&used, false)
+                    .await
+                    .map_err(|e| (used.to_string(), e)),
+                Err(e) => Err(("a listed artifact".to_string(), e.into())),
+            };
+            if let Err((what, e)) = copied {
+                report.failed.push((what, e.to_string()));
+            }
+        }
+    }
+
+    /// Deletes local component and model versions the source no longer
+    /// lists, unless a local function revision still uses them.
+    fn forget_deleted_artifacts(&self, artifacts: &Artifacts) -> Result<(), MirrorError> {
+        tokio::task::block_in_place(|| {
+            for local in self.registry.components()? {
+                let listed = artifacts
+                    .components
+                    .iter()
+                    .any(|r| r.name == local.name && r.version == local.version);
+                if !listed {
+                    let gone = self
+                        .registry
+                        .delete_component(&reference(&local.name, &local.version)?);
+                    keep_if_used(gone)?;
+                }
+            }
+            for local in self.registry.models()? {
+                let listed = artifacts
+                    .models
+                    .iter()
+                    .any(|r| r.name == local.name && r.version == local.version);
+                if !listed {
+                    let gone = self
+                        .registry
+                        .delete_model(&reference(&local.name, &local.version)?);
+                    keep_if_used(gone)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Copies the source's traffic split of `name`, and the revisions it
@@ -277,28 +354,36 @@ impl<S: Source> Mirror<S> {
     /// (deleted and re-published); returns them.
     async fn follow_replaced_artifacts(
         &self,
+        artifacts: &Artifacts,
         report: &mut SyncReport,
-    ) -> Result<Vec<Use>, MirrorError> {
-        let components = self.source.components().await?;
-        let models = self.source.models().await?;
+    ) -> Vec<Use> {
+        let (components, models) = (&artifacts.components, &artifacts.models);
         let mut stale = Vec::new();
-        for local in tokio::task::block_in_place(|| self.registry.components())? {
-            let differs = components.iter().any(|r| {
-                r.name == local.name && r.version == local.version && r.digest != local.digest
-            });
-            if differs {
-                stale.push(Use::Component(reference(&local.name, &local.version)?));
+        let listed = tokio::task::block_in_place(|| -> Result<(), MirrorError> {
+            for local in self.registry.components()? {
+                let differs = components.iter().any(|r| {
+                    r.name == local.name && r.version == local.version && r.digest != local.digest
+                });
+                if differs {
+                    stale.push(Use::Component(reference(&local.name, &local.version)?));
+                }
             }
-        }
-        for local in tokio::task::block_in_place(|| self.registry.models())? {
-            let differs = models.iter().any(|r| {
-                r.name == local.name
-                    && r.version == local.version
-                    && r.package_digest != local.package_digest
-            });
-            if differs {
-                stale.push(Use::Model(reference(&local.name, &local.version)?));
+            for local in self.registry.models()? {
+                let differs = models.iter().any(|r| {
+                    r.name == local.name
+                        && r.version == local.version
+                        && r.package_digest != local.package_digest
+                });
+                if differs {
+                    stale.push(Use::Model(reference(&local.name, &local.version)?));
+                }
             }
+            Ok(())
+        });
+        if let Err(e) = listed {
+            report
+                .failed
+                .push(("local artifacts".into(), e.to_string()));
         }
         let mut replaced = Vec::new();
         for used in stale {
@@ -307,7 +392,7 @@ impl<S: Source> Mirror<S> {
                 Err(e) => report.failed.push((used.to_string(), e.to_string())),
             }
         }
-        Ok(replaced)
+        replaced
     }
 
     /// What the last sync could not copy (artifact or function, and why);
@@ -376,6 +461,21 @@ impl<S: Source> Mirror<S> {
 /// The reference of a record's name and version.
 fn reference(name: &str, version: &str) -> Result<Reference, RegistryError> {
     Ok(Reference::new(name.parse()?, version.parse()?))
+}
+
+/// The component and model versions a source lists.
+struct Artifacts {
+    components: Vec<ComponentRecord>,
+    models: Vec<ModelRecord>,
+}
+
+/// A local delete that found the artifact still used is not a failure:
+/// the function that uses it goes first, on a later sync.
+fn keep_if_used<R>(deleted: Result<R, RegistryError>) -> Result<(), MirrorError> {
+    match deleted {
+        Ok(_) | Err(RegistryError::Conflict(_) | RegistryError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// What one sync did.
