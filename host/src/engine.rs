@@ -176,6 +176,17 @@ impl ServingEngine {
         Ok((component, false))
     }
 
+    /// Compiles the component `digest` into the cache in `cache_dir` unless
+    /// it is there; says whether it compiled (without loading a cached one).
+    pub fn precompile(&self, wasm: &Path, digest: &str, cache_dir: &Path) -> Result<bool> {
+        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
+        if cached.is_file() {
+            return Ok(false);
+        }
+        self.load_component(wasm, digest, cache_dir)?;
+        Ok(true)
+    }
+
     /// Whether `file_name` in the compiled cache is an artifact of this
     /// engine configuration for a digest that `live` still wants.
     pub fn is_current_artifact(&self, file_name: &str, live: impl Fn(&str) -> bool) -> bool {

@@ -322,7 +322,7 @@ async fn push(
         options = options.token(token);
     }
     let client = options
-        .connect(nats_url)
+        .connect(cascade_host::trigger::nats::server_addrs(nats_url)?)
         .await
         .with_context(|| format!("connecting to NATS at {nats_url}"))?;
     let jetstream = async_nats::jetstream::new(client);

@@ -10,6 +10,7 @@ use crate::model;
 use crate::stage::{self, World};
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::Reference;
+use cascade_registry::records::Use;
 use cascade_registry::{ModelPackage, PACKAGE_MODEL_FILE};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -66,12 +67,14 @@ pub async fn component(
     .await??;
     let published = match &state.cluster {
         Some(cluster) => {
+            let storing = cluster.in_flight.hold(Use::Component(reference.clone()));
             let published = cluster
                 .store()?
                 .publish_component(&reference, &staged, world)
                 .await?;
             let registry = state.runtime.registry().clone();
             blocking(move || registry.mirror_component(&reference, staged, world)).await??;
+            drop(storing);
             state.settle_cluster().await;
             published
         }
@@ -159,8 +162,10 @@ pub async fn model(
     let registry = state.runtime.registry().clone();
     let published = match &state.cluster {
         Some(cluster) => {
+            let storing = cluster.in_flight.hold(Use::Model(reference.clone()));
             let published = cluster.store()?.publish_model(&reference, &package).await?;
             blocking(move || registry.mirror_model(&reference, package)).await??;
+            drop(storing);
             state.settle_cluster().await;
             published
         }

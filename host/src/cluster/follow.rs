@@ -45,7 +45,8 @@ pub async fn run(
         runtime.registry().clone(),
         limit,
         runtime.metrics().mirror_failures.clone(),
-    );
+    )
+    .with_in_flight(cluster.in_flight.clone());
     let _tasks = AbortOnDrop(vec![watch, collect]);
     loop {
         if view.is_ready() {
@@ -53,11 +54,42 @@ pub async fn run(
             mirror::sync_and_reload(&mirror, &runtime).await;
             let clean = mirror.failures().is_some_and(|f| f.is_empty());
             cluster.synced_to(through, clean);
+            precompile(&runtime).await;
         }
         tokio::select! {
             () = view.changed.notified() => {}
             () = tokio::time::sleep(mirror::SYNC_EVERY) => {}
         }
+    }
+}
+
+/// Compiles every local component not compiled yet, so a function that
+/// arrives after its components serves without waiting for the compiler.
+async fn precompile(runtime: &Arc<Runtime>) {
+    let runtime = runtime.clone();
+    let compiled = tokio::task::spawn_blocking(move || {
+        let registry = runtime.registry();
+        let mut compiled = 0;
+        for component in registry.components()? {
+            let wasm = registry.blob_path(&component.digest);
+            let fresh =
+                runtime
+                    .engine()
+                    .precompile(&wasm, &component.digest, runtime.compiled_dir());
+            match fresh {
+                Ok(true) => compiled += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    component = %format!("{}@{}", component.name, component.version),
+                    "cannot compile: {e:#}"
+                ),
+            }
+        }
+        Ok::<_, cascade_registry::RegistryError>(compiled)
+    })
+    .await;
+    if let Ok(Err(e)) = compiled {
+        tracing::warn!("listing components to compile: {e}");
     }
 }
 

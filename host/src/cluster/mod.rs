@@ -79,6 +79,8 @@ pub struct Cluster {
     synced_through: AtomicU64,
     /// Woken after each sync.
     settled: tokio::sync::Notify,
+    /// What this host's publishes are storing, shared with its sync.
+    pub in_flight: Arc<crate::mirror::InFlight>,
 }
 
 /// How long a write waits for this host's sync to include it.

@@ -4,16 +4,17 @@
 
 use super::ClusterError;
 use super::view::View;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use bytes::Bytes;
 use cascade_registry::blobs::BlobWriter;
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 
 /// Names and replication of the two buckets.
 #[derive(Debug, Clone)]
@@ -34,6 +35,7 @@ pub struct ClusterStore {
     pub(super) objects: ObjectStore,
     pub(super) view: Arc<View>,
     pub(super) gc_grace: Duration,
+    jetstream: jetstream::Context,
     buckets: Buckets,
 }
 
@@ -86,6 +88,7 @@ impl ClusterStore {
             objects,
             view: Arc::new(View::default()),
             gc_grace: buckets.gc_grace,
+            jetstream: jetstream.clone(),
             buckets: buckets.clone(),
         })
     }
@@ -240,30 +243,67 @@ impl ClusterStore {
     }
 
     /// Streams the object `digest` into `writer` (the caller checks the
-    /// digest of what was written).
+    /// digest of what was written). The chunks come through an ordered pull
+    /// consumer that holds at most [`CHUNKS_IN_FLIGHT`] of them, so a large
+    /// blob never piles up in memory when the disk is slower than the
+    /// network (the object store's own reader takes them as fast as the
+    /// server pushes).
     pub(super) async fn download(
         &self,
         digest: &str,
         writer: &mut BlobWriter,
     ) -> Result<(), ClusterError> {
-        let mut object = self
+        let unavailable = |e: &dyn std::fmt::Display| {
+            ClusterError::unavailable(&format!("reading blob {digest}"), e)
+        };
+        let info = self
             .objects
-            .get(digest)
+            .info(digest)
             .await
-            .map_err(|e| ClusterError::unavailable(&format!("reading blob {digest}"), e))?;
-        let mut chunk = vec![0u8; CHUNK];
-        loop {
-            let read = object
-                .read(&mut chunk)
-                .await
-                .map_err(|e| ClusterError::unavailable(&format!("reading blob {digest}"), e))?;
-            if read == 0 {
-                return Ok(());
-            }
-            tokio::task::block_in_place(|| writer.write_chunk(&chunk[..read]))?;
+            .map_err(|e| unavailable(&e))?;
+        if info.deleted {
+            return Err(unavailable(&"it was removed"));
         }
+        if info.chunks == 0 {
+            return Ok(());
+        }
+        let stream = self
+            .jetstream
+            .get_stream(format!("OBJ_{}", self.buckets.blobs))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("$O.{}.C.{}", self.buckets.blobs, info.nuid),
+                deliver_policy: DeliverPolicy::All,
+                max_batch: CHUNKS_IN_FLIGHT,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut chunks = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        let mut size = 0;
+        for _ in 0..info.chunks {
+            let chunk = chunks
+                .next()
+                .await
+                .ok_or_else(|| unavailable(&"the chunks ended early"))?
+                .map_err(|e| unavailable(&e))?;
+            size += chunk.payload.len();
+            tokio::task::block_in_place(|| writer.write_chunk(&chunk.payload))?;
+        }
+        if size != info.size {
+            return Err(unavailable(&format!(
+                "{size} bytes read, the object lists {}",
+                info.size
+            )));
+        }
+        Ok(())
     }
 }
+
+/// Chunks of a blob a download holds at most (128 KiB each).
+const CHUNKS_IN_FLIGHT: i64 = 8;
 
 fn encode<R: Serialize>(value: &R) -> Result<Bytes, ClusterError> {
     serde_json::to_vec(value)

@@ -122,6 +122,9 @@ pub enum MirrorError {
     /// A model package stored here differs from the source's.
     #[error("model {0}: package digest differs from the source registry")]
     PackageDigest(Reference),
+    /// This host is storing it from a publish of its own right now.
+    #[error("{0} is being published on this host")]
+    InFlight(Use),
     /// Copying one thing a function uses failed.
     #[error("copying {used}: {source}")]
     Copy {
@@ -138,6 +141,8 @@ pub struct Mirror<S> {
     source: S,
     /// Copy every artifact the source lists, not only those functions use.
     copy_all: bool,
+    /// What this host's own publishes are storing (not to fetch twice).
+    in_flight: Arc<InFlight>,
     registry: Arc<Registry>,
     limit: u64,
     /// The last sync's failures (`None` before the source was first reached).
@@ -158,11 +163,18 @@ impl<S: Source> Mirror<S> {
         Mirror {
             source,
             copy_all,
+            in_flight: Arc::default(),
             registry,
             limit,
             health: Mutex::new(None),
             failed_gauge,
         }
+    }
+
+    /// Shares `in_flight` with this host's publishes.
+    pub fn with_in_flight(mut self, in_flight: Arc<InFlight>) -> Self {
+        self.in_flight = in_flight;
+        self
     }
 
     /// Where artifacts come from.
@@ -265,8 +277,10 @@ impl<S: Source> Mirror<S> {
                     .map_err(|e| (used.to_string(), e)),
                 Err(e) => Err(("a listed artifact".to_string(), e.into())),
             };
-            if let Err((what, e)) = copied {
-                report.failed.push((what, e.to_string()));
+            match copied {
+                // The publish storing it is this host's own.
+                Ok(()) | Err((_, MirrorError::InFlight(_))) => {}
+                Err((what, e)) => report.failed.push((what, e.to_string())),
             }
         }
     }
@@ -413,6 +427,13 @@ impl<S: Source> Mirror<S> {
         }
     }
 
+    fn not_in_flight(&self, used: Use) -> Result<(), MirrorError> {
+        if self.in_flight.holds(&used) {
+            return Err(MirrorError::InFlight(used));
+        }
+        Ok(())
+    }
+
     async fn copy_component(
         &self,
         reference: &Reference,
@@ -421,6 +442,7 @@ impl<S: Source> Mirror<S> {
         if !replace && self.registry.component(reference).is_ok() {
             return Ok(());
         }
+        self.not_in_flight(Use::Component(reference.clone()))?;
         let record = self.source.component(reference).await?;
         let blob = self
             .fetch(Blob::Component(reference), &record.digest)
@@ -436,6 +458,7 @@ impl<S: Source> Mirror<S> {
         if !replace && self.registry.model(reference).is_ok() {
             return Ok(());
         }
+        self.not_in_flight(Use::Model(reference.clone()))?;
         let record = self.source.model(reference).await?;
         let model = self.fetch(Blob::Model(reference), &record.digest).await?;
         let mut files = Vec::new();
@@ -461,6 +484,49 @@ impl<S: Source> Mirror<S> {
 /// The reference of a record's name and version.
 fn reference(name: &str, version: &str) -> Result<Reference, RegistryError> {
     Ok(Reference::new(name.parse()?, version.parse()?))
+}
+
+/// The artifacts this host's own publishes are storing: a sync that sees
+/// their records first leaves them to the publish (which has the bytes)
+/// rather than download them again.
+#[derive(Default)]
+pub struct InFlight(Mutex<Vec<Use>>);
+
+impl InFlight {
+    /// Marks `used` as being stored until the guard drops.
+    pub fn hold(self: &Arc<Self>, used: Use) -> InFlightGuard {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(used.clone());
+        InFlightGuard {
+            set: self.clone(),
+            used,
+        }
+    }
+
+    fn holds(&self, used: &Use) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(used)
+    }
+}
+
+/// Releases an [`InFlight`] mark when dropped (the publish ended, or its
+/// request was abandoned).
+pub struct InFlightGuard {
+    set: Arc<InFlight>,
+    used: Use,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut held = self.set.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = held.iter().position(|u| *u == self.used) {
+            held.swap_remove(at);
+        }
+    }
 }
 
 /// The component and model versions a source lists.

@@ -66,6 +66,29 @@ pub enum ConnectError {
     /// The client refused the options (a malformed URL, say).
     #[error(transparent)]
     Connect(#[from] async_nats::ConnectError),
+    /// One URL of the list is malformed.
+    #[error("NATS URL {url:?}: {source}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The servers of a comma-separated URL list (`nats://a:4222,nats://b:4222`).
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse().map_err(|source| ConnectError::Url {
+                url: url.to_string(),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Connects, retrying in the background until the server is reachable.
@@ -108,7 +131,7 @@ pub async fn connect(
                 source,
             })?;
     }
-    let client = connect.connect(options.url.as_str()).await?;
+    let client = connect.connect(server_addrs(&options.url)?).await?;
     if client.connection_state() == async_nats::connection::State::Connected {
         state.connected.store(true, Ordering::SeqCst);
     }
