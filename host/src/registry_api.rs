@@ -75,7 +75,7 @@ async fn component(
             let record = blocking(move || {
                 let local = runtime.registry().delete_component(&reference);
                 runtime.collect_compiled();
-                Ok::<_, ApiError>(decided_or_local(decided, local)?)
+                decided_or_local(decided, local)
             })
             .await??;
             state.settle_cluster().await;
@@ -179,12 +179,10 @@ async fn delete_function(state: &Arc<HttpState>, name: &str) -> Result<Response<
     })
     .await?;
     state.settle_cluster().await;
-    if let Ok(last) = removed.as_ref().map(|r| r.last()) {
-        if let Some(last) = last {
-            state
-                .events
-                .emit(RegistryEvent::function(Action::Deleted, &last.record));
-        }
+    if let Ok(Some(last)) = removed.as_ref().map(|r| r.last()) {
+        state
+            .events
+            .emit(RegistryEvent::function(Action::Deleted, &last.record));
     }
     let revisions: Vec<u64> = match decided {
         // This host may not have held every revision the cluster had.
