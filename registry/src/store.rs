@@ -1010,6 +1010,29 @@ mod tests {
         assert_eq!(registry.components().expect("list").len(), 1);
     }
 
+    /// A source that deleted a function and published it again numbers
+    /// from 1 anew: the copy replaces a stored revision of that number.
+    #[test]
+    fn a_mirrored_revision_replaces_a_stored_one_with_other_content() {
+        let (_dir, registry) = with_preprocessor();
+        let old = publish(
+            &registry,
+            "name = \"f\"\n[[stages]]\ncomponent = \"pre@1.0.0\"",
+        )
+        .expect("old")
+        .record;
+        let text = "name = \"f\"\n[[stages]]\ncomponent = \"pre@1.0.0\"\n[limits]\ntimeout_ms = 99";
+        let mut anew = registry
+            .prepare_function(&manifest::parse(text).expect("manifest"), 1)
+            .expect("prepared")
+            .record;
+        anew.revision = old.record.revision;
+        registry.mirror_revision(&anew, true).expect("mirrored");
+        let head = registry.function("f").expect("head");
+        assert_eq!(head.record.digest, anew.digest);
+        assert_eq!(head.function.limits.timeout_ms, 99);
+    }
+
     /// A data directory written before revisions kept their typed form
     /// still serves: the record's manifest is parsed when read.
     #[test]

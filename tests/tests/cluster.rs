@@ -262,6 +262,27 @@ fn a_publish_on_any_host_serves_on_all_and_a_version_has_exactly_one_winner() {
         assert_eq!(hex::encode(Sha256::digest(&bytes)), winner, "{}", host.url);
     }
 
+    // A version deleted on one host is gone from all.
+    let deleted = client()
+        .delete(format!("{}/v1/components/dup/1.0.0", c.url))
+        .send()
+        .expect("delete");
+    assert_eq!(deleted.status(), 200);
+    for host in &hosts {
+        wait_for(
+            Duration::from_secs(10),
+            "the deleted version gone from every host",
+            || host.get("/v1/components/dup/1.0.0").status() == 404,
+        );
+    }
+    let in_use = client()
+        .delete(format!("{}/v1/components/mean-pool/0.1.0", b.url))
+        .send()
+        .expect("delete");
+    let (status, message) = error_of(in_use);
+    assert_eq!(status, 409);
+    assert!(message.contains("is used by function embed"), "{message}");
+
     // Rollback and traffic set on one host are what the others serve.
     c.publish_function(
         "embed",

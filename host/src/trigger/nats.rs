@@ -483,7 +483,16 @@ pub fn header_text(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::header_text;
+    use super::{header_text, server_addrs};
+
+    #[test]
+    fn a_comma_separated_list_is_every_server_and_a_bad_one_is_named() {
+        let servers = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,").expect("list");
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[1].port(), 4223);
+        let err = server_addrs("nats://127.0.0.1:4222,nats://127.0.0.1:x").expect_err("bad port");
+        assert!(err.to_string().contains("nats://127.0.0.1:x"), "{err}");
+    }
 
     #[test]
     fn guest_text_cannot_break_out_of_a_header() {
