@@ -572,3 +572,35 @@ fn jetstream_mode_without_nats_or_beside_a_source_url_is_refused_at_start() {
         String::from_utf8_lossy(&both.stderr)
     );
 }
+
+#[test]
+fn a_host_restarts_and_serves_its_copy_while_nats_is_down_then_catches_up() {
+    let mut nats = NatsServer::start_jetstream();
+    let dir = tempfile::tempdir().expect("dir");
+    let flags = ["--nats", &nats.url(), "--registry-store", "jetstream"].map(String::from);
+    let mut host = start_host(dir.path(), &flags);
+    host.publish_component("echo");
+    let echo = |name: &str| format!("name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n");
+    host.publish_function("kept", &echo("kept"));
+
+    nats.stop();
+    host.restart();
+    let reply: serde_json::Value = host
+        .invoke("kept", "text/plain", "offline")
+        .json()
+        .expect("json");
+    assert_eq!(first_tensor_text(&reply), "offline");
+    let ready: serde_json::Value = host.get("/readyz").json().expect("json");
+    assert_eq!(ready["checks"]["cluster_registry"], false, "{ready}");
+    let refused = host.put("/v1/functions/later", "application/toml", echo("later"));
+    assert_eq!(refused.status(), 503, "a write needs the cluster");
+
+    nats.resume();
+    wait_synced(&host);
+    host.publish_function("later", &echo("later"));
+    let reply: serde_json::Value = host
+        .invoke("later", "text/plain", "back")
+        .json()
+        .expect("json");
+    assert_eq!(first_tensor_text(&reply), "back");
+}
