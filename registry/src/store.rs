@@ -106,14 +106,14 @@ fn encode_revision(revision: &Revision) -> Result<Vec<u8>, RegistryError> {
     })?)
 }
 
-/// The component and model tables of a write transaction, for the
-/// publish-time checks.
-struct Tables<'txn> {
-    components: redb::Table<'txn, &'static str, &'static [u8]>,
-    models: redb::Table<'txn, &'static str, &'static [u8]>,
+/// The component and model tables, of a write transaction or a read one,
+/// for the publish-time checks.
+struct Tables<T> {
+    components: T,
+    models: T,
 }
 
-impl<'txn> Tables<'txn> {
+impl<'txn> Tables<redb::Table<'txn, &'static str, &'static [u8]>> {
     fn of(txn: &'txn WriteTransaction) -> Result<Self, RegistryError> {
         Ok(Tables {
             components: txn.open_table(COMPONENTS)?,
@@ -122,7 +122,7 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-impl Lookup for Tables<'_> {
+impl<T: ReadableTable<&'static str, &'static [u8]>> Lookup for Tables<T> {
     fn component(&self, reference: &Reference) -> Result<Option<ComponentRecord>, RegistryError> {
         let found = self.components.get(reference.to_string().as_str())?;
         found.map(|v| decode(v.value())).transpose()
@@ -134,21 +134,15 @@ impl Lookup for Tables<'_> {
     }
 }
 
-/// The same, read-only, for checks outside a write.
-struct ReadTables {
-    components: redb::ReadOnlyTable<&'static str, &'static [u8]>,
-    models: redb::ReadOnlyTable<&'static str, &'static [u8]>,
-}
-
-impl Lookup for ReadTables {
-    fn component(&self, reference: &Reference) -> Result<Option<ComponentRecord>, RegistryError> {
-        let found = self.components.get(reference.to_string().as_str())?;
-        found.map(|v| decode(v.value())).transpose()
-    }
-
-    fn model(&self, reference: &Reference) -> Result<Option<ModelRecord>, RegistryError> {
-        let found = self.models.get(reference.to_string().as_str())?;
-        found.map(|v| decode(v.value())).transpose()
+/// The record of a component version stored from `blob`.
+pub fn component_record(reference: &Reference, blob: &StagedBlob, world: World) -> ComponentRecord {
+    ComponentRecord {
+        name: reference.name.to_string(),
+        version: reference.version.to_string(),
+        digest: blob.digest.clone(),
+        size: blob.size,
+        world,
+        published_at: now(),
     }
 }
 
@@ -303,14 +297,7 @@ impl Registry {
                     &key,
                 );
             }
-            let record = ComponentRecord {
-                name: reference.name.to_string(),
-                version: reference.version.to_string(),
-                digest: blob.digest.clone(),
-                size: blob.size,
-                world,
-                published_at: now(),
-            };
+            let record = component_record(reference, &blob, world);
             self.blobs.commit(blob)?;
             table.insert(key.as_str(), serde_json::to_vec(&record)?.as_slice())?;
             Ok(Published {
@@ -441,7 +428,7 @@ impl Registry {
         revision: u64,
     ) -> Result<Revision, RegistryError> {
         let txn = self.db.begin_read()?;
-        let tables = ReadTables {
+        let tables = Tables {
             components: txn.open_table(COMPONENTS)?,
             models: txn.open_table(MODELS)?,
         };

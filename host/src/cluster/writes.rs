@@ -10,19 +10,13 @@ use super::{ClusterError, ClusterStore, Head, keys};
 use cascade_registry::blobs::StagedBlob;
 use cascade_registry::names::Reference;
 use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord, Use, World};
-use cascade_registry::store::same_or_conflict;
+use cascade_registry::store::{component_record, same_or_conflict};
 use cascade_registry::traffic::{RevisionRef, Traffic};
 use cascade_registry::{ModelPackage, Published, RegistryError};
 use std::time::Duration;
 
 /// Compare-and-set attempts before a publish gives up on a busy head.
 const CAS_ATTEMPTS: usize = 16;
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 fn not_found(what: String) -> ClusterError {
     ClusterError::Registry(RegistryError::NotFound(what))
@@ -66,14 +60,7 @@ impl ClusterStore {
         blob: &StagedBlob,
         world: World,
     ) -> Result<Published<ComponentRecord>, ClusterError> {
-        let record = ComponentRecord {
-            name: reference.name.to_string(),
-            version: reference.version.to_string(),
-            digest: blob.digest.clone(),
-            size: blob.size,
-            world,
-            published_at: now(),
-        };
+        let record = component_record(reference, blob, world);
         self.upload_all(&[blob]).await?;
         match self.create(&keys::component(reference), &record).await? {
             Created::Now => {
