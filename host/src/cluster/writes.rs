@@ -13,6 +13,7 @@ use cascade_registry::records::{ComponentRecord, FunctionRecord, ModelRecord, Us
 use cascade_registry::store::{component_record, same_or_conflict};
 use cascade_registry::traffic::{RevisionRef, Traffic};
 use cascade_registry::{ModelPackage, Published, RegistryError};
+use serde::de::DeserializeOwned;
 use std::time::Duration;
 
 /// Compare-and-set attempts before a publish gives up on a busy head.
@@ -235,14 +236,22 @@ impl ClusterStore {
         Ok(records)
     }
 
-    /// Refuses to delete what a function revision in the bucket uses.
-    fn check_unused(&self, used: &Use) -> Result<(), ClusterError> {
-        let heads: Vec<Head> = self.view.with_prefix(keys::FUNCTIONS)?;
-        let revisions: Vec<FunctionRecord> = self.view.with_prefix(keys::REVISIONS)?;
+    /// Deletes the artifact `used` (stored under `key`) unless a function
+    /// revision in the bucket uses it; returns its record.
+    async fn delete_artifact<R: DeserializeOwned>(
+        &self,
+        key: &str,
+        used: &Use,
+    ) -> Result<R, ClusterError> {
         let (kind, reference) = match used {
             Use::Component(r) => ("component", r),
             Use::Model(r) => ("model", r),
         };
+        let Some((record, _)) = self.entry::<R>(key).await? else {
+            return Err(not_found(format!("{kind} {reference} is not published")));
+        };
+        let heads: Vec<Head> = self.view.with_prefix(keys::FUNCTIONS)?;
+        let revisions: Vec<FunctionRecord> = self.view.with_prefix(keys::REVISIONS)?;
         let all = heads.into_iter().map(|h| h.head).chain(revisions);
         for function in all {
             if function.uses.contains(used) {
@@ -252,7 +261,8 @@ impl ClusterStore {
                 )));
             }
         }
-        Ok(())
+        self.delete(key).await?;
+        Ok(record)
     }
 
     /// Deletes a component version no function revision uses.
@@ -260,24 +270,15 @@ impl ClusterStore {
         &self,
         reference: &Reference,
     ) -> Result<ComponentRecord, ClusterError> {
-        let key = keys::component(reference);
-        let Some((record, _)) = self.entry::<ComponentRecord>(&key).await? else {
-            return Err(not_found(format!("component {reference} is not published")));
-        };
-        self.check_unused(&Use::Component(reference.clone()))?;
-        self.delete(&key).await?;
-        Ok(record)
+        let used = Use::Component(reference.clone());
+        self.delete_artifact(&keys::component(reference), &used)
+            .await
     }
 
     /// Deletes a model version no function revision uses.
     pub async fn delete_model(&self, reference: &Reference) -> Result<ModelRecord, ClusterError> {
-        let key = keys::model(reference);
-        let Some((record, _)) = self.entry::<ModelRecord>(&key).await? else {
-            return Err(not_found(format!("model {reference} is not published")));
-        };
-        self.check_unused(&Use::Model(reference.clone()))?;
-        self.delete(&key).await?;
-        Ok(record)
+        let used = Use::Model(reference.clone());
+        self.delete_artifact(&keys::model(reference), &used).await
     }
 
     /// Deletes a function: its revisions, its split, then its head (so
