@@ -604,3 +604,58 @@ fn a_host_restarts_and_serves_its_copy_while_nats_is_down_then_catches_up() {
         .expect("json");
     assert_eq!(first_tensor_text(&reply), "back");
 }
+
+#[test]
+fn a_stalled_watch_is_set_up_again_and_the_copy_is_never_emptied_meanwhile() {
+    let nats = NatsServer::start_jetstream();
+    let flags = ["--nats", &nats.url(), "--registry-store", "jetstream"];
+    let dir = tempfile::tempdir().expect("dir");
+    // Both hosts open the bucket while it is empty.
+    let watcher = Host::start_logged_with(&flags);
+    wait_synced(&watcher);
+    let publisher = start_host(dir.path(), &flags.map(String::from));
+    publisher.publish_component("echo");
+    let echo = |name: &str| format!("name = \"{name}\"\n[[stages]]\ncomponent = \"echo@0.1.0\"\n");
+    publisher.publish_function("first", &echo("first"));
+    wait_for(Duration::from_secs(10), "first on the watcher", || {
+        watcher.invoke("first", "text/plain", "x").status() == 200
+    });
+
+    // The server forgets every watch's consumer, as when a NATS node dies
+    // with it: the clients are told nothing and stop receiving.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let deleted = runtime.block_on(async {
+        use futures_util::StreamExt;
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let jetstream = async_nats::jetstream::new(client);
+        let stream = jetstream
+            .get_stream("KV_cascade-registry")
+            .await
+            .expect("the record stream");
+        let names: Vec<String> = stream
+            .consumer_names()
+            .map(|name| name.expect("consumer name"))
+            .collect()
+            .await;
+        for name in &names {
+            stream.delete_consumer(name).await.expect("delete consumer");
+        }
+        names.len()
+    });
+    assert!(deleted >= 2, "each host watches: {deleted} consumers");
+
+    publisher.publish_function("second", &echo("second"));
+    wait_for(Duration::from_secs(30), "second on the watcher", || {
+        watcher.invoke("second", "text/plain", "x").status() == 200
+    });
+    let log = watcher.log();
+    assert!(
+        log.contains("the watch stopped at sequence"),
+        "the stall was noticed by the check, not after missed heartbeats:\n{log}"
+    );
+    assert!(
+        !log.contains("removed here"),
+        "watching again must not empty the copy first:\n{log}"
+    );
+    assert_eq!(watcher.invoke("first", "text/plain", "x").status(), 200);
+}

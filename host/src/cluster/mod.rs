@@ -110,10 +110,10 @@ impl Cluster {
     /// bucket before the write cannot undo it afterwards.
     pub async fn settle(&self) {
         let Ok(store) = self.store() else { return };
-        let Ok(status) = store.kv.status().await else {
+        let Ok(state) = store::records_now(&store.kv).await else {
             return;
         };
-        let target = status.info.state.last_sequence;
+        let target = state.last_sequence;
         let deadline = tokio::time::Instant::now() + SETTLE_WITHIN;
         while self.synced_through.load(Ordering::SeqCst) < target {
             let settled = self.settled.notified();

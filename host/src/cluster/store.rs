@@ -305,6 +305,18 @@ impl ClusterStore {
 /// Chunks of a blob a download holds at most (128 KiB each).
 const CHUNKS_IN_FLIGHT: i64 = 8;
 
+/// The record bucket's stream as the server holds it now: its last
+/// sequence and message count. (`kv::Store::status` answers from what the
+/// client read when it opened the bucket, so it never moves.)
+pub(super) async fn records_now(kv: &kv::Store) -> Result<jetstream::stream::State, ClusterError> {
+    let mut stream = kv.stream.clone();
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| ClusterError::unavailable("reading the record bucket's state", e))?;
+    Ok(info.state.clone())
+}
+
 fn encode<R: Serialize>(value: &R) -> Result<Bytes, ClusterError> {
     serde_json::to_vec(value)
         .map(Bytes::from)

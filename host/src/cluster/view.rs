@@ -7,7 +7,7 @@
 //! function missing from it was deleted.
 
 use super::ClusterError;
-use super::store::decode;
+use super::store::{decode, records_now};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -31,6 +31,42 @@ pub struct View {
 
 /// How long to wait before watching again after the watch broke.
 const REWATCH_AFTER: Duration = Duration::from_millis(500);
+
+/// How often a follower asks the server whether its watch keeps up.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Checks in a row that find the copy behind the bucket, with no progress
+/// between them, before the watch is dropped and set up again.
+const STALL_CHECKS: u32 = 2;
+
+/// Notices a watch that stopped delivering. async-nats reports a consumer
+/// lost with its NATS node only after two missed heartbeats (10 s), and
+/// recreates one lost with a connection with a backoff of up to 10 s;
+/// meanwhile this host would serve a stale registry.
+#[derive(Default)]
+struct Stall {
+    /// The copy's sequence at the first check that found it behind.
+    behind_at: Option<u64>,
+    strikes: u32,
+}
+
+impl Stall {
+    /// Takes one check: `seen` is the last sequence the copy holds,
+    /// `bucket` the stream's. True once the watch should be set up again.
+    fn stalled(&mut self, seen: u64, bucket: u64) -> bool {
+        if seen >= bucket {
+            *self = Self::default();
+            return false;
+        }
+        if self.behind_at == Some(seen) {
+            self.strikes += 1;
+        } else {
+            self.behind_at = Some(seen);
+            self.strikes = 1;
+        }
+        self.strikes >= STALL_CHECKS
+    }
+}
 
 impl View {
     /// Whether the whole bucket has been read at least once.
@@ -107,16 +143,40 @@ impl View {
     /// breaks (the copy stays as it was meanwhile).
     pub async fn follow(&self, kv: kv::Store) {
         loop {
-            if let Err(e) = self.watch_once(&kv).await {
+            let outcome = tokio::select! {
+                outcome = self.watch_once(&kv) => outcome,
+                stalled = self.until_stalled(&kv) => Err(stalled),
+            };
+            if let Err(e) = outcome {
                 tracing::warn!("watching the cluster registry: {e}");
             }
             tokio::time::sleep(REWATCH_AFTER).await;
         }
     }
 
+    /// Returns once the copy has stayed behind the bucket, without
+    /// progress, for [`STALL_CHECKS`] checks.
+    async fn until_stalled(&self, kv: &kv::Store) -> ClusterError {
+        let mut stall = Stall::default();
+        loop {
+            tokio::time::sleep(STALL_CHECK_EVERY).await;
+            // Unreachable NATS is the watch's to report.
+            let Ok(bucket) = records_now(kv).await else {
+                continue;
+            };
+            let seen = self.last_revision();
+            if stall.stalled(seen, bucket.last_sequence) {
+                return ClusterError::Unavailable(format!(
+                    "the watch stopped at sequence {seen} while the bucket is at {}",
+                    bucket.last_sequence
+                ));
+            }
+        }
+    }
+
     async fn watch_once(&self, kv: &kv::Store) -> Result<(), ClusterError> {
         let unavailable = |e: &dyn std::fmt::Display| ClusterError::unavailable("watching", e);
-        let empty = kv.status().await.map_err(|e| unavailable(&e))?.values() == 0;
+        let empty = records_now(kv).await?.messages == 0;
         let mut watch = kv
             .watch_with_history(">")
             .await
@@ -144,5 +204,33 @@ impl View {
             }
         }
         Err(ClusterError::Unavailable("the watch ended".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stall;
+
+    #[test]
+    fn a_watch_is_stalled_only_after_two_checks_behind_without_progress() {
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(5, 5), "caught up");
+        assert!(
+            !stall.stalled(5, 6),
+            "one check behind may be a change in flight"
+        );
+        assert!(stall.stalled(5, 6), "no progress over two checks");
+    }
+
+    #[test]
+    fn progress_or_catching_up_starts_the_count_again() {
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(5, 9));
+        assert!(!stall.stalled(7, 9), "behind, but moving");
+        assert!(stall.stalled(7, 9));
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(5, 6));
+        assert!(!stall.stalled(6, 6));
+        assert!(!stall.stalled(6, 7), "a new lag counts from one");
     }
 }

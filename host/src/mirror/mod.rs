@@ -247,7 +247,10 @@ impl<S: Source> Mirror<S> {
         {
             let name = &gone.record.name;
             match tokio::task::block_in_place(|| self.registry.delete_function(name)) {
-                Ok(_) => report.changed.push(name.clone()),
+                Ok(_) => {
+                    tracing::info!(function = %name, "the source no longer lists it; removed here");
+                    report.changed.push(name.clone());
+                }
                 Err(e) => report
                     .failed
                     .push((format!("function {name}"), e.to_string())),
