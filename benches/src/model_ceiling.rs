@@ -42,6 +42,7 @@ impl ModelCeiling {
         };
         let model = OrtModel::load(
             &models.join(crate::native::MODEL_FILE),
+            None,
             &[output.to_string()],
             &settings,
             RunCounts {

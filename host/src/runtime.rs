@@ -8,6 +8,7 @@ use crate::error::InvokeError;
 use crate::error::StageError;
 use crate::metrics::Metrics;
 use crate::model::ModelError;
+use crate::model::optimized::OptimizedModels;
 use crate::model::queue::{BatchCounts, ModelQueue};
 use crate::model::{Backend, PlanCache};
 use crate::operations::{FunctionWatch, Verdict};
@@ -107,7 +108,8 @@ impl Runtime {
                 shape_plans,
                 metrics.shape_plans.clone(),
                 metrics.onnxruntime_runs.clone(),
-            ),
+            )
+            .with_optimized(OptimizedModels::new(compiled_dir.join("onnxruntime"))),
             metrics,
             compiled_dir,
             components: Mutex::new(HashMap::new()),
@@ -669,10 +671,11 @@ impl Runtime {
                 return;
             }
         };
+        self.collect_optimized_models();
         let Ok(entries) = std::fs::read_dir(&self.compiled_dir) else {
             return;
         };
-        for entry in entries.flatten() {
+        for entry in entries.flatten().filter(|e| e.path().is_file()) {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !self
                 .engine
@@ -681,6 +684,21 @@ impl Runtime {
             {
                 tracing::warn!("removing compiled artifact {name}: {e}");
             }
+        }
+    }
+
+    /// Removes ONNX Runtime's optimised copies of models no longer published.
+    fn collect_optimized_models(&self) {
+        let Some(optimized) = self.plans.optimized() else {
+            return;
+        };
+        match self.registry.models() {
+            Ok(models) => {
+                let live: std::collections::HashSet<String> =
+                    models.into_iter().map(|m| m.digest).collect();
+                optimized.collect(|digest| live.contains(digest));
+            }
+            Err(e) => tracing::warn!("listing models to collect optimised copies: {e}"),
         }
     }
 }

@@ -147,18 +147,7 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
     assert_eq!(host.metric("cascade_model_backend{backend=\"tract\"}"), 0.0);
     // One request at a time: lone runs, the first ones alternating between
     // one thread and two, all giving the reference answers.
-    for (text, want) in embed_reference() {
-        let got = embed(&host, &[&text]);
-        let worst = got[0]
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 1e-4,
-            "{text:?}: {worst} from the onnxruntime reference"
-        );
-    }
+    embeddings_match_the_reference(&host, "lone runs");
     // The two-thread session is built in the background after the model
     // serves: lone runs reach it within a few seconds, with the same answers.
     let runs = |threads: &str| {
@@ -200,6 +189,74 @@ fn the_onnxruntime_backend_serves_the_examples_with_the_same_answers() {
         assert_eq!(label, "0", "upright {text:?}");
         let (label, _) = top_label(&host, cascade_tests::render_line(text, true));
         assert_eq!(label, "180", "rotated {text:?}");
+    }
+}
+
+#[test]
+fn an_onnxruntime_restart_loads_the_optimised_copies_with_the_same_answers() {
+    let library = cascade_tests::onnxruntime_library();
+    let mut host = Host::start_with(&["--onnxruntime", library.to_str().expect("utf-8 path")]);
+    host.publish_examples();
+    let answers_match = |host: &Host, when: &str| {
+        embeddings_match_the_reference(host, when);
+        let (label, _) = top_label(host, cascade_tests::render_line("Cascade serves", true));
+        assert_eq!(label, "180", "{when}: the rotated line");
+    };
+    answers_match(&host, "first load");
+    let copies_dir = host.data.join("compiled").join("onnxruntime");
+    let copies = || -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(&copies_dir)
+            .expect("the optimised copies' directory")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        files
+    };
+    let saved = copies();
+    assert_eq!(
+        saved.len(),
+        2,
+        "one copy per model, nothing half written: {saved:?}"
+    );
+    assert!(
+        saved
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "onnx"))
+    );
+
+    host.restart();
+    answers_match(&host, "loaded from the optimised copies");
+    assert_eq!(copies(), saved, "the copies are reused, not written again");
+
+    // A copy that does not load is replaced, and the model still serves.
+    for copy in &saved {
+        std::fs::write(copy, b"not a model").expect("spoil the copy");
+    }
+    host.restart();
+    answers_match(&host, "after spoiled copies");
+    for copy in &saved {
+        assert!(
+            std::fs::metadata(copy).expect("written again").len() > 1000,
+            "{} was optimised and saved again",
+            copy.display()
+        );
+    }
+}
+
+/// Every reference text's embedding from `host` is within 1e-4 of the
+/// onnxruntime reference, element by element.
+fn embeddings_match_the_reference(host: &Host, when: &str) {
+    for (text, want) in embed_reference() {
+        let got = embed(host, &[&text]);
+        let worst = got[0]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-4,
+            "{when}: {text:?} is {worst} from the onnxruntime reference"
+        );
     }
 }
 

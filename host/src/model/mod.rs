@@ -14,6 +14,7 @@
 
 pub mod choice;
 pub mod memory;
+pub mod optimized;
 pub mod ort;
 pub mod plan;
 pub mod queue;

@@ -13,6 +13,7 @@
 //! one session with more threads (`wide_runs.rs`).
 
 use super::ModelError;
+use super::optimized::OptimizedCopy;
 use super::shared_initializers::SharedInitializers;
 use super::tensors::{check_fills_shape, input_named};
 use super::wide_runs::{InFlight, Width, WidthChooser};
@@ -20,7 +21,7 @@ use crate::bindings::{Tensor, TensorType};
 use crate::error::StageError;
 use ort::environment::Environment;
 use ort::memory::Allocator;
-use ort::session::builder::PrepackedWeights;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use prometheus::IntCounter;
@@ -81,7 +82,7 @@ pub fn init(library: &Path) -> Result<(), ModelError> {
 
 /// One model file served by ONNX Runtime, with the sessions that run it.
 pub struct OrtModel {
-    path: PathBuf,
+    file: ModelFile,
     threads: usize,
     inputs: Vec<(String, TensorElementType)>,
     outputs: Vec<String>,
@@ -157,8 +158,12 @@ struct Runner {
 impl OrtModel {
     /// Loads the model at `path`, computing only `outputs` (every graph
     /// output when empty); fails clearly when an output is not one.
+    ///
+    /// `optimized` is where the model's optimised copy is kept: loaded from
+    /// there when an earlier load saved it, else saved there now.
     pub fn load(
         path: &Path,
+        optimized: Option<&OptimizedCopy>,
         outputs: &[String],
         settings: &OrtSettings,
         counts: RunCounts,
@@ -169,9 +174,10 @@ impl OrtModel {
             weights: PrepackedWeights::new(),
             initializers: OnceLock::new(),
         });
-        let session = new_session(path, settings.threads, &shared)?;
+        let (session, file) = first_session(path, optimized, settings.threads, &shared)?;
         tracing::debug!(
-            model = %path.display(),
+            model = %file.path.display(),
+            optimised_copy = file.optimised,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "ONNX Runtime session ready"
         );
@@ -206,7 +212,7 @@ impl OrtModel {
         let (first_run, after_first_run) = mpsc::channel();
         Later {
             after_first_run,
-            path: path.to_path_buf(),
+            file: file.clone(),
             threads: settings.threads,
             alone_threads: settings.alone_threads,
             outputs: outputs.clone(),
@@ -216,7 +222,7 @@ impl OrtModel {
         }
         .spawn();
         Ok(OrtModel {
-            path: path.to_path_buf(),
+            file,
             threads: settings.threads,
             inputs,
             outputs,
@@ -338,7 +344,9 @@ impl OrtModel {
                 pool.alive += 1;
                 drop(pool);
                 let own = self.shared.initializers.get().is_none();
-                let made = new_session(&self.path, self.threads, &self.shared)
+                let made = self
+                    .file
+                    .session(self.threads, &self.shared)
                     .and_then(|session| runner(session, &self.outputs, own));
                 return match made {
                     Ok(runner) => Ok(Lease {
@@ -375,10 +383,101 @@ impl Drop for Lease<'_> {
     }
 }
 
-fn new_session(path: &Path, threads: usize, shared: &Shared) -> Result<Session, ModelError> {
+/// How a session treats the model's graph.
+#[derive(Clone, Copy)]
+enum Graph<'a> {
+    /// Optimises it.
+    Optimise,
+    /// Optimises it and writes the result to this file.
+    OptimiseAndSave(&'a Path),
+    /// Takes it as it is: an optimised copy.
+    AsSaved,
+}
+
+/// The file a model's sessions are built from.
+#[derive(Clone)]
+struct ModelFile {
+    path: PathBuf,
+    /// It is an optimised copy: sessions take its graph as it is.
+    optimised: bool,
+}
+
+impl ModelFile {
+    fn new(path: &Path, optimised: bool) -> Self {
+        ModelFile {
+            path: path.to_path_buf(),
+            optimised,
+        }
+    }
+
+    /// A session of this file running on `threads` threads.
+    fn session(&self, threads: usize, shared: &Shared) -> Result<Session, ModelError> {
+        let graph = if self.optimised {
+            Graph::AsSaved
+        } else {
+            Graph::Optimise
+        };
+        new_session(&self.path, graph, threads, shared)
+    }
+}
+
+/// The model's first session and the file its later sessions are built
+/// from: the optimised copy when there is one, else the model (whose
+/// optimised copy this session saves for the next load).
+fn first_session(
+    path: &Path,
+    optimized: Option<&OptimizedCopy>,
+    threads: usize,
+    shared: &Shared,
+) -> Result<(Session, ModelFile), ModelError> {
+    let model = ModelFile::new(path, false);
+    let Some(copy) = optimized else {
+        return Ok((model.session(threads, shared)?, model));
+    };
+    if copy.exists() {
+        let saved = ModelFile::new(&copy.path, true);
+        match saved.session(threads, shared) {
+            Ok(session) => return Ok((session, saved)),
+            Err(e) => {
+                tracing::warn!(
+                    model = %path.display(),
+                    "the optimised copy {} does not load ({e}); optimising again",
+                    copy.path.display()
+                );
+                copy.discard();
+            }
+        }
+    }
+    let session = match copy.staging() {
+        Ok(staged) => {
+            let session = new_session(path, Graph::OptimiseAndSave(&staged), threads, shared)?;
+            copy.keep(staged);
+            session
+        }
+        Err(e) => {
+            tracing::warn!("no optimised copy of {}: {e}", path.display());
+            model.session(threads, shared)?
+        }
+    };
+    Ok((session, model))
+}
+
+fn new_session(
+    path: &Path,
+    graph: Graph<'_>,
+    threads: usize,
+    shared: &Shared,
+) -> Result<Session, ModelError> {
     let environment = ENVIRONMENT.get().ok_or(ModelError::OnnxRuntimeNotLoaded)?;
-    let builder = Session::builder(environment)
-        .map_err(failed)?
+    let builder = Session::builder(environment).map_err(failed)?;
+    let builder = match graph {
+        Graph::Optimise => builder,
+        Graph::OptimiseAndSave(to) => builder.with_optimized_model_path(to).map_err(failed)?,
+        Graph::AsSaved => builder
+            .with_optimization_level(GraphOptimizationLevel::Disable)
+            .map_err(failed)?,
+    };
+    let builder = builder
         .with_intra_threads(threads.max(1))
         .map_err(failed)?
         .with_inter_threads(1)
@@ -402,7 +501,7 @@ struct Later {
     /// [`FIRST_RUN_WAIT`]) the work here would take cores from it, the
     /// first request after a restart.
     after_first_run: mpsc::Receiver<()>,
-    path: PathBuf,
+    file: ModelFile,
     threads: usize,
     alone_threads: usize,
     outputs: Vec<String>,
@@ -429,8 +528,8 @@ impl Later {
             // The model was dropped before it ever ran.
             return;
         }
-        let model = self.path.display();
-        match SharedInitializers::read(&self.path) {
+        let model = self.file.path.display();
+        match SharedInitializers::read(&self.file.path) {
             Ok(initializers) => {
                 let worth_it = initializers.names().next().is_some();
                 let _ = self.shared.initializers.set(initializers);
@@ -444,7 +543,9 @@ impl Later {
         }
         if let Some(wide) = &self.wide {
             let own = self.shared.initializers.get().is_none();
-            let built = new_session(&self.path, self.alone_threads, &self.shared)
+            let built = self
+                .file
+                .session(self.alone_threads, &self.shared)
                 .and_then(|s| runner(s, &self.outputs, own));
             match built {
                 Ok(runner) => {
@@ -464,13 +565,15 @@ impl Later {
     /// Adds a narrow session that shares the initializers and retires those
     /// that hold their own (now, if idle; when given back, if in use).
     fn replace_first(&self) {
-        let built = new_session(&self.path, self.threads, &self.shared)
+        let built = self
+            .file
+            .session(self.threads, &self.shared)
             .and_then(|s| runner(s, &self.outputs, false));
         let runner = match built {
             Ok(runner) => runner,
             Err(error) => {
                 tracing::warn!(
-                    model = %self.path.display(),
+                    model = %self.file.path.display(),
                     "the first session keeps its own initializers: {error}"
                 );
                 return;

@@ -3,6 +3,7 @@
 //! shares plans across functions by model digest and output selection.
 
 use super::ModelError;
+use super::optimized::OptimizedModels;
 use super::ort::{OrtModel, OrtSettings, RunCounts};
 use super::shape_plans::Specialisation;
 use super::tract::{InputShapes, TractPlan};
@@ -85,6 +86,8 @@ pub struct PlanCache {
     shape_plans: usize,
     built: IntGaugeVec,
     ort_runs: IntCounterVec,
+    /// ONNX Runtime's optimised copies of the models.
+    optimized: Option<OptimizedModels>,
 }
 
 impl PlanCache {
@@ -103,7 +106,19 @@ impl PlanCache {
             shape_plans,
             built,
             ort_runs,
+            optimized: None,
         }
+    }
+
+    /// Keeps ONNX Runtime's optimised copies of the models in `optimized`.
+    pub fn with_optimized(mut self, optimized: OptimizedModels) -> Self {
+        self.optimized = Some(optimized);
+        self
+    }
+
+    /// The optimised copies, when kept.
+    pub fn optimized(&self) -> Option<&OptimizedModels> {
+        self.optimized.as_ref()
     }
 
     /// The plan for `digest` (known as `label`) with `outputs`, loading it
@@ -150,7 +165,17 @@ impl PlanCache {
                     narrow: counts(settings.threads),
                     wide: counts(settings.alone_threads),
                 };
-                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(path, outputs, settings, counts)?))
+                let copy = self
+                    .optimized
+                    .as_ref()
+                    .map(|o| o.copy_of(digest, &settings.library));
+                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(
+                    path,
+                    copy.as_ref(),
+                    outputs,
+                    settings,
+                    counts,
+                )?))
             }
         });
         self.plans
