@@ -1,15 +1,31 @@
 //! Models as ONNX Runtime left them after its graph optimisations, kept in
 //! the compiled-artifact cache so a restart loads them with optimisation
-//! off: the PP-OCR classifier's first session took 16.5 ms from the model
-//! and 4.7 ms from its copy, MiniLM-L3's 118 and 113 ms
-//! (benches/optimisations.md, entry 34). The price is a second copy of
-//! each model on disk, removed with the model.
+//! off and their large weights in a file of their own, which ONNX Runtime
+//! maps instead of copying: MiniLM-L3's first session took 130 ms from the
+//! model and 26 ms from its copy (benches/optimisations.md, entry 34). The
+//! price is a second copy of each model on disk, removed with the model.
 //!
 //! ONNX Runtime's optimised graphs may use kernels chosen for this CPU and
-//! this library version, so the file name carries both.
+//! this library version, so the copy's name carries both. A copy is a
+//! directory (`model.onnx` names `weights.bin` beside it), written under a
+//! temporary name and renamed whole, so a crash never leaves half of one;
+//! it is never changed once in place (sessions map `weights.bin`).
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+
+/// The graph's file in a copy.
+const GRAPH: &str = "model.onnx";
+
+/// The file of its large weights, beside the graph; ONNX Runtime writes
+/// this name into the graph.
+pub const WEIGHTS: &str = "weights.bin";
+
+/// How a copy being written is named.
+const PARTIAL: &str = ".partial-";
+
+/// A copy still being written after this long was abandoned by a crash.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The directory of optimised models, under the compiled cache.
 #[derive(Debug, Clone)]
@@ -20,9 +36,18 @@ pub struct OptimizedModels {
 /// Where one model's optimised copy lives, and whether it is there.
 #[derive(Debug, Clone)]
 pub struct OptimizedCopy {
-    /// `<dir>/<model digest>-<library and CPU tag>.onnx`.
-    pub path: PathBuf,
+    /// `<dir>/<model digest>-<library and CPU tag>/`.
     dir: PathBuf,
+    /// Its graph, `model.onnx`.
+    pub path: PathBuf,
+}
+
+/// A copy being written: ONNX Runtime saves the graph at `path` and the
+/// weights beside it; [`OptimizedCopy::keep`] moves the directory in place.
+pub struct Staging {
+    dir: tempfile::TempDir,
+    /// Where ONNX Runtime writes the graph.
+    pub path: PathBuf,
 }
 
 impl OptimizedModels {
@@ -33,23 +58,31 @@ impl OptimizedModels {
 
     /// The copy of the model `digest` for the ONNX Runtime `library`.
     pub fn copy_of(&self, digest: &str, library: &Path) -> OptimizedCopy {
+        let dir = self.dir.join(format!("{digest}-{}", tag(library)));
         OptimizedCopy {
-            path: self.dir.join(format!("{digest}-{}.onnx", tag(library))),
-            dir: self.dir.clone(),
+            path: dir.join(GRAPH),
+            dir,
         }
     }
 
-    /// Removes the copies of models `live` no longer wants.
+    /// Removes the copies of models `live` no longer wants, and anything a
+    /// crash left half written.
     pub fn collect(&self, live: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let digest = name.split('-').next().unwrap_or_default();
-            if !live(digest)
-                && let Err(e) = std::fs::remove_file(entry.path())
-            {
+            let unwanted = if name.starts_with(PARTIAL) {
+                // Another load may be writing it now.
+                entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > ABANDONED_AFTER))
+            } else {
+                !live(name.split('-').next().unwrap_or_default())
+            };
+            if unwanted && let Err(e) = std::fs::remove_dir_all(entry.path()) {
                 tracing::warn!("removing optimised model {name}: {e}");
             }
         }
@@ -62,30 +95,34 @@ impl OptimizedCopy {
         self.path.is_file()
     }
 
-    /// A fresh file in the same directory for ONNX Runtime to write the
-    /// copy into; [`OptimizedCopy::keep`] moves it in place in one step, so
-    /// a crash never leaves half a model under the final name.
-    pub fn staging(&self) -> std::io::Result<tempfile::TempPath> {
-        std::fs::create_dir_all(&self.dir)?;
-        Ok(tempfile::Builder::new()
-            .suffix(".onnx.partial")
-            .tempfile_in(&self.dir)?
-            .into_temp_path())
+    /// A fresh directory beside the final one for ONNX Runtime to write
+    /// the copy into.
+    pub fn staging(&self) -> std::io::Result<Staging> {
+        let parent = self.dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix(PARTIAL)
+            .tempdir_in(parent)?;
+        let path = dir.path().join(GRAPH);
+        Ok(Staging { dir, path })
     }
 
-    /// Moves a written `staged` file in place.
-    pub fn keep(&self, staged: tempfile::TempPath) {
-        if let Err(e) = staged.persist(&self.path) {
+    /// Moves a written copy in place (in one rename).
+    pub fn keep(&self, staged: Staging) {
+        let from = staged.dir.keep();
+        if let Err(e) = std::fs::rename(&from, &self.dir) {
             tracing::warn!(
                 "cannot keep the optimised model {}: {e}",
-                self.path.display()
+                self.dir.display()
             );
+            let _ = std::fs::remove_dir_all(&from);
         }
     }
 
-    /// Removes a copy that would not load.
+    /// Removes a copy that would not load (sessions that map its weights
+    /// keep them until they end).
     pub fn discard(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -138,20 +175,32 @@ mod tests {
         assert_ne!(a.path, other_library.path);
         let b = models.copy_of("bbbb", Path::new("/lib/libonnxruntime.so.1.22.0"));
         for copy in [&a, &b] {
+            assert!(!copy.exists());
             let staged = copy.staging().expect("staging");
-            std::fs::write(&staged, b"model").expect("write");
+            std::fs::write(&staged.path, b"graph").expect("write");
+            std::fs::write(staged.path.with_file_name(super::WEIGHTS), b"w").expect("write");
             copy.keep(staged);
             assert!(copy.exists());
         }
+        let being_written = a.staging().expect("staging");
         models.collect(|digest| digest == "bbbb");
         assert!(!a.exists(), "a model no longer published loses its copy");
         assert!(b.exists());
+        assert!(
+            being_written.path.parent().expect("dir").is_dir(),
+            "a copy being written stays"
+        );
+        drop(being_written);
         assert_eq!(
             std::fs::read_dir(dir.path().join("onnxruntime"))
                 .expect("dir")
                 .count(),
             1,
-            "no staging file is left behind"
+            "nothing half written is left behind"
+        );
+        assert_eq!(
+            std::fs::read(b.path.with_file_name(super::WEIGHTS)).expect("weights"),
+            b"w"
         );
     }
 }

@@ -450,7 +450,7 @@ fn first_session(
     }
     let session = match copy.staging() {
         Ok(staged) => {
-            let session = new_session(path, Graph::OptimiseAndSave(&staged), threads, shared)?;
+            let session = new_session(path, Graph::OptimiseAndSave(&staged.path), threads, shared)?;
             copy.keep(staged);
             session
         }
@@ -472,7 +472,19 @@ fn new_session(
     let builder = Session::builder(environment).map_err(failed)?;
     let builder = match graph {
         Graph::Optimise => builder,
-        Graph::OptimiseAndSave(to) => builder.with_optimized_model_path(to).map_err(failed)?,
+        Graph::OptimiseAndSave(to) => builder
+            .with_optimized_model_path(to)
+            .map_err(failed)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                super::optimized::WEIGHTS,
+            )
+            .map_err(failed)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                "1024",
+            )
+            .map_err(failed)?,
         Graph::AsSaved => builder
             .with_optimization_level(GraphOptimizationLevel::Disable)
             .map_err(failed)?,
