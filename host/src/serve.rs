@@ -324,6 +324,11 @@ async fn serve_until_stopped(
     if let Some(grpc) = grpc {
         let _ = tokio::time::timeout(grace, grpc).await;
     }
+    let saved =
+        tokio::task::spawn_blocking(move || crate::model::optimized::finish_saving(grace)).await;
+    if !saved.unwrap_or(false) {
+        tracing::warn!("stopping while an optimised model is still being saved");
+    }
 }
 
 /// Mirrors `url` into this host's registry, syncing once before serving.

@@ -101,11 +101,13 @@ pub fn choose(request: &BackendRequest, gauge: &IntGaugeVec) -> Result<Chosen, C
             let models = models_dir();
             match newest_library(&models) {
                 Some(found) if choice == ModelBackend::Auto => {
-                    load_in_background(found.clone(), gauge.clone());
-                    Ok(onnxruntime(
-                        settings(found, true),
+                    // The gauge says onnxruntime before the loader may turn it to tract.
+                    let chosen = onnxruntime(
+                        settings(found.clone(), true),
                         "the cached copy, loading in the background; tract if it does not load",
-                    ))
+                    );
+                    load_in_background(found, gauge.clone());
+                    Ok(chosen)
                 }
                 Some(found) => {
                     ort::init(&found)?;

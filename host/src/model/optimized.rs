@@ -3,7 +3,9 @@
 //! off and their large weights in a file of their own, which ONNX Runtime
 //! maps instead of copying: MiniLM-L3's first session took 130 ms from the
 //! model and 26 ms from its copy (benches/optimisations.md, entry 34). The
-//! price is a second copy of each model on disk, removed with the model.
+//! price is a second copy of each model on disk, removed with the model,
+//! and one more session built in the background after a model's first
+//! run, to save it.
 //!
 //! ONNX Runtime's optimised graphs may use kernels chosen for this CPU and
 //! this library version, so the copy's name carries both. A copy is a
@@ -13,6 +15,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 /// The graph's file in a copy.
 const GRAPH: &str = "model.onnx";
@@ -25,7 +29,7 @@ pub const WEIGHTS: &str = "weights.bin";
 const PARTIAL: &str = ".partial-";
 
 /// A copy still being written after this long was abandoned by a crash.
-const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 
 /// The directory of optimised models, under the compiled cache.
 #[derive(Debug, Clone)]
@@ -124,6 +128,39 @@ impl OptimizedCopy {
     pub fn discard(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Copies being written now. A host stopping gracefully lets them finish:
+/// one restarted soon after each start would otherwise never keep one.
+static SAVING: Mutex<usize> = Mutex::new(0);
+static SAVED: Condvar = Condvar::new();
+
+/// Counts one copy as being written until dropped.
+pub struct Saving(());
+
+impl Saving {
+    /// Starts counting.
+    pub fn start() -> Self {
+        *SAVING.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Saving(())
+    }
+}
+
+impl Drop for Saving {
+    fn drop(&mut self) {
+        *SAVING.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        SAVED.notify_all();
+    }
+}
+
+/// Waits (at most `within`) for the copies being written; says whether
+/// none is left.
+pub fn finish_saving(within: Duration) -> bool {
+    let saving = SAVING.lock().unwrap_or_else(PoisonError::into_inner);
+    let (left, _) = SAVED
+        .wait_timeout_while(saving, within, |n| *n > 0)
+        .unwrap_or_else(PoisonError::into_inner);
+    *left == 0
 }
 
 /// Names the library and the CPU features its kernels may rely on.
