@@ -114,11 +114,16 @@ impl OptimizedCopy {
     /// Moves a written copy in place (in one rename).
     pub fn keep(&self, staged: Staging) {
         let from = staged.dir.keep();
-        if let Err(e) = std::fs::rename(&from, &self.dir) {
+        // Another load of the same model may have saved it first.
+        if let Err(e) = std::fs::rename(&from, &self.dir)
+            && !self.exists()
+        {
             tracing::warn!(
                 "cannot keep the optimised model {}: {e}",
                 self.dir.display()
             );
+        }
+        if from.exists() {
             let _ = std::fs::remove_dir_all(&from);
         }
     }
@@ -219,6 +224,11 @@ mod tests {
             copy.keep(staged);
             assert!(copy.exists());
         }
+        // A second load of the same model saves it too: the first stays.
+        let again = b.staging().expect("staging");
+        std::fs::write(&again.path, b"graph").expect("write");
+        std::fs::write(again.path.with_file_name(super::WEIGHTS), b"other").expect("write");
+        b.keep(again);
         let being_written = a.staging().expect("staging");
         models.collect(|digest| digest == "bbbb");
         assert!(!a.exists(), "a model no longer published loses its copy");

@@ -160,7 +160,8 @@ impl OrtModel {
     /// output when empty); fails clearly when an output is not one.
     ///
     /// `optimized` is where the model's optimised copy is kept: loaded from
-    /// there when an earlier load saved it, else saved there now.
+    /// there when an earlier load saved it, else saved there in the
+    /// background.
     pub fn load(
         path: &Path,
         optimized: Option<&OptimizedCopy>,
