@@ -49,4 +49,6 @@ pub mod export_names {
     pub const POSTPROCESS: &str = "cascade:inference/postprocess@0.1.0";
     /// Exported by `inferencer` components.
     pub const INFER: &str = "cascade:inference/infer@0.1.0";
+    /// Exported by components whose start-up work a host may snapshot.
+    pub const INITIALIZE: &str = "cascade:inference/initialize@0.1.0";
 }

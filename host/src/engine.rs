@@ -152,35 +152,45 @@ impl ServingEngine {
         digest: &str,
         cache_dir: &Path,
     ) -> Result<(Component, bool)> {
-        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
-        if cached.is_file() {
-            // SAFETY: the file was written by `Component::serialize` of an
-            // engine with this exact compatibility hash, into a directory
-            // only the host writes.
-            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                Ok(component) => return Ok((component, true)),
-                Err(e) => tracing::warn!(
-                    "ignoring unusable compiled artifact {}: {e}",
-                    cached.display()
-                ),
-            }
+        let cached = cache_dir.join(self.artifact_name(digest));
+        if let Some(component) = self.cached_component(&cached) {
+            return Ok((component, true));
         }
         let component = Component::from_file(&self.engine, wasm)
             .with_context(|| format!("compiling component {}", wasm.display()))?;
-        std::fs::create_dir_all(cache_dir)
-            .with_context(|| format!("creating {}", cache_dir.display()))?;
-        let bytes = component.serialize()?;
-        let mut staged = tempfile::NamedTempFile::new_in(cache_dir)?;
-        staged.write_all(&bytes)?;
-        staged.persist(&cached).map_err(|e| e.error)?;
+        cache_component(&component, &cached)?;
         Ok((component, false))
+    }
+
+    /// The name of the compiled artifact `stem` of this engine configuration.
+    pub fn artifact_name(&self, stem: &str) -> String {
+        format!("{stem}-{}.cwasm", self.fingerprint())
+    }
+
+    /// The compiled component in `path`, if it is there and loads.
+    pub fn cached_component(&self, path: &Path) -> Option<Component> {
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: the file was written by `Component::serialize` of an
+        // engine with this exact compatibility hash (its name says so),
+        // into a directory only the host writes.
+        match unsafe { Component::deserialize_file(&self.engine, path) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring unusable compiled artifact {}: {e}",
+                    path.display()
+                );
+                None
+            }
+        }
     }
 
     /// Compiles the component `digest` into the cache in `cache_dir` unless
     /// it is there; says whether it compiled (without loading a cached one).
     pub fn precompile(&self, wasm: &Path, digest: &str, cache_dir: &Path) -> Result<bool> {
-        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
-        if cached.is_file() {
+        if cache_dir.join(self.artifact_name(digest)).is_file() {
             return Ok(false);
         }
         self.load_component(wasm, digest, cache_dir)?;
@@ -203,4 +213,17 @@ impl ServingEngine {
             .hash(&mut hasher);
         format!("{:016x}", hasher.finish())
     }
+}
+
+/// Saves `component` compiled to `path`, renamed into place whole.
+pub fn cache_component(component: &Component, path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .context("a compiled artifact's path has a folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bytes = component.serialize()?;
+    let mut staged = tempfile::NamedTempFile::new_in(dir)?;
+    staged.write_all(&bytes)?;
+    staged.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }

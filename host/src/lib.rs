@@ -64,6 +64,7 @@ pub mod routes;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;
+pub mod snapshot;
 pub mod stage;
 pub mod telemetry;
 pub mod trace_context;

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     /// `cascade_compiled_artifacts_total{source}`: `cache` or `compiled`.
     pub compiled: IntCounterVec,
+    /// `cascade_snapshots_total{outcome}`: component snapshots `made`,
+    /// loaded `cached`, or `refused` (see `crate::snapshot`).
+    pub snapshots: IntCounterVec,
     /// `cascade_shape_plans{model}`: model plans specialised to one input shape.
     pub shape_plans: IntGaugeVec,
     /// `cascade_onnxruntime_runs_total{model, threads}`: ONNX Runtime runs by
@@ -166,6 +169,11 @@ impl Metrics {
                 "cascade_compiled_artifacts_total",
                 "Components loaded, by source.",
                 &["source"],
+            )?,
+            snapshots: counter(
+                "cascade_snapshots_total",
+                "Component snapshots after `initialize`, by outcome: made, cached, refused.",
+                &["outcome"],
             )?,
             shape_plans: gauge(
                 "cascade_shape_plans",

@@ -13,8 +13,8 @@ use crate::stage::{ComponentStage, StageError, StageInstance};
 use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -42,6 +42,9 @@ pub struct StageStatus {
     pub busy: usize,
     /// Instances waiting for work.
     pub idle: usize,
+    /// Whether new instances start from a snapshot taken after the
+    /// component's `initialize` (see `crate::snapshot`).
+    pub snapshot: bool,
 }
 
 struct Idle {
@@ -52,7 +55,8 @@ struct Idle {
 /// Warm instances of one component stage of one function revision.
 pub struct InstancePool {
     label: String,
-    stage: Arc<ComponentStage>,
+    /// What new instances are made from; replaced once by its snapshot.
+    stage: RwLock<Arc<ComponentStage>>,
     grant: Grant,
     min: usize,
     idle_timeout: Duration,
@@ -74,7 +78,7 @@ impl InstancePool {
     ) -> Self {
         InstancePool {
             label,
-            stage,
+            stage: RwLock::new(stage),
             grant,
             min,
             idle_timeout,
@@ -163,11 +167,27 @@ impl InstancePool {
             instances: self.live.load(Ordering::SeqCst),
             busy: self.busy.load(Ordering::SeqCst),
             idle,
+            snapshot: self.stage().is_snapshot(),
         }
     }
 
+    /// What new instances are made from now.
+    fn stage(&self) -> Arc<ComponentStage> {
+        self.stage
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes new instances from `stage` (a snapshot of the component) from
+    /// now on; instances already made serve on.
+    pub fn start_from(&self, stage: Arc<ComponentStage>) {
+        *self.stage.write().unwrap_or_else(PoisonError::into_inner) = stage;
+    }
+
     async fn create(&self) -> Result<StageInstance, StageError> {
-        let instance = self.stage.instantiate(&self.grant).await.map_err(|e| {
+        let stage = self.stage();
+        let instance = stage.instantiate(&self.grant).await.map_err(|e| {
             match e.downcast_ref::<Exhausted>() {
                 Some(full) => {
                     tracing::warn!(stage = %self.label, "no instance created: {full}");

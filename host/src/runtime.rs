@@ -15,6 +15,7 @@ use crate::operations::{FunctionWatch, Verdict};
 use crate::pipeline::{PreparedFunction, PreparedStage};
 use crate::pool::{Gate, InstancePool, PoolMetrics};
 use crate::sandbox::Grant;
+use crate::snapshot::cache::{Snapshots, Start};
 use crate::stage::ComponentStage;
 use crate::traffic::{self, Choice, Split};
 use cascade_registry::manifest::{ComponentStep, Function, ModelStep, Stage};
@@ -69,6 +70,8 @@ pub struct Runtime {
     plans: PlanCache,
     compiled_dir: PathBuf,
     components: Mutex<HashMap<String, Arc<ComponentStage>>>,
+    /// Components' snapshots after `initialize`, per grant.
+    snapshots: Snapshots,
     functions: RwLock<HashMap<String, Arc<PreparedFunction>>>,
     /// Functions served as several revisions (a traffic split other than
     /// "all to the head").
@@ -110,6 +113,7 @@ impl Runtime {
                 metrics.onnxruntime_runs.clone(),
             )
             .with_optimized(OptimizedModels::new(compiled_dir.join("onnxruntime"))),
+            snapshots: Snapshots::new(compiled_dir.join("snapshots"), metrics.snapshots.clone()),
             metrics,
             compiled_dir,
             components: Mutex::new(HashMap::new()),
@@ -508,14 +512,21 @@ impl Runtime {
             cold_starts: self.metrics.cold_starts.with_label_values(&[name, &label]),
             traps: self.metrics.traps.with_label_values(&[name, &label]),
         };
+        let grant = self.grant(function, step)?;
+        let snapshot = compiled
+            .initializes()
+            .then(|| (compiled.clone(), grant.clone()));
         let pool = Arc::new(InstancePool::new(
             label.clone(),
             compiled,
-            self.grant(function, step)?,
+            grant,
             function.scaling.min_instances as usize,
             Duration::from_millis(function.scaling.idle_timeout_ms),
             metrics,
         ));
+        if let Some((compiled, grant)) = snapshot {
+            self.start_from_snapshot(&pool, &compiled, &record.digest, &grant);
+        }
         let holder: Arc<dyn Reclaim> = pool.clone();
         capacity.register(Arc::downgrade(&holder));
         reactor.block_on(pool.warm()).map_err(PrepareError::Warm)?;
@@ -525,6 +536,31 @@ impl Runtime {
             pool,
             inputs: step.inputs.clone(),
         })
+    }
+
+    /// Lets `pool` start its instances from the snapshot of `compiled`
+    /// under `grant`: now if one was made before, else once it is made.
+    fn start_from_snapshot(
+        &self,
+        pool: &Arc<InstancePool>,
+        compiled: &Arc<ComponentStage>,
+        digest: &str,
+        grant: &Grant,
+    ) {
+        let waiting = Arc::downgrade(pool);
+        let ready = Box::new(move |snapshot: Arc<ComponentStage>| {
+            if let Some(pool) = waiting.upgrade() {
+                pool.start_from(snapshot);
+            }
+        });
+        let wasm = self.registry.blob_path(digest);
+        match self
+            .snapshots
+            .start(&self.engine, compiled, digest, &wasm, grant, ready)
+        {
+            Start::Snapshot(snapshot) => pool.start_from(snapshot),
+            Start::Component => {}
+        }
     }
 
     /// What a component stage's manifest grants its instances: config,
@@ -672,6 +708,8 @@ impl Runtime {
             }
         };
         self.collect_optimized_models();
+        self.snapshots
+            .collect(&self.engine, |digest| live.contains(digest));
         let Ok(entries) = std::fs::read_dir(&self.compiled_dir) else {
             return;
         };

@@ -120,6 +120,12 @@ impl StageState {
         Instant::now() >= self.deadline.get()
     }
 
+    /// Whether the guest holds any host resource (a file, a directory, a
+    /// stream): a snapshot of its memory could not carry one.
+    pub fn holds_handles(&self) -> bool {
+        !self.table.is_empty()
+    }
+
     /// The store limiter (registered with `Store::limiter`).
     pub fn limits(&mut self) -> &mut StoreLimits {
         &mut self.limits

@@ -69,6 +69,16 @@ pub fn world_of(component: &Component, engine: &Engine) -> Result<World, Compone
     }
 }
 
+/// Whether `component`, of `world`, exports `initialize`: start-up work a
+/// host may run once and snapshot. Inferencers never qualify: their
+/// start-up work would hold `wasi:nn` handles, which a snapshot cannot keep.
+pub fn offers_initialize(component: &Component, world: World) -> bool {
+    world != World::Inferencer
+        && component
+            .get_export_index(None, export_names::INITIALIZE)
+            .is_some()
+}
+
 /// Checks that `component` imports only what `world` may: `wasi:nn` is for
 /// inferencers; any other import the sandbox lacks fails to link.
 pub fn check_imports(
@@ -106,6 +116,10 @@ pub struct ComponentStage {
     prepared: Prepared,
     footprint: Footprint,
     capacity: Arc<Capacity>,
+    /// Whether it exports `initialize` (see `crate::snapshot`).
+    initializes: bool,
+    /// Whether it is a snapshot taken after `initialize`.
+    snapshot: bool,
 }
 
 impl ComponentStage {
@@ -122,9 +136,37 @@ impl ComponentStage {
     pub fn new(engine: &ServingEngine, component: Component, wasm: &Path) -> Result<Self> {
         let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
         let footprint = Footprint::of(&bytes)?;
-        let capacity = engine.capacity().clone();
-        let engine = engine.engine().clone();
+        Self::link(
+            engine.engine(),
+            engine.capacity().clone(),
+            component,
+            footprint,
+            false,
+        )
+    }
+
+    /// Links `snapshot`, the component of `self` rewritten after its
+    /// `initialize` (see `crate::snapshot`): same world, same footprint.
+    pub fn snapshot_of(&self, snapshot: Component) -> Result<Self> {
+        Self::link(
+            &self.engine,
+            self.capacity.clone(),
+            snapshot,
+            self.footprint,
+            true,
+        )
+    }
+
+    fn link(
+        engine: &Engine,
+        capacity: Arc<Capacity>,
+        component: Component,
+        footprint: Footprint,
+        snapshot: bool,
+    ) -> Result<Self> {
+        let engine = engine.clone();
         let world = world_of(&component, &engine)?;
+        let initializes = offers_initialize(&component, world);
         let pre = linker(&engine, world)?
             .instantiate_pre(&component)
             .context("linking component")?;
@@ -139,6 +181,8 @@ impl ComponentStage {
             prepared,
             footprint,
             capacity,
+            initializes,
+            snapshot,
         })
     }
 
@@ -152,31 +196,36 @@ impl ComponentStage {
         self.footprint
     }
 
+    /// Whether a snapshot after its `initialize` can be made of it.
+    pub fn initializes(&self) -> bool {
+        self.initializes && !self.snapshot
+    }
+
+    /// Whether its instances start from a snapshot.
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot
+    }
+
+    /// The engine it is compiled for.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Takes room in the pools for one instance.
+    pub fn reserve(&self) -> Result<Reservation> {
+        self.capacity
+            .reserve(self.footprint)
+            .map_err(wasmtime::Error::new)
+    }
+
     /// A fresh instance in its own store, sandboxed by `grant`.
     ///
     /// Instantiation runs guest code (its start functions), so it is held to
     /// [`INSTANTIATE_TIMEOUT`] like a call is held to its deadline.
     /// Fails with [`Exhausted`] when the pools have no room for it now.
     pub async fn instantiate(&self, grant: &Grant) -> Result<StageInstance> {
-        let reservation = self
-            .capacity
-            .reserve(self.footprint)
-            .map_err(wasmtime::Error::new)?;
-        let mut store = Store::new(&self.engine, StageState::new(grant)?);
-        store.limiter(|state| state.limits());
-        // At every tick: stop a guest past its deadline, else let the
-        // reactor run other tasks before it goes on.
-        store.epoch_deadline_callback(|store| {
-            Ok(if store.data().past_deadline() {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
-        store.set_epoch_deadline(1);
-        store
-            .data_mut()
-            .set_deadline(Instant::now() + INSTANTIATE_TIMEOUT);
+        let reservation = self.reserve()?;
+        let mut store = sandboxed_store(&self.engine, grant)?;
         let failed = "instantiating";
         let bound = match &self.prepared {
             Prepared::Pre(pre) => {
@@ -200,6 +249,27 @@ impl ComponentStage {
 
 /// How long a guest's start functions may run.
 pub const INSTANTIATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A store sandboxed by `grant`, its memory limited, its guest stopped at
+/// the deadline (set to [`INSTANTIATE_TIMEOUT`] from now).
+pub fn sandboxed_store(engine: &Engine, grant: &Grant) -> Result<Store<StageState>> {
+    let mut store = Store::new(engine, StageState::new(grant)?);
+    store.limiter(|state| state.limits());
+    // At every tick: stop a guest past its deadline, else let the
+    // reactor run other tasks before it goes on.
+    store.epoch_deadline_callback(|store| {
+        Ok(if store.data().past_deadline() {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
+    store.set_epoch_deadline(1);
+    store
+        .data_mut()
+        .set_deadline(Instant::now() + INSTANTIATE_TIMEOUT);
+    Ok(store)
+}
 
 enum Bound {
     Pre(Preprocessor),

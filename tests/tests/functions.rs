@@ -259,6 +259,136 @@ fn an_onnxruntime_restart_loads_the_optimised_copies_with_the_same_answers() {
     }
 }
 
+/// Whether the first stage of `function` starts its instances from a snapshot.
+fn first_stage_snapshotted(host: &Host, function: &str) -> bool {
+    let status: Value = host
+        .get(&format!("/v1/functions/{function}/status"))
+        .json()
+        .expect("status JSON");
+    status["stages"][0]["snapshot"] == Value::Bool(true)
+}
+
+/// Waits until `check` holds, at most `within`; panics naming `what`.
+fn wait_for(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn instances_start_from_a_snapshot_after_initialize_with_the_same_answers() {
+    let mut host = Host::start();
+    host.publish_examples();
+    // bert-tokenizer exports `initialize`: the host runs it once, in the
+    // background, and switches the stage over.
+    wait_for(
+        Duration::from_secs(120),
+        "embed never started from a snapshot",
+        || first_stage_snapshotted(&host, "embed"),
+    );
+    assert_eq!(
+        host.metric("cascade_snapshots_total{outcome=\"made\"}"),
+        1.0
+    );
+    assert!(
+        !first_stage_snapshotted(&host, "orientation"),
+        "image-preprocess exports no initialize"
+    );
+
+    // A revision that scales to zero: every instance after the first is
+    // new, and made from the snapshot already on disk (same grant).
+    let manifest = host
+        .get("/v1/functions/embed")
+        .json::<Value>()
+        .expect("function JSON")["manifest"]
+        .as_str()
+        .expect("manifest")
+        .replace("min_instances = 1", "min_instances = 0")
+        .replace("idle_timeout_ms = 30000", "idle_timeout_ms = 100");
+    host.publish_function("embed", &manifest);
+    wait_for(
+        Duration::from_secs(10),
+        "the snapshot on disk was not used",
+        || host.metric("cascade_snapshots_total{outcome=\"cached\"}") == 1.0,
+    );
+    assert!(first_stage_snapshotted(&host, "embed"));
+    assert_eq!(
+        host.metric("cascade_snapshots_total{outcome=\"made\"}"),
+        1.0
+    );
+    let cold = "cascade_cold_starts_total{function=\"embed\",stage=\"bert-tokenizer@0.1.0\"}";
+    for round in 0..3 {
+        wait_for(
+            Duration::from_secs(10),
+            "embed never scaled to zero",
+            || stage_instances(&host, "embed")[0] == 0,
+        );
+        let before = host.metric(cold);
+        embeddings_match_the_reference(&host, &format!("from the snapshot, round {round}"));
+        assert!(host.metric(cold) > before, "a new instance served");
+    }
+
+    // A restart loads the compiled snapshot instead of making it again.
+    host.restart();
+    assert!(first_stage_snapshotted(&host, "embed"));
+    assert_eq!(
+        host.metric("cascade_snapshots_total{outcome=\"made\"}"),
+        0.0
+    );
+    assert_eq!(
+        host.metric("cascade_snapshots_total{outcome=\"cached\"}"),
+        1.0
+    );
+    embeddings_match_the_reference(&host, "after a restart");
+}
+
+#[test]
+fn a_component_whose_initialize_fails_holds_a_file_or_loops_is_not_snapshotted_and_serves() {
+    let host = Host::start_logged();
+    host.publish_examples();
+    host.publish_component("misbehave");
+    let cases = [
+        (
+            "fail",
+            "its `initialize` failed: asked to fail in initialize",
+        ),
+        ("hold", "it still holds a handle"),
+        ("loop", "its `initialize` ran past its 10 s deadline"),
+    ];
+    for (behaviour, _) in cases {
+        let manifest = format!(
+            "name = \"init-{behaviour}\"\n[[stages]]\ncomponent = \"misbehave@0.1.0\"\n\
+             files = \"minilm-l3@1.0.0\"\nconfig = {{ on_initialize = \"{behaviour}\" }}\n"
+        );
+        host.publish_function(&format!("init-{behaviour}"), &manifest);
+    }
+    // `loop` is stopped at the 10 s start-up deadline; one at a time.
+    wait_for(Duration::from_secs(90), "three refusals", || {
+        host.metric("cascade_snapshots_total{outcome=\"refused\"}") == 3.0
+    });
+    let log = host.log();
+    for (behaviour, why) in cases {
+        let function = format!("init-{behaviour}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("no snapshot") && l.contains(&function) && l.contains(why)),
+            "{function}: {why}\n{log}"
+        );
+        assert!(!first_stage_snapshotted(&host, &function));
+        let response = host.invoke(&function, "text/plain", "echo:still here".to_string());
+        assert_eq!(response.status(), 200, "{function}");
+        let value: Value = response.json().expect("JSON");
+        assert_eq!(cascade_tests::first_tensor_text(&value), "still here");
+    }
+    assert_eq!(
+        host.metric("cascade_snapshots_total{outcome=\"made\"}"),
+        1.0,
+        "embed's"
+    );
+}
+
 /// Every reference text's embedding from `host` is within 1e-4 of the
 /// onnxruntime reference, element by element.
 fn embeddings_match_the_reference(host: &Host, when: &str) {

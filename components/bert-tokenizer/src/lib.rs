@@ -21,7 +21,7 @@ use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::{Failure, PerInstance, le};
 use tokenizers::{NormalizerWrapper, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
+wit_bindgen::generate!({ world: "initialized-preprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
 
 const KEYS: &[&str] = &[
@@ -230,6 +230,14 @@ fn tokenize(input: Message) -> Result<Vec<Tensor>, Failure> {
 }
 
 struct BertTokenizer;
+
+/// Parsing `tokenizer.json` is ~20 ms of a new instance's first call; a
+/// host that snapshots this instance afterwards starts the others parsed.
+impl exports::cascade::inference::initialize::Guest for BertTokenizer {
+    fn initialize() -> Result<(), Error> {
+        PREPARED.initialize(prepare).map_err(Into::into)
+    }
+}
 
 impl exports::cascade::inference::preprocess::Guest for BertTokenizer {
     fn preprocess(input: Message) -> Result<Vec<Tensor>, Error> {

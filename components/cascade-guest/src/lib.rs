@@ -54,6 +54,33 @@ impl<T> PerInstance<T> {
     }
 }
 
+impl<T> PerInstance<T> {
+    /// For an `initialize` export (WIT interface `initialize`): prepares
+    /// now, then closes the preopened directories wasi-libc opened to read
+    /// the files, because a snapshot of this instance cannot carry their
+    /// handles. A later file access opens them again.
+    pub fn initialize(&self, prepare: impl FnOnce() -> Result<T, Failure>) -> Result<(), Failure> {
+        let prepared = self.get(prepare).map(drop);
+        release_preopens();
+        prepared
+    }
+}
+
+#[cfg(all(target_os = "wasi", target_env = "p2"))]
+fn release_preopens() {
+    unsafe extern "C" {
+        /// wasi-libc: closes every preopened directory and forgets them,
+        /// so the next path lookup asks `wasi:filesystem/preopens` again.
+        fn __wasilibc_reset_preopens();
+    }
+    // SAFETY: takes no arguments and only touches wasi-libc's own table,
+    // under its lock; nothing here holds a descriptor from that table.
+    unsafe { __wasilibc_reset_preopens() }
+}
+
+#[cfg(not(all(target_os = "wasi", target_env = "p2")))]
+fn release_preopens() {}
+
 impl<T> Default for PerInstance<T> {
     fn default() -> Self {
         Self::new()

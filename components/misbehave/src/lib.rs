@@ -16,12 +16,18 @@
 //!   instance's linear memory, else `clean` (the masked form is compared on
 //!   the fly, so only `keep` ever writes it), proving an instance starts
 //!   with nothing an earlier one in its slot left behind.
+//!
+//! It exports `initialize` (world `initialized-preprocessor`), which does
+//! what config `on_initialize` says: `fail` (returns an error), `hold`
+//! (opens `/model/tokenizer.json` and never closes it), `loop` (spins
+//! forever); anything else, or nothing, does nothing. The host must then
+//! refuse to snapshot it, and serve it all the same.
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
 use cascade_guest::Failure;
 use std::sync::Mutex;
 
-wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
+wit_bindgen::generate!({ world: "initialized-preprocessor", path: "../../wit", generate_all });
 cascade_guest::component_glue!();
 
 fn answer(text: &str) -> Vec<Tensor> {
@@ -116,6 +122,28 @@ fn misbehave(input: Message) -> Result<Vec<Tensor>, Failure> {
 }
 
 struct Misbehave;
+
+impl exports::cascade::inference::initialize::Guest for Misbehave {
+    fn initialize() -> Result<(), Error> {
+        let config = load_config(&["on_initialize"])?;
+        match config.string("on_initialize", "").as_str() {
+            "fail" => Err(Failure::internal("asked to fail in initialize").into()),
+            "hold" => {
+                let file = std::fs::File::open("/model/tokenizer.json")
+                    .map_err(|e| Failure::internal(format!("open: {e}")))?;
+                std::mem::forget(file);
+                Ok(())
+            }
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 impl exports::cascade::inference::preprocess::Guest for Misbehave {
     fn preprocess(input: Message) -> Result<Vec<Tensor>, Error> {

@@ -1,0 +1,252 @@
+//! Where compiled snapshots are kept, and how they are made off the
+//! request path.
+//!
+//! A snapshot depends on the component and on everything its `initialize`
+//! could read: the stage's configuration, its model files and its memory
+//! limit. It is compiled once and kept as
+//! `DATA/compiled/snapshots/<component digest>-<grant key>-<engine>.cwasm`,
+//! so a restarted host starts snapshotted instances at once. A missing one
+//! is made on a thread of its own, one at a time (it compiles the component
+//! twice), while the stage serves from the plain component; then every
+//! stage waiting for it switches over.
+
+use super::snapshot;
+use crate::engine::{ServingEngine, cache_component};
+use crate::sandbox::Grant;
+use crate::stage::ComponentStage;
+use prometheus::IntCounterVec;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Told when a snapshot stage is ready: a pool switches its new instances over.
+pub type Ready = Box<dyn Fn(Arc<ComponentStage>) + Send>;
+
+/// The snapshots of one host.
+pub struct Snapshots {
+    dir: PathBuf,
+    /// Snapshots being made, by file name, with who waits for each.
+    making: Arc<Mutex<HashMap<String, Vec<Ready>>>>,
+    /// Makes one snapshot at a time, so a host start with many stages does
+    /// not take every core from the requests.
+    one_at_a_time: Arc<Mutex<()>>,
+    /// `cascade_snapshots_total{outcome}`: made, cached, refused.
+    outcomes: IntCounterVec,
+}
+
+/// What a stage starts its instances from.
+pub enum Start {
+    /// A snapshot compiled before.
+    Snapshot(Arc<ComponentStage>),
+    /// The plain component; a snapshot is being made for it.
+    Component,
+}
+
+impl Snapshots {
+    /// Snapshots kept under `dir`, counted in `outcomes`.
+    pub fn new(dir: PathBuf, outcomes: IntCounterVec) -> Self {
+        Snapshots {
+            dir,
+            making: Arc::new(Mutex::new(HashMap::new())),
+            one_at_a_time: Arc::new(Mutex::new(())),
+            outcomes,
+        }
+    }
+
+    /// The snapshot of `stage` (component `digest`, binary at `wasm`)
+    /// under `grant` if one was made before; else starts making it and
+    /// hands it to `ready` when done.
+    pub fn start(
+        &self,
+        engine: &ServingEngine,
+        stage: &Arc<ComponentStage>,
+        digest: &str,
+        wasm: &Path,
+        grant: &Grant,
+        ready: Ready,
+    ) -> Start {
+        let path = self
+            .dir
+            .join(engine.artifact_name(&format!("{digest}-{}", grant_key(grant))));
+        if let Some(component) = engine.cached_component(&path) {
+            match stage.snapshot_of(component) {
+                Ok(snapshot) => {
+                    self.outcomes.with_label_values(&["cached"]).inc();
+                    return Start::Snapshot(Arc::new(snapshot));
+                }
+                Err(e) => tracing::warn!("linking snapshot {}: {e:#}", path.display()),
+            }
+        }
+        let name = file_name(&path);
+        {
+            let mut making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(waiting) = making.get_mut(&name) {
+                waiting.push(ready);
+                return Start::Component;
+            }
+            making.insert(name.clone(), vec![ready]);
+        }
+        let job = Job {
+            stage: stage.clone(),
+            wasm: wasm.to_path_buf(),
+            grant: grant.clone(),
+            path,
+            name,
+            making: self.making.clone(),
+            one_at_a_time: self.one_at_a_time.clone(),
+            outcomes: self.outcomes.clone(),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cascade-snapshot".into())
+            .spawn(move || job.run())
+        {
+            tracing::warn!("starting a thread to make a snapshot: {e}");
+        }
+        Start::Component
+    }
+
+    /// Removes snapshots of components `live` no longer wants, of another
+    /// engine configuration, and files a crash left half written.
+    pub fn collect(&self, engine: &ServingEngine, live: impl Fn(&str) -> bool) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let current = engine.is_current_artifact(&name, |stem| {
+                stem.rsplit_once('-')
+                    .is_some_and(|(digest, _key)| live(digest))
+            });
+            if !current && let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!("removing snapshot {name}: {e}");
+            }
+        }
+    }
+}
+
+/// A snapshot to make, on a thread of its own.
+struct Job {
+    stage: Arc<ComponentStage>,
+    wasm: PathBuf,
+    grant: Grant,
+    path: PathBuf,
+    name: String,
+    making: Arc<Mutex<HashMap<String, Vec<Ready>>>>,
+    one_at_a_time: Arc<Mutex<()>>,
+    outcomes: IntCounterVec,
+}
+
+impl Job {
+    fn run(self) {
+        let made = {
+            let _turn = self
+                .one_at_a_time
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.make()
+        };
+        let waiting = self
+            .making
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.name)
+            .unwrap_or_default();
+        match made {
+            Ok(snapshot) => {
+                self.outcomes.with_label_values(&["made"]).inc();
+                tracing::info!(
+                    stage = %self.grant.log_tag,
+                    "snapshot made; new instances start from it"
+                );
+                for ready in waiting {
+                    ready(snapshot.clone());
+                }
+            }
+            Err(e) => {
+                self.outcomes.with_label_values(&["refused"]).inc();
+                tracing::warn!(
+                    stage = %self.grant.log_tag,
+                    "no snapshot, instances start from the component: {e:#}"
+                );
+            }
+        }
+    }
+
+    fn make(&self) -> anyhow::Result<Arc<ComponentStage>> {
+        let wasm = std::fs::read(&self.wasm)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let rewritten = runtime.block_on(snapshot(&self.stage, &wasm, &self.grant))?;
+        let component = wasmtime::component::Component::new(self.stage.engine(), &rewritten)
+            .map_err(|e| anyhow::anyhow!("compiling the snapshot: {e:#}"))?;
+        cache_component(&component, &self.path)
+            .map_err(|e| anyhow::anyhow!("saving the snapshot: {e:#}"))?;
+        let stage = self
+            .stage
+            .snapshot_of(component)
+            .map_err(|e| anyhow::anyhow!("linking the snapshot: {e:#}"))?;
+        Ok(Arc::new(stage))
+    }
+}
+
+/// Names what `initialize` could read under `grant`: configuration, model
+/// files (their directory is named by the package's digest) and the memory
+/// limit. Hex, 16 digits.
+fn grant_key(grant: &Grant) -> String {
+    let mut hasher = Sha256::new();
+    for (key, value) in &grant.config {
+        for part in [key.as_bytes(), value.as_bytes()] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    }
+    hasher.update([0xff]);
+    if let Some(dir) = &grant.model_dir {
+        hasher.update(dir.as_os_str().as_encoded_bytes());
+    }
+    hasher.update([0xff]);
+    hasher.update((grant.memory_bytes as u64).to_le_bytes());
+    hex::encode(&hasher.finalize()[..8])
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_changes_with_what_initialize_could_read() {
+        let base = Grant::default();
+        let key = grant_key(&base);
+        assert_eq!(key.len(), 16);
+        assert_eq!(key, grant_key(&base.clone()));
+        let mut config = base.clone();
+        config.config.insert("max_length".into(), "64".into());
+        let mut files = base.clone();
+        files.model_dir = Some(PathBuf::from("/data/packages/abc"));
+        let mut memory = base.clone();
+        memory.memory_bytes *= 2;
+        let mut tag = base.clone();
+        tag.log_tag = "other/stage".into();
+        for changed in [&config, &files, &memory] {
+            assert_ne!(grant_key(changed), key);
+        }
+        assert_eq!(grant_key(&tag), key, "the log tag is not read by the guest");
+    }
+
+    #[test]
+    fn config_pairs_cannot_run_into_each_other() {
+        let mut a = Grant::default();
+        a.config.insert("ab".into(), "c".into());
+        let mut b = Grant::default();
+        b.config.insert("a".into(), "bc".into());
+        assert_ne!(grant_key(&a), grant_key(&b));
+    }
+}
