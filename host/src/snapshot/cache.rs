@@ -107,13 +107,17 @@ impl Snapshots {
     }
 
     /// Removes snapshots of components `live` no longer wants, of another
-    /// engine configuration, and files a crash left half written.
+    /// engine configuration, and files a crash left half written (after
+    /// an hour: a job may be writing one now).
     pub fn collect(&self, engine: &ServingEngine, live: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && !abandoned(&entry) {
+                continue; // a snapshot being written now
+            }
             let current = engine.is_current_artifact(&name, |stem| {
                 stem.rsplit_once('-')
                     .is_some_and(|(digest, _key)| live(digest))
@@ -209,6 +213,16 @@ fn grant_key(grant: &Grant) -> String {
     hasher.update([0xff]);
     hasher.update((grant.memory_bytes as u64).to_le_bytes());
     hex::encode(&hasher.finalize()[..8])
+}
+
+/// Whether a half-written file is old enough that no job still writes it.
+fn abandoned(entry: &std::fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_none_or(|age| age > std::time::Duration::from_secs(3600))
 }
 
 fn file_name(path: &Path) -> String {
