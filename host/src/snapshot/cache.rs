@@ -6,10 +6,11 @@
 //! limit. It is compiled once and kept as
 //! `DATA/compiled/snapshots/<component digest>-<grant key>-<engine>.cwasm`,
 //! so a restarted host starts snapshotted instances at once. A missing one
-//! is made on a thread of its own, one at a time (it compiles the component
-//! twice), while the stage serves from the plain component; then every
-//! stage waiting for it switches over.
+//! is made in the [`Background`], one at a time at the lowest CPU priority
+//! (it compiles the component twice), while the stage serves from the
+//! plain component; then every stage waiting for it switches over.
 
+use super::background::Background;
 use super::snapshot;
 use crate::engine::{ServingEngine, cache_component};
 use crate::sandbox::Grant;
@@ -28,9 +29,8 @@ pub struct Snapshots {
     dir: PathBuf,
     /// Snapshots being made, by file name, with who waits for each.
     making: Arc<Mutex<HashMap<String, Vec<Ready>>>>,
-    /// Makes one snapshot at a time, so a host start with many stages does
-    /// not take every core from the requests.
-    one_at_a_time: Arc<Mutex<()>>,
+    /// Makes them one at a time, on cores nothing else wants.
+    background: Background,
     /// `cascade_snapshots_total{outcome}`: made, cached, refused.
     outcomes: IntCounterVec,
 }
@@ -49,7 +49,7 @@ impl Snapshots {
         Snapshots {
             dir,
             making: Arc::new(Mutex::new(HashMap::new())),
-            one_at_a_time: Arc::new(Mutex::new(())),
+            background: Background::start(),
             outcomes,
         }
     }
@@ -92,16 +92,15 @@ impl Snapshots {
             wasm: wasm.to_path_buf(),
             grant: grant.clone(),
             path,
-            name,
+            name: name.clone(),
             making: self.making.clone(),
-            one_at_a_time: self.one_at_a_time.clone(),
             outcomes: self.outcomes.clone(),
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("cascade-snapshot".into())
-            .spawn(move || job.run())
-        {
-            tracing::warn!("starting a thread to make a snapshot: {e}");
+        if !self.background.run(Box::new(move || job.run())) {
+            self.making
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
         }
         Start::Component
     }
@@ -129,7 +128,7 @@ impl Snapshots {
     }
 }
 
-/// A snapshot to make, on a thread of its own.
+/// A snapshot to make, in the background.
 struct Job {
     stage: Arc<ComponentStage>,
     wasm: PathBuf,
@@ -137,19 +136,12 @@ struct Job {
     path: PathBuf,
     name: String,
     making: Arc<Mutex<HashMap<String, Vec<Ready>>>>,
-    one_at_a_time: Arc<Mutex<()>>,
     outcomes: IntCounterVec,
 }
 
 impl Job {
     fn run(self) {
-        let made = {
-            let _turn = self
-                .one_at_a_time
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.make()
-        };
+        let made = self.make();
         let waiting = self
             .making
             .lock()

@@ -14,6 +14,7 @@
 //! [`cache`] keeps compiled snapshots on disk and makes them off the
 //! request path.
 
+mod background;
 pub mod cache;
 
 use crate::bindings::{GuestError, export_names};
