@@ -9,6 +9,7 @@ use anyhow::Result;
 use cascade_tests::host::Host;
 use std::path::PathBuf;
 use std::time::Duration;
+use std::time::Instant;
 
 /// Request bodies, written once to files for wrk.
 pub struct Bodies {
@@ -113,11 +114,34 @@ impl Bench {
         Ok(runs)
     }
 
-    /// A host with the example functions published.
-    pub fn host_with_examples(&self, extra: &[&str]) -> Host {
+    /// A host with the example functions published, once it has made
+    /// the snapshot of `embed`'s tokenizer: until then a background job
+    /// compiles on spare cores, which measurements would share.
+    pub fn host_with_examples(&self, extra: &[&str]) -> Result<Host> {
         let host = Host::start_with(extra);
         host.publish_examples();
-        host
+        wait_for_snapshot(&host, "embed")?;
+        Ok(host)
+    }
+}
+
+/// Waits until the first stage of `function` (`bert-tokenizer`) starts its
+/// instances from the snapshot the host makes in the background after
+/// publishing: part of a warm compiled cache.
+pub fn wait_for_snapshot(host: &Host, function: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status: serde_json::Value = host
+            .get(&format!("/v1/functions/{function}/status"))
+            .json()?;
+        if status["stages"][0]["snapshot"] == serde_json::Value::Bool(true) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{function}'s tokenizer never started from a snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -2,7 +2,7 @@
 //! compiled cache warm, publish to first response, and the first request
 //! after a stage scaled to zero.
 
-use crate::context::{Bench, publish_echo, timed_invoke};
+use crate::context::{Bench, publish_echo, timed_invoke, wait_for_snapshot};
 use crate::native::{MODEL_FILE, TOKEN_EMBEDDINGS};
 use crate::report::{Bar, Record, Section, num};
 use crate::stats::median;
@@ -44,7 +44,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
              (status `snapshot: true`), as a host does in the background after a publish."
         ),
     );
-    let mut host = bench.host_with_examples(&[]);
+    let mut host = bench.host_with_examples(&[])?;
     publish_echo(&host, "echo", "")?;
     for (function, body) in [
         ("embed", bench.bodies.text_32.as_bytes()),
@@ -56,8 +56,6 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "{function} answers before the restarts"
         );
     }
-    // The compiled cache is warm when the tokenizer's snapshot is made too.
-    wait_for_snapshot(&host, "embed")?;
     let data = host.data.clone();
     anyhow::ensure!(host.terminate(), "the host stops cleanly");
     let optimise_ms = median(
@@ -290,26 +288,6 @@ fn scale_from_zero(host: &Host, text: &str) -> Result<ScaleFromZero> {
         warm_ms: median(warm),
         cold_ms: cold,
     })
-}
-
-/// Waits until the first stage of `function` (`bert-tokenizer`) starts its
-/// instances from the snapshot the host makes in the background after
-/// publishing: part of a warm compiled cache.
-fn wait_for_snapshot(host: &Host, function: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status: serde_json::Value = host
-            .get(&format!("/v1/functions/{function}/status"))
-            .json()?;
-        if status["stages"][0]["snapshot"] == serde_json::Value::Bool(true) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{function}'s tokenizer never started from a snapshot"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Instances of every component stage of `function`, summed.

@@ -149,7 +149,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
 
 /// A host with the examples and the JetStream-fed function.
 fn host(bench: &Bench, nats: &NatsServer) -> Result<Host> {
-    let host = bench.host_with_examples(&["--nats", &nats.url()]);
+    let host = bench.host_with_examples(&["--nats", &nats.url()])?;
     let response = host.put(
         &format!("/v1/functions/{FUNCTION}"),
         "application/toml",

@@ -1,7 +1,7 @@
 //! Section 7, memory: resident set of an idle host with 100 published functions,
 //! and what each warm instance adds.
 
-use crate::context::{Bench, invoke_url, publish_echo};
+use crate::context::{Bench, invoke_url, publish_echo, wait_for_snapshot};
 use crate::process::rss_mb;
 use crate::report::{Record, Section, num};
 use anyhow::{Context, Result, ensure};
@@ -54,6 +54,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let warm = rss_mb(pid)?;
     host.publish_examples();
     wait_served(&host, "embed")?;
+    // Its tokenizer's snapshot is part of a served `embed`'s steady state.
+    wait_for_snapshot(&host, "embed")?;
     settle();
     let served = rss_mb(pid)?;
     let text = &bench.bodies.text_32;

@@ -31,7 +31,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ),
     );
     let nats = NatsServer::start();
-    let host = bench.host_with_examples(&["--nats", &nats.url()]);
+    let host = bench.host_with_examples(&["--nats", &nats.url()])?;
     publish_echo(&host, "echo", ECHO_SCALING)?;
     let _raw = Spawned::start(
         "the raw NATS responder",

@@ -67,7 +67,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
         "1",
         "--grpc-listen",
         &grpc_listen,
-    ]);
+    ])?;
     host.serve_minilm(MODEL, &[]);
     let (http_port, mlserver_grpc) = (free_port(), free_port());
     let mlserver = start_mlserver(bench, mlserver_python, cores, http_port, mlserver_grpc)?;

@@ -65,19 +65,19 @@ pub fn run(bench: &Bench) -> Result<Section> {
          work (a copy, a summary) overlaps the next request loses them and the ratio measures \
          that, not the work.",
     );
-    let drift_off = bench.host_with_examples(ONE_THREAD);
+    let drift_off = bench.host_with_examples(ONE_THREAD)?;
     publish(
         &drift_off,
         &embed_with("[monitoring.drift]\nsample = 0.0\n")?,
     )?;
-    let drift_on = bench.host_with_examples(ONE_THREAD);
+    let drift_on = bench.host_with_examples(ONE_THREAD)?;
     publish(
         &drift_on,
         &embed_with("[monitoring.drift]\nsample = 0.1\n")?,
     )?;
-    let plain = bench.host_with_examples(ONE_THREAD);
+    let plain = bench.host_with_examples(ONE_THREAD)?;
     let timing_out = embed_with("")?.replace("timeout_ms = 5000", "timeout_ms = 1");
-    let shadowed = bench.host_with_examples(ONE_THREAD);
+    let shadowed = bench.host_with_examples(ONE_THREAD)?;
     publish(&shadowed, &timing_out)?;
     let split = serde_json::json!({"targets": [
         {"revision": 1, "percent": 100},

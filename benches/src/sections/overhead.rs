@@ -24,8 +24,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
          sides. Added latency is HTTP p50 minus native p50.",
     );
     let library = cascade_tests::onnxruntime_library();
-    let onnxruntime = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"]);
-    let tract = bench.host_with_examples(&["--model-backend", "tract"]);
+    let onnxruntime = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"])?;
+    let tract = bench.host_with_examples(&["--model-backend", "tract"])?;
     let ceiling = |text: &str| {
         ModelCeiling::load(
             &bench.native,

@@ -43,8 +43,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let python_port = free_port();
     let python = start_python(&bench.args.python, &bench.models, python_port, workers)?;
     let python_base = format!("http://127.0.0.1:{python_port}");
-    let equal = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"]);
-    let host = bench.host_with_examples(&[]);
+    let equal = bench.host_with_examples(&["--onnxruntime-alone-threads", "1"])?;
+    let host = bench.host_with_examples(&[])?;
     check_same_answers(bench, &python_base, &equal.url)?;
     check_same_answers(bench, &python_base, &host.url)?;
     section.commands.push(

@@ -36,7 +36,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
              at once, so the served requests' latency stays bounded instead of growing with a queue."
         ),
     );
-    let host = bench.host_with_examples(&[]);
+    let host = bench.host_with_examples(&[])?;
     for (name, instances, queue) in [
         ("embed-1", 1, 64),
         ("embed-2", 2, 64),

@@ -24,11 +24,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
          traced side.",
     );
     let receiver = Receiver::counting();
-    let off = bench.host_with_examples(&[]);
+    let off = bench.host_with_examples(&[])?;
     // SAFETY: the bench's main thread sets this before any host starts
     // with it; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("OTEL_TRACES_SAMPLER", "always_on") };
-    let on = bench.host_with_examples(&["--otlp-endpoint", &receiver.url]);
+    let on = bench.host_with_examples(&["--otlp-endpoint", &receiver.url])?;
     unsafe { std::env::remove_var("OTEL_TRACES_SAMPLER") };
     let targets = [
         bench.target(invoke_url(&off, "embed"), "text/plain", "text_32.txt"),
