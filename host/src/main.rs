@@ -230,14 +230,34 @@ impl From<Kind> for client::Kind {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(error) = run(cli) {
-        if closed_stdout(&error) {
-            // `cascade list | head` closed the pipe: the reader has what it wanted.
-            return;
+    let serving = matches!(cli.command, Command::Serve(_));
+    let code = match run(cli) {
+        Ok(()) => 0,
+        // `cascade list | head` closed the pipe: the reader has what it wanted.
+        Err(error) if closed_stdout(&error) => 0,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            1
         }
-        eprintln!("error: {error:#}");
-        std::process::exit(1);
+    };
+    if serving {
+        exit_without_destructors(code);
     }
+    std::process::exit(code);
+}
+
+/// Ends a host that has stopped (its runtime, and with it the registry
+/// and every task, already dropped) without running C++ static
+/// destructors: ONNX Runtime's tear down its CPU tables while a thread of
+/// its own may still be building a session in the background, which
+/// aborts the process ("cpuinfo_get_cores_count called before cpuinfo is
+/// initialized") and turns a graceful stop into a crash.
+fn exit_without_destructors(code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` only ends the process; what the host had to write
+    // is written and flushed above.
+    unsafe { libc::_exit(code) }
 }
 
 /// Whether `error` is a write to a stdout whose reader has gone away.
