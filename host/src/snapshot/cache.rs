@@ -188,8 +188,7 @@ impl Job {
 }
 
 /// Names what `initialize` could read under `grant`: configuration, model
-/// files (their directory is named by the package's digest) and the memory
-/// limit. Hex, 16 digits.
+/// files (by the package's digest) and the memory limit. Hex, 16 digits.
 fn grant_key(grant: &Grant) -> String {
     let mut hasher = Sha256::new();
     for (key, value) in &grant.config {
@@ -199,8 +198,10 @@ fn grant_key(grant: &Grant) -> String {
         }
     }
     hasher.update([0xff]);
-    if let Some(dir) = &grant.model_dir {
-        hasher.update(dir.as_os_str().as_encoded_bytes());
+    // The package's digest, which names its directory: the same files
+    // wherever the data directory is.
+    if let Some(package) = grant.model_dir.as_deref().and_then(Path::file_name) {
+        hasher.update(package.as_encoded_bytes());
     }
     hasher.update([0xff]);
     hasher.update((grant.memory_bytes as u64).to_le_bytes());
@@ -241,10 +242,17 @@ mod tests {
         memory.memory_bytes *= 2;
         let mut tag = base.clone();
         tag.log_tag = "other/stage".into();
+        let mut moved = files.clone();
+        moved.model_dir = Some(PathBuf::from("/elsewhere/packages/abc"));
         for changed in [&config, &files, &memory] {
             assert_ne!(grant_key(changed), key);
         }
         assert_eq!(grant_key(&tag), key, "the log tag is not read by the guest");
+        assert_eq!(
+            grant_key(&moved),
+            grant_key(&files),
+            "the guest sees the same files in a moved data directory"
+        );
     }
 
     #[test]
