@@ -48,6 +48,7 @@ impl ModelCeiling {
             RunCounts {
                 narrow: counter("narrow")?,
                 wide: counter("wide")?,
+                stopped: counter("stopped")?,
             },
         )
         .map_err(|e| anyhow!("{e}"))?;

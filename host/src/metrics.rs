@@ -43,6 +43,9 @@ pub struct Metrics {
     /// `cascade_onnxruntime_runs_total{model, threads}`: ONNX Runtime runs by
     /// the threads they used.
     pub onnxruntime_runs: IntCounterVec,
+    /// `cascade_onnxruntime_runs_stopped_total{model}`: runs ended early
+    /// because every caller had left (deadline, disconnect).
+    pub onnxruntime_stopped: IntCounterVec,
     /// `cascade_model_batches_total{function, stage}`: model runs that
     /// served two or more requests (`batch` in the manifest).
     pub model_batches: IntCounterVec,
@@ -184,6 +187,11 @@ impl Metrics {
                 "cascade_onnxruntime_runs_total",
                 "ONNX Runtime model runs by the threads they used.",
                 &["model", "threads"],
+            )?,
+            onnxruntime_stopped: counter(
+                "cascade_onnxruntime_runs_stopped_total",
+                "ONNX Runtime model runs ended early because every caller had left.",
+                &["model"],
             )?,
             model_batches: counter(
                 "cascade_model_batches_total",

@@ -111,6 +111,7 @@ impl Runtime {
                 shape_plans,
                 metrics.shape_plans.clone(),
                 metrics.onnxruntime_runs.clone(),
+                metrics.onnxruntime_stopped.clone(),
             )
             .with_optimized(OptimizedModels::new(compiled_dir.join("onnxruntime"))),
             snapshots: Snapshots::new(compiled_dir.join("snapshots"), metrics.snapshots.clone()),

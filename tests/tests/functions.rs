@@ -1,7 +1,10 @@
 //! The host runtime end to end: the real `cascade` binary serving the
 //! example functions on real models, misbehaving guests, pools that scale.
 
+use cascade_host::bindings::{Tensor, TensorType};
+use cascade_host::model::ort::{OrtModel, OrtSettings, RunCounts};
 use cascade_host::model::shared_initializers::SharedInitializers;
+use cascade_host::model::stop::Stop;
 use cascade_tests::fixture;
 use cascade_tests::host::{Host, client, error_of};
 use serde_json::Value;
@@ -77,6 +80,130 @@ fn embed_matches_the_onnxruntime_reference_and_means_something() {
         .collect();
     assert!(cosine(&single, &rows[0]) > 0.99999);
     postprocessors_receive_only_the_tensors_they_name(&host);
+}
+
+#[test]
+fn a_model_run_whose_caller_left_is_stopped_and_its_sessions_serve_on() {
+    let host = Host::start();
+    host.publish_examples();
+    assert_eq!(
+        host.metric("cascade_model_backend{backend=\"onnxruntime\"}"),
+        1.0,
+        "this test needs the ONNX Runtime backend (cargo xtask models caches its library)"
+    );
+    let manifest = cascade_tests::embed_manifest("embed-hurried", "[limits]\ntimeout_ms = 150\n");
+    assert_eq!(
+        host.put("/v1/functions/embed-hurried", "application/toml", manifest)
+            .status(),
+        201
+    );
+    // Instances and sessions warm first, so the tokenizer is quick (on a
+    // slow machine a cold call may itself run past 150 ms: counted before).
+    embed(&host, &["warm up"]);
+    for _ in 0..3 {
+        host.invoke("embed-hurried", "text/plain", "warm up");
+    }
+    let before = host.metric("cascade_onnxruntime_runs_stopped_total");
+    // 64 texts of 128 tokens: a model run of a second or so, and the
+    // caller gives up after 150 ms.
+    let long = "word ".repeat(200);
+    let body = serde_json::json!({ "inputs": vec![long; 64] }).to_string();
+    let response = host.invoke("embed-hurried", "application/json", body);
+    assert_eq!(response.status(), 504, "{:?}", response.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.metric("cascade_onnxruntime_runs_stopped_total") < before + 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned run was never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The stopped session's flag is cleared: every session answers right.
+    for _ in 0..4 {
+        for (text, want) in embed_reference() {
+            let got = embed(&host, &[&text]);
+            let similarity = cosine(&got[0], &want);
+            assert!(similarity >= 0.9999, "{text:?}: cosine {similarity}");
+        }
+    }
+    assert_eq!(
+        host.metric("cascade_onnxruntime_runs_stopped_total"),
+        before + 1.0,
+        "answered runs are not counted as stopped"
+    );
+}
+
+/// MiniLM's inputs for `rows` texts of 128 tokens, on `model`.
+fn long_batch(model: &OrtModel, rows: u32) -> Vec<Tensor> {
+    model
+        .input_names()
+        .into_iter()
+        .map(|name| {
+            // Token 2000 everywhere, attended to, one segment.
+            let value: i64 = match name.as_str() {
+                "input_ids" => 2000,
+                "attention_mask" => 1,
+                _ => 0,
+            };
+            Tensor {
+                name,
+                dimensions: vec![rows, 128],
+                ty: TensorType::I64,
+                data: (0..rows * 128).flat_map(|_| value.to_le_bytes()).collect(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_onnxruntime_run_ends_early_and_its_session_runs_again() {
+    let counter = |name: &str| prometheus::IntCounter::new(name, "test").expect("counter");
+    let settings = OrtSettings {
+        library: cascade_tests::onnxruntime_library(),
+        threads: 1,
+        alone_threads: 1,
+        or_tract: false,
+    };
+    // One thread per run and runs one after another: one session serves
+    // them all, the stopped run's too.
+    let model = OrtModel::load(
+        &cascade_tests::models_dir().join("paraphrase-MiniLM-L3-v2.onnx"),
+        None,
+        &["onnx::Shape_422".to_string()],
+        &settings,
+        RunCounts {
+            narrow: counter("narrow"),
+            wide: counter("wide"),
+            stopped: counter("stopped"),
+        },
+    )
+    .expect("MiniLM loads on ONNX Runtime");
+    let inputs = long_batch(&model, 32);
+    let started = Instant::now();
+    let want = model.run(&inputs).expect("a whole run");
+    let whole = started.elapsed();
+    let stop = Arc::new(Stop::default());
+    let stopper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(whole / 10);
+            stop.stop();
+        })
+    };
+    let started = Instant::now();
+    let stopped = model.run_stoppable(&inputs, &stop);
+    let took = started.elapsed();
+    stopper.join().expect("stopper");
+    let error = stopped.expect_err("the stopped run gives no outputs");
+    assert!(error.to_string().contains("stopped"), "{error}");
+    assert!(
+        took < whole / 2,
+        "stopped after {took:?}, a whole run takes {whole:?}"
+    );
+    let again = model
+        .run(&inputs)
+        .expect("the session runs again after a stop");
+    assert_eq!(again[0].data, want[0].data, "the same outputs as before");
 }
 
 /// The reference texts and their embeddings, from `embed_reference.json`.

@@ -20,6 +20,7 @@ pub mod plan;
 pub mod queue;
 pub mod shape_plans;
 pub mod shared_initializers;
+pub mod stop;
 pub mod tensors;
 pub mod threads;
 pub mod tract;

@@ -15,10 +15,12 @@
 use super::ModelError;
 use super::optimized::{OptimizedCopy, Saving};
 use super::shared_initializers::SharedInitializers;
+use super::stop::Stop;
 use super::tensors::{check_fills_shape, input_named};
 use super::wide_runs::{InFlight, Width, WidthChooser};
 use crate::bindings::{Tensor, TensorType};
 use crate::error::StageError;
+use ort::AsPointer;
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
@@ -54,6 +56,8 @@ pub struct RunCounts {
     pub narrow: IntCounter,
     /// Lone runs on `alone_threads` threads.
     pub wide: IntCounter,
+    /// Runs ended early because nobody waited for them any more.
+    pub stopped: IntCounter,
 }
 
 /// Loads the library and creates the process's one ONNX Runtime
@@ -247,7 +251,17 @@ impl OrtModel {
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
-        let outcome = self.run_picking(available);
+        self.run_stoppable(available, &Stop::default())
+    }
+
+    /// [`OrtModel::run`], ended early by ONNX Runtime (between two nodes)
+    /// once `stop` is stopped.
+    pub fn run_stoppable(
+        &self,
+        available: &[Tensor],
+        stop: &Stop,
+    ) -> Result<Vec<Tensor>, StageError> {
+        let outcome = self.run_picking(available, stop);
         if !self.ran.swap(true, Ordering::Relaxed)
             && let Some(first) = self.first_run.lock().ok().and_then(|mut f| f.take())
         {
@@ -257,7 +271,7 @@ impl OrtModel {
     }
 
     /// [`OrtModel::run`] on a wide session when alone and faster, else narrow.
-    fn run_picking(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+    fn run_picking(&self, available: &[Tensor], stop: &Stop) -> Result<Vec<Tensor>, StageError> {
         let in_flight = InFlight::enter();
         let mut elements = 0usize;
         let inputs = self
@@ -282,14 +296,14 @@ impl OrtModel {
             let started = Instant::now();
             let (used, outcome) = match taken {
                 Some(mut runner) => {
-                    let outcome = self.run_on(&mut runner, inputs);
+                    let outcome = self.run_on(&mut runner, inputs, stop);
                     if let Ok(mut slot) = wide.runner.lock() {
                         *slot = Some(runner);
                     }
                     self.counts.wide.inc();
                     (Width::Wide, outcome)
                 }
-                None => (Width::Narrow, self.run_narrow(inputs)),
+                None => (Width::Narrow, self.run_narrow(inputs, stop)),
             };
             if outcome.is_ok() {
                 let cost = started.elapsed().as_nanos() as f64 / elements.max(1) as f64;
@@ -297,26 +311,44 @@ impl OrtModel {
             }
             return outcome;
         }
-        self.run_narrow(inputs)
+        self.run_narrow(inputs, stop)
     }
 
     /// Runs on a session of the narrow pool.
-    fn run_narrow(&self, inputs: Vec<(&str, DynTensor)>) -> Result<Vec<Tensor>, StageError> {
+    fn run_narrow(
+        &self,
+        inputs: Vec<(&str, DynTensor)>,
+        stop: &Stop,
+    ) -> Result<Vec<Tensor>, StageError> {
         let mut lease = self.lease()?;
         let runner = lease.runner.as_mut().expect("a lease holds its runner");
         self.counts.narrow.inc();
-        self.run_on(runner, inputs)
+        self.run_on(runner, inputs, stop)
     }
 
     fn run_on(
         &self,
         runner: &mut Runner,
         inputs: Vec<(&str, DynTensor)>,
+        stop: &Stop,
     ) -> Result<Vec<Tensor>, StageError> {
-        let mut outputs = runner
-            .session
-            .run_with_options(inputs, &runner.options)
-            .map_err(|e| StageError::Internal(format!("inference failed: {e}")))?;
+        let flag = || Terminator(runner.options.ptr().cast_mut());
+        // The flag stays on the options until cleared: whatever set it
+        // last, it must not end a run someone waits for.
+        flag().set(false);
+        let terminate = flag();
+        let (outcome, stopped) = stop.run(Box::new(move || terminate.set(true)), || {
+            runner.session.run_with_options(inputs, &runner.options)
+        });
+        if stopped {
+            flag().set(false);
+            self.counts.stopped.inc();
+            return Err(StageError::Internal(
+                "the model run was stopped: nobody waited for it any more".into(),
+            ));
+        }
+        let mut outputs =
+            outcome.map_err(|e| StageError::Internal(format!("inference failed: {e}")))?;
         self.outputs
             .iter()
             .map(|name| {
@@ -674,6 +706,38 @@ fn runner(
         options,
         own_initializers,
     })
+}
+
+/// Sets or clears the terminate flag of a run's options from any thread.
+///
+/// `RunOptions` with selected outputs is not `Sync` in the `ort` crate
+/// (options holding pre-allocated outputs must not be shared), so the
+/// flag is reached through ONNX Runtime's C API, which documents
+/// `RunOptionsSetTerminate` as the way to stop a run from another thread.
+struct Terminator(*mut ort::sys::OrtRunOptions);
+
+// SAFETY: the pointer is only used with ONNX Runtime's terminate calls,
+// which are safe from any thread, and only while the options live: a
+// `Stop` drops the closure holding it before the run that armed it returns.
+unsafe impl Send for Terminator {}
+
+impl Terminator {
+    fn set(&self, on: bool) {
+        let api = ort::api();
+        // SAFETY: `self.0` points to the live options of a runner (see above).
+        let status = unsafe {
+            if on {
+                (api.RunOptionsSetTerminate)(self.0)
+            } else {
+                (api.RunOptionsUnsetTerminate)(self.0)
+            }
+        };
+        if !status.0.is_null() {
+            tracing::warn!("ONNX Runtime refused to change a run's terminate flag");
+            // SAFETY: a non-null status is ours to release, once.
+            unsafe { (api.ReleaseStatus)(status.0) };
+        }
+    }
 }
 
 fn element_of(ty: TensorType) -> TensorElementType {

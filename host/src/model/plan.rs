@@ -6,6 +6,7 @@ use super::ModelError;
 use super::optimized::OptimizedModels;
 use super::ort::{OrtModel, OrtSettings, RunCounts};
 use super::shape_plans::Specialisation;
+use super::stop::Stop;
 use super::tract::{InputShapes, TractPlan};
 use crate::bindings::Tensor;
 use crate::error::StageError;
@@ -51,9 +52,19 @@ impl ModelPlan {
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
     pub fn run(&self, available: &[Tensor]) -> Result<Vec<Tensor>, StageError> {
+        self.run_stoppable(available, &Stop::default())
+    }
+
+    /// [`ModelPlan::run`], ended early once `stop` is stopped where the
+    /// backend can (ONNX Runtime; tract runs to the end).
+    pub fn run_stoppable(
+        &self,
+        available: &[Tensor],
+        stop: &Stop,
+    ) -> Result<Vec<Tensor>, StageError> {
         match self {
             ModelPlan::Tract(plan) => plan.run(available),
-            ModelPlan::OnnxRuntime(model) => model.run(available),
+            ModelPlan::OnnxRuntime(model) => model.run_stoppable(available, stop),
         }
     }
 
@@ -86,6 +97,7 @@ pub struct PlanCache {
     shape_plans: usize,
     built: IntGaugeVec,
     ort_runs: IntCounterVec,
+    ort_stopped: IntCounterVec,
     /// ONNX Runtime's optimised copies of the models.
     optimized: Option<OptimizedModels>,
 }
@@ -93,12 +105,14 @@ pub struct PlanCache {
 impl PlanCache {
     /// An empty cache of plans run by `backend`; tract plans specialise
     /// themselves to at most `shape_plans` shapes each, counted in `built`
-    /// by model; ONNX Runtime runs are counted in `ort_runs`.
+    /// by model; ONNX Runtime runs are counted in `ort_runs`, and those
+    /// stopped early in `ort_stopped`.
     pub fn new(
         backend: Backend,
         shape_plans: usize,
         built: IntGaugeVec,
         ort_runs: IntCounterVec,
+        ort_stopped: IntCounterVec,
     ) -> Self {
         PlanCache {
             plans: Mutex::new(HashMap::new()),
@@ -106,6 +120,7 @@ impl PlanCache {
             shape_plans,
             built,
             ort_runs,
+            ort_stopped,
             optimized: None,
         }
     }
@@ -164,6 +179,7 @@ impl PlanCache {
                 let counts = RunCounts {
                     narrow: counts(settings.threads),
                     wide: counts(settings.alone_threads),
+                    stopped: self.ort_stopped.with_label_values(&[label]),
                 };
                 let copy = self
                     .optimized
