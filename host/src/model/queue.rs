@@ -333,7 +333,7 @@ impl<M: Model> ModelQueue<M> {
     /// outputs cut back into each request's rows.
     fn execute(&self, group: &[Request]) -> Vec<Result<Vec<Tensor>, StageError>> {
         // A lone request's run ends early when its caller leaves; a batch
-        // runs on for the callers still waiting.
+        // runs to the end (all its callers would have to be gone).
         if let [only] = group {
             return vec![self.model.run_stoppable(&only.available, &only.stop)];
         }
