@@ -19,11 +19,11 @@
 //! default 4096 × 4096).
 
 use cascade::inference::types::{Error, Message, Tensor, TensorType};
-use cascade_guest::{Config, Failure, PerInstance, le};
+use cascade_guest::{Config, Failure, PerInstance};
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::imageops;
-use image::{ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 
 wit_bindgen::generate!({ world: "preprocessor", path: "../../wit", generate_all });
@@ -56,12 +56,13 @@ struct Recipe {
     height: u32,
     geometry: Geometry,
     filter: ResizeAlg,
-    scale: f32,
-    mean: Vec<f32>,
-    std: Vec<f32>,
     bgr: bool,
     tensor: String,
     max_pixels: u64,
+    /// Per output channel, the normalised value of each of the 256 pixel
+    /// levels as little-endian bytes: `(level * scale - mean) / std`, the
+    /// same arithmetic as value by value, done once per instance.
+    levels: [[[u8; 4]; 256]; 3],
 }
 
 impl Recipe {
@@ -107,20 +108,26 @@ impl Recipe {
             }
         };
         let std = config.floats("std", 3, &[1.0, 1.0, 1.0])?;
-        if std.iter().any(|s| *s == 0.0) {
+        if std.contains(&0.0) {
             return Err(Failure::internal("config `std` must not contain 0"));
         }
+        let scale: f32 = config.parse("scale", 1.0 / 255.0)?;
+        let mean = config.floats("mean", 3, &[0.0, 0.0, 0.0])?;
+        let levels = std::array::from_fn(|c| {
+            std::array::from_fn(|level| {
+                let value = level as f32 * scale;
+                ((value - mean[c]) / std[c]).to_le_bytes()
+            })
+        });
         Ok(Recipe {
             width,
             height,
             geometry,
             filter,
-            scale: config.parse("scale", 1.0 / 255.0)?,
-            mean: config.floats("mean", 3, &[0.0, 0.0, 0.0])?,
-            std,
             bgr,
             tensor: config.string("tensor", "input"),
             max_pixels: config.parse("max_pixels", 4096 * 4096)?,
+            levels,
         })
     }
 }
@@ -129,30 +136,29 @@ fn decode(body: &[u8], max_pixels: u64) -> Result<RgbImage, Failure> {
     if body.is_empty() {
         return Err(Failure::input("empty body: send a PNG or JPEG image"));
     }
+    let undecodable = |e: image::ImageError| Failure::input(format!("undecodable image: {e}"));
     let reader = ImageReader::new(Cursor::new(body))
         .with_guessed_format()
         .map_err(|e| Failure::input(format!("reading image: {e}")))?;
     if reader.format().is_none() {
         return Err(Failure::input("body is not a PNG or JPEG image"));
     }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| Failure::input(format!("undecodable image: {e}")))?;
+    // One pass over the header: the size is checked against `max_pixels`
+    // before the decoder may allocate for the pixels.
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > max_pixels {
         return Err(Failure::input(format!(
             "image of {w}×{h} pixels exceeds the limit of {max_pixels} pixels"
         )));
     }
-    let mut reader = ImageReader::new(Cursor::new(body))
-        .with_guessed_format()
-        .map_err(|e| Failure::input(format!("reading image: {e}")))?;
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8));
-    reader.limits(limits);
-    let image = reader
-        .decode()
-        .map_err(|e| Failure::input(format!("undecodable image: {e}")))?;
-    Ok(image.to_rgb8())
+    decoder.set_limits(limits).map_err(undecodable)?;
+    // `into_rgb8` keeps an RGB8 image's buffer instead of copying it.
+    Ok(DynamicImage::from_decoder(decoder)
+        .map_err(undecodable)?
+        .into_rgb8())
 }
 
 /// Applies the geometry; returns the image and how many columns hold pixels
@@ -213,18 +219,21 @@ fn resize(
         .ok_or_else(|| failed(&"the resized buffer has the wrong size"))
 }
 
-/// Normalises into planar channels of `width` × `height`, zero beyond `filled` columns.
-fn to_nchw(image: &RgbImage, filled: u32, recipe: &Recipe) -> Vec<f32> {
+/// Normalises into planar channels of `width` × `height` as little-endian
+/// `f32` bytes, zero beyond `filled` columns.
+fn to_nchw(image: &RgbImage, filled: u32, recipe: &Recipe) -> Vec<u8> {
     let (w, h) = (recipe.width as usize, recipe.height as usize);
-    let mut out = vec![0f32; 3 * w * h];
-    for (x, y, pixel) in image.enumerate_pixels() {
-        if x >= filled {
-            continue;
-        }
-        for c in 0..3 {
-            let source = if recipe.bgr { 2 - c } else { c };
-            let value = f32::from(pixel[source]) * recipe.scale;
-            out[c * w * h + y as usize * w + x as usize] = (value - recipe.mean[c]) / recipe.std[c];
+    let plane = w * h;
+    let mut out = vec![0u8; 4 * 3 * plane];
+    let row_len = (image.width() as usize * 3).max(3);
+    let filled = (filled as usize).min(w);
+    for (y, row) in image.as_raw().chunks_exact(row_len).take(h).enumerate() {
+        for (x, pixel) in row.chunks_exact(3).take(filled).enumerate() {
+            for (c, levels) in recipe.levels.iter().enumerate() {
+                let source = if recipe.bgr { 2 - c } else { c };
+                let at = 4 * (c * plane + y * w + x);
+                out[at..at + 4].copy_from_slice(&levels[usize::from(pixel[source])]);
+            }
         }
     }
     out
@@ -237,12 +246,11 @@ fn preprocess(input: Message) -> Result<Vec<Tensor>, Failure> {
     let recipe = RECIPE.get(|| Recipe::from_config(&load_config(KEYS)?))?;
     let image = decode(&input.body, recipe.max_pixels)?;
     let (shaped, filled) = reshape(&image, recipe)?;
-    let values = to_nchw(&shaped, filled, recipe);
     Ok(vec![Tensor {
         name: recipe.tensor.clone(),
         dimensions: vec![1, 3, recipe.height, recipe.width],
         ty: TensorType::Fp32,
-        data: le::from_f32s(&values),
+        data: to_nchw(&shaped, filled, recipe),
     }])
 }
 
