@@ -137,9 +137,12 @@ fn check_model(
     let ModelStep {
         model: reference,
         outputs,
-        ..
+        batch,
     } = step;
     let record = published_model(reference, at, lookup)?;
+    if *batch > 1 {
+        check_batchable(&record, outputs, at, *batch)?;
+    }
     let known: Vec<&str> = record
         .signature
         .outputs
@@ -170,6 +173,50 @@ fn check_model(
     } else {
         outputs.clone()
     })
+}
+
+/// Refuses `batch` on a model whose inputs or computed outputs fix
+/// dimension 0: requests are stacked and cut apart along it, so a model
+/// published with `--input-shape x=1,...` would fail every shared run.
+fn check_batchable(
+    record: &ModelRecord,
+    outputs: &[String],
+    at: usize,
+    batch: u32,
+) -> Result<(), RegistryError> {
+    let computed = record
+        .signature
+        .outputs
+        .iter()
+        .filter(|o| outputs.is_empty() || outputs.contains(&o.name));
+    let tensors = record
+        .signature
+        .inputs
+        .iter()
+        .map(|t| ("input", t))
+        .chain(computed.map(|t| ("output", t)));
+    for (kind, tensor) in tensors {
+        let first = tensor.shape.first();
+        if first.is_none_or(|d| d.parse::<u64>().is_ok()) {
+            let reference = format!("{}@{}", record.name, record.version);
+            let fixed = first.map_or("no dimension 0".to_string(), |d| {
+                format!("dimension 0 fixed at {d}")
+            });
+            return Err(invalid(format!(
+                "`stages[{at}].batch`: {batch} needs a free batch dimension, but {reference}'s \
+                 {kind} {:?} has shape [{}] ({fixed}); publish the model with a named first \
+                 dimension (e.g. `--input-shape {}=batch,...`) or leave `batch` out",
+                tensor.name,
+                tensor.shape.join(", "),
+                record
+                    .signature
+                    .inputs
+                    .first()
+                    .map_or("x", |i| i.name.as_str()),
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -239,6 +286,10 @@ mod tests {
                 published_at: 0,
             },
         );
+        let mut fixed = fakes.models["m@1.0.0"].clone();
+        fixed.name = "fixed".into();
+        fixed.signature.inputs[0].shape = vec!["1".into(), "3".into()];
+        fakes.models.insert("fixed@1.0.0".into(), fixed);
         fakes
     }
 
@@ -332,5 +383,20 @@ mod tests {
             files.expect_err("missing files"),
             "`stages[0]`: model gone@1.0.0 is not published"
         );
+    }
+
+    #[test]
+    fn batching_needs_a_free_first_dimension() {
+        let free = check("[[stages]]\nmodel = \"m@1.0.0\"\nbatch = 4");
+        assert_eq!(free.expect("batchable"), ["model:m@1.0.0"]);
+        let fixed = check("[[stages]]\nmodel = \"fixed@1.0.0\"\nbatch = 4");
+        assert_eq!(
+            fixed.expect_err("fixed batch"),
+            "`stages[0].batch`: 4 needs a free batch dimension, but fixed@1.0.0's input \
+             \"input_ids\" has shape [1, 3] (dimension 0 fixed at 1); publish the model with a \
+             named first dimension (e.g. `--input-shape input_ids=batch,...`) or leave `batch` out"
+        );
+        let alone = check("[[stages]]\nmodel = \"fixed@1.0.0\"\nbatch = 1");
+        assert!(alone.is_ok(), "batch = 1 runs each request alone");
     }
 }

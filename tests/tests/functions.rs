@@ -1375,3 +1375,36 @@ fn guest_output_reaches_the_host_log_tagged_with_function_and_stage() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn batching_a_model_whose_first_dimension_is_fixed_is_refused_at_publish() {
+    // The examples publish ppocr-cls with `--input-shape x=1,3,48,192`:
+    // stacked requests would make a batch of 2 that no plan of it can run
+    // (seen as a 500 for every shared run on tract).
+    let host = Host::start();
+    host.publish_examples();
+    let manifest = "name = \"orientation-batched\"\n\
+        [[stages]]\ncomponent = \"image-preprocess@0.1.0\"\n\
+        config = { resize = \"pad\", height = \"48\", width = \"192\", tensor = \"x\" }\n\
+        [[stages]]\nmodel = \"ppocr-cls@2.0.0\"\nbatch = 4\n";
+    let (status, message) = error_of(host.put(
+        "/v1/functions/orientation-batched",
+        "application/toml",
+        manifest,
+    ));
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains(
+            "`stages[1].batch`: 4 needs a free batch dimension, but ppocr-cls@2.0.0's input \
+             \"x\" has shape [1, 3, 48, 192] (dimension 0 fixed at 1)"
+        ),
+        "{message}"
+    );
+    let unbatched = manifest.replace("batch = 4\n", "");
+    let response = host.put(
+        "/v1/functions/orientation-batched",
+        "application/toml",
+        unbatched,
+    );
+    assert_eq!(response.status().as_u16(), 201);
+}
