@@ -288,7 +288,7 @@ impl OrtModel {
             })
             .collect::<Result<Vec<_>, StageError>>()?;
         if let (true, Some(wide)) = (in_flight.alone(), &self.wide) {
-            let width = wide.chooser.choose();
+            let width = wide.chooser.choose(elements);
             let taken = match width {
                 Width::Wide => wide.runner.lock().ok().and_then(|mut r| r.take()),
                 Width::Narrow => None,
@@ -307,7 +307,7 @@ impl OrtModel {
             };
             if outcome.is_ok() {
                 let cost = started.elapsed().as_nanos() as f64 / elements.max(1) as f64;
-                wide.chooser.record(used, cost);
+                wide.chooser.record(used, elements, cost);
             }
             return outcome;
         }

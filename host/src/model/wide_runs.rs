@@ -6,10 +6,12 @@
 //! shares the cores with stretches the tail many times over.) It is for some
 //! (MiniLM-L3: 2.8 → 1.7 ms on two threads) and not for others (the PP-OCR
 //! classifier's layers are too small to split: 0.7 → 1.2 ms), so each model
-//! times both widths on its first lone runs and keeps the faster. (Trying
+//! times both widths on its first lone runs of each input size class and
+//! keeps the faster for that class ([`WidthChooser`]). (Trying
 //! the slower one again now and then cost orientation's p99 at c1 a third:
 //! a wide run after a long pause is far slower than its best.)
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -79,13 +81,22 @@ pub enum Width {
     Wide,
 }
 
-/// Learns from one model's first lone runs which width is faster.
+/// Learns from one model's first lone runs which width is faster, for
+/// each size class of input (element counts within a factor of two).
+/// Sizes are learnt apart because a run's fixed cost weighs on a small
+/// input's cost per element: a host whose first lone runs alternated
+/// 3-token and 32-token texts had the wide runs on the short ones, kept
+/// one thread for good, and served 32-token `embed` at 325 req/s where a
+/// host warmed on 32-token texts alone served 472.
 #[derive(Default)]
 pub struct WidthChooser {
-    state: Mutex<Samples>,
+    state: Mutex<BTreeMap<u32, Samples>>,
 }
 
-#[derive(Default)]
+/// Most size classes learnt; inputs of others run narrow.
+const MAX_CLASSES: usize = 32;
+
+#[derive(Default, Clone, Copy)]
 struct Samples {
     narrow: Best,
     wide: Best,
@@ -111,14 +122,24 @@ impl Best {
     }
 }
 
+/// The size class of an input of `elements` elements: its bit length.
+fn class(elements: usize) -> u32 {
+    usize::BITS - elements.leading_zeros()
+}
+
 impl WidthChooser {
-    /// The width for the next lone run: each in turn until both have had
-    /// `EXPLORE` runs, then the faster.
-    pub fn choose(&self) -> Width {
-        let Ok(samples) = self.state.lock() else {
+    /// The width for the next lone run of an input of `elements`
+    /// elements: each in turn until both have had `EXPLORE` runs of its
+    /// size class, then the faster for that class.
+    pub fn choose(&self, elements: usize) -> Width {
+        let Ok(classes) = self.state.lock() else {
             return Width::Narrow;
         };
-        let (narrow, wide) = (samples.narrow, samples.wide);
+        let Samples { narrow, wide } = match classes.get(&class(elements)) {
+            Some(samples) => *samples,
+            None if classes.len() >= MAX_CLASSES => return Width::Narrow,
+            None => Samples::default(),
+        };
         if narrow.count < EXPLORE || wide.count < EXPLORE {
             if wide.count <= narrow.count {
                 Width::Wide
@@ -132,13 +153,20 @@ impl WidthChooser {
         }
     }
 
-    /// Records what a lone run of `width` cost, per input element.
-    pub fn record(&self, width: Width, cost: f64) {
-        if let Ok(mut samples) = self.state.lock() {
-            match width {
-                Width::Narrow => samples.narrow.add(cost),
-                Width::Wide => samples.wide.add(cost),
-            }
+    /// Records what a lone run of `width` on `elements` elements cost,
+    /// per element.
+    pub fn record(&self, width: Width, elements: usize, cost: f64) {
+        let Ok(mut classes) = self.state.lock() else {
+            return;
+        };
+        let class = class(elements);
+        if classes.len() >= MAX_CLASSES && !classes.contains_key(&class) {
+            return;
+        }
+        let samples = classes.entry(class).or_default();
+        match width {
+            Width::Narrow => samples.narrow.add(cost),
+            Width::Wide => samples.wide.add(cost),
         }
     }
 }
