@@ -102,21 +102,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ["measure", "median ms", "runs ms"]
             .map(String::from)
             .to_vec(),
-        vec![
-            "restart → first `embed`".into(),
-            num(median(embed_ms.clone())),
-            runs(&embed_ms),
-        ],
-        vec![
-            "restart → first `embed`, tract".into(),
-            num(median(tract_ms.clone())),
-            runs(&tract_ms),
-        ],
-        vec![
-            "restart → first `echo`".into(),
-            num(median(echo_ms.clone())),
-            runs(&echo_ms),
-        ],
+        measured("restart → first `embed`", &embed_ms),
+        measured("restart → first `embed`, tract", &tract_ms),
+        measured("restart → first `echo`", &echo_ms),
         vec![
             "tract optimisation of MiniLM-L3 (in process)".into(),
             num(optimise_ms),
@@ -128,36 +116,28 @@ pub fn run(bench: &Bench) -> Result<Section> {
             String::new(),
         ],
         vec!["`embed`, warm p50".into(), num(zero.warm_ms), String::new()],
-        vec![
-            "`embed`, first request after scale to zero".into(),
-            num(median(zero.cold_ms.clone())),
-            runs(&zero.cold_ms),
-        ],
-        vec![
-            "`embed` twin keeping its instances, first request after as long idle".into(),
-            num(median(zero.idle_kept_ms.clone())),
-            runs(&zero.idle_kept_ms),
-        ],
-        vec![
-            "component stages (`Server-Timing`), first request after scale to zero".into(),
-            num(median(zero.cold_components_ms.clone())),
-            runs(&zero.cold_components_ms),
-        ],
-        vec![
-            "component stages (`Server-Timing`), twin after as long idle".into(),
-            num(median(zero.idle_kept_components_ms.clone())),
-            runs(&zero.idle_kept_components_ms),
-        ],
+        measured("`embed`, first request after scale to zero", &zero.cold_ms),
+        measured(
+            "`embed` twin keeping its instances, first request after as long idle",
+            &zero.idle_kept_ms,
+        ),
+        measured(
+            "component stages (`Server-Timing`), first request after scale to zero",
+            &zero.cold_components_ms,
+        ),
+        measured(
+            "component stages (`Server-Timing`), twin after as long idle",
+            &zero.idle_kept_components_ms,
+        ),
         vec![
             "the same steps natively in process, back to back p50".into(),
             num(zero.native_warm_ms),
             String::new(),
         ],
-        vec![
-            "the same steps natively in process, after as long idle".into(),
-            num(median(zero.native_idle_ms.clone())),
-            runs(&zero.native_idle_ms),
-        ],
+        measured(
+            "the same steps natively in process, after as long idle",
+            &zero.native_idle_ms,
+        ),
     ];
     section.records.extend([
         Record::against(
@@ -208,6 +188,15 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ),
     ]);
     Ok(section)
+}
+
+/// A table row: what was timed, its median and every run.
+fn measured(what: &str, values: &[f64]) -> Vec<String> {
+    vec![
+        what.into(),
+        num(median(values.iter().copied())),
+        runs(values),
+    ]
 }
 
 fn runs(values: &[f64]) -> String {
