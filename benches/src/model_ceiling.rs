@@ -6,7 +6,8 @@
 //! model once cannot pass it, so it bounds what a ratio between two such
 //! servers can reach. With the tokenizer and pooling around it
 //! ([`ModelCeiling::embed`]) it is also section 1's native baseline for
-//! the ONNX Runtime backend.
+//! the ONNX Runtime backend. At one connection the ceiling is one lone run
+//! after another ([`ModelCeiling::lone_runs`]).
 
 use crate::native::NativeEmbed;
 use anyhow::{Context, Result, anyhow};
@@ -84,6 +85,14 @@ impl ModelCeiling {
         duration: Duration,
     ) -> Result<Vec<Duration>> {
         crate::native::time_each(duration, || self.embed(native, text))
+    }
+
+    /// Latencies of the model run alone, one run at a time on one thread,
+    /// for `duration`: the ceiling of a server at one connection.
+    pub fn lone_runs(&self, duration: Duration) -> Result<Vec<Duration>> {
+        crate::native::time_each(duration, || {
+            self.model.run(&self.inputs).map_err(|e| anyhow!("{e}"))
+        })
     }
 
     /// Model runs per second over `duration`, one thread per core running

@@ -7,9 +7,9 @@ use crate::context::{Bench, invoke_url, median_p99, median_rps};
 use crate::model_ceiling::ModelCeiling;
 use crate::process::{Spawned, answers};
 use crate::report::{Bar, Record, Section, num};
-use crate::stats::median;
+use crate::stats::{Latency, median};
 use crate::wrk::{Target, Wrk};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use cascade_tests::host::free_port;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -94,8 +94,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
 
 /// Measures the model-only ceiling of `embed` (`model_ceiling.rs`) in as
 /// many rounds as the comparisons, right after them, and sets both servers'
-/// req/s (`rps`: Cascade's and Python's by concurrency) against it where
-/// there are enough connections to keep every core busy.
+/// figures (`rps`: Cascade's and Python's by concurrency) against it: at
+/// one connection against one lone run after another, and where there are
+/// enough connections to keep every core busy against runs on every core.
 fn ceiling(bench: &Bench, section: &mut Section, rps: &[(u32, Req)]) -> Result<()> {
     let library = cascade_tests::onnxruntime_library();
     let ceiling = ModelCeiling::load(
@@ -110,49 +111,85 @@ fn ceiling(bench: &Bench, section: &mut Section, rps: &[(u32, Req)]) -> Result<(
         .map(|_| ceiling.runs_per_second(bench.run_length()))
         .collect::<Result<Vec<f64>>>()?;
     let runs = median(rounds);
-    section
-        .records
-        .push(Record::info("embed_model_only_rps", runs, "req/s"));
+    let lone = (0..bench.args.rounds)
+        .map(|_| ceiling.lone_runs(bench.run_length()))
+        .collect::<Result<Vec<_>>>()?;
+    let lone_rps = median(
+        lone.iter()
+            .map(|runs| runs.len() as f64 / runs.iter().map(Duration::as_secs_f64).sum::<f64>()),
+    );
+    let lone_p99_us = median(lone.iter().map(|runs| Latency::of(runs).p99_us));
+    section.records.extend([
+        Record::info("embed_model_only_rps", runs, "req/s"),
+        Record::info("embed_model_lone_rps", lone_rps, "req/s"),
+        Record::info("embed_model_lone_p99_us", lone_p99_us, "us"),
+    ]);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut shares = Vec::new();
-    for &(c, Req { cascade, python }) in rps.iter().filter(|(c, _)| *c as usize > cores) {
-        let most = runs / python;
+    let mut share = |c: u32, req: Req, most: f64| {
         section.records.extend([
-            Record::info(&format!("model_only_over_python_rps_c{c}"), most, "ratio"),
+            Record::info(
+                &format!("model_only_over_python_rps_c{c}"),
+                most / req.python,
+                "ratio",
+            ),
             Record::info(
                 &format!("cascade_share_of_model_only_c{c}"),
-                cascade / runs,
+                req.cascade / most,
                 "ratio",
             ),
         ]);
-        shares.push(format!(
+        format!(
             "at c{c} Python reached {:.0} % of it and Cascade {:.0} %, so 1.3× Python needs {:.0} %",
-            100.0 * python / runs,
-            100.0 * cascade / runs,
-            130.0 * python / runs
-        ));
-    }
+            100.0 * req.python / most,
+            100.0 * req.cascade / most,
+            130.0 * req.python / most
+        )
+    };
+    let c1 = rps
+        .iter()
+        .find(|(c, _)| *c == 1)
+        .map(|&(_, req)| req)
+        .context("no run at one connection")?;
+    let at_c1 = share(1, c1, lone_rps);
+    let shares: Vec<String> = rps
+        .iter()
+        .filter(|(c, _)| *c as usize > cores)
+        .map(|&(c, req)| share(c, req, runs))
+        .collect();
+    let allowed_p99_ms = 0.8 * c1.python_p99_us / 1000.0;
     section.notes.push(format!(
         "The ceiling: MiniLM alone on the 32-token input as the ONNX Runtime host runs it (one \
-         thread per run, one run per core, back to back, in this process, no server around it) \
-         ran {} times per second (median of {} rounds of {} s, right after the `embed` rounds). \
-         A server that runs each request's model once cannot answer faster; {}. What is left \
-         between a server and the ceiling is its own CPU per request (HTTP, tokenizing, \
-         pooling, hand-offs between threads) and moments a core waits for work; batching \
-         (`batch`) is the only way past it.",
-        num(runs),
+         thread per run, in this process, no server around it), measured right after the `embed` \
+         rounds (medians of {} rounds of {} s). At one connection a server has one request at a \
+         time, so its ceiling is one lone run after another: {} runs per second, p99 {} ms; \
+         {at_c1}. The p99 target at c1 is 0.8× Python's {} ms, {} ms, which leaves {} ms above \
+         the model's own p99 for everything else a request needs (HTTP, tokenizing, pooling); \
+         Cascade's p99 was {} ms. With more connections than cores the ceiling is one run per \
+         core, back to back: {} runs per second; {}. A server that runs each request's model \
+         once cannot answer faster. What is left between a server and the ceiling is its own \
+         CPU per request (HTTP, tokenizing, pooling, hand-offs between threads) and moments a \
+         core waits for work; batching (`batch`) is the only way past it.",
         bench.args.rounds,
         bench.args.seconds,
+        num(lone_rps),
+        num(lone_p99_us / 1000.0),
+        num(c1.python_p99_us / 1000.0),
+        num(allowed_p99_ms),
+        num(allowed_p99_ms - lone_p99_us / 1000.0),
+        num(c1.cascade_p99_us / 1000.0),
+        num(runs),
         shares.join("; ")
     ));
     Ok(())
 }
 
-/// Median req/s of one comparison.
+/// Median req/s and p99 (µs) of one comparison.
 #[derive(Clone, Copy)]
 struct Req {
     cascade: f64,
     python: f64,
+    cascade_p99_us: f64,
+    python_p99_us: f64,
 }
 
 /// The servers loaded in turn: Cascade with ONNX Runtime at equal
@@ -230,6 +267,8 @@ fn compare(
     Ok(Req {
         cascade: median_rps(equal),
         python: median_rps(theirs),
+        cascade_p99_us: median_p99(equal),
+        python_p99_us: median_p99(theirs),
     })
 }
 
