@@ -145,10 +145,30 @@ nats = { subject = "eventful.in", result_subject = "eventful.out" }
     )
 }
 
+/// Waits until `host` reports its NATS connection up (`/readyz`), which
+/// [`Host`]'s own start leaves to the tests that care.
+fn until_connected(host: &Host) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready: Value = host.get("/readyz").json().expect("JSON");
+        if ready["checks"]["nats"] == true {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never connected to NATS: {ready}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn fire_and_forget_results_errors_events_and_discovery() {
     let nats = NatsServer::start();
     let host = host_on(&nats);
+    // An event published before the host connects waits in its client and
+    // arrives late; this test is about what a connected host announces.
+    until_connected(&host);
     runtime().block_on(async {
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let mut events = client
@@ -161,7 +181,9 @@ fn fire_and_forget_results_errors_events_and_discovery() {
                 .status()
         });
         assert_eq!(status, 201);
-        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+        // Generous: the other tests of this file start hosts at the same
+        // time on CI's two cores.
+        let event = tokio::time::timeout(Duration::from_secs(15), events.next())
             .await
             .expect("event")
             .expect("message");
