@@ -594,7 +594,7 @@ async fn run_stage(
                     "this function starts with a model, which takes tensors, not a message".into(),
                 ));
             };
-            match tokio::time::timeout(remaining, queue.run(inputs)).await {
+            match tokio::time::timeout(remaining, queue.run(inputs, Some(deadline))).await {
                 Ok(answer) => {
                     let answer = answer?;
                     if let Some((started, waited)) = answer.run {

@@ -143,6 +143,72 @@ fn shadows_are_compared_and_never_touch_the_caller() {
     assert!(message.contains("targets[1].revision"), "{message}");
 }
 
+#[test]
+fn a_shadow_copy_that_cannot_meet_its_deadline_never_runs_its_model() {
+    let host = Host::start();
+    host.publish_examples();
+    assert_eq!(
+        host.metric("cascade_model_backend{backend=\"onnxruntime\"}"),
+        1.0,
+        "this test counts ONNX Runtime's runs (cargo xtask models caches its library)"
+    );
+    // ~100 tokens: MiniLM takes several ms on them (8 would fit in 1 ms).
+    let text = &"word ".repeat(100);
+    let publish = |extra: &str| {
+        let manifest = cascade_tests::embed_manifest("hasty", extra);
+        let response = host.put("/v1/functions/hasty", "application/toml", manifest);
+        assert_eq!(response.status(), 201);
+    };
+    publish("");
+    // Revision 2's 1 ms cannot hold MiniLM's run, which the live revision
+    // shows on the plan they share. It keeps a tokenizer instance ready,
+    // so its copies get as far as the model.
+    publish("[limits]\ntimeout_ms = 1\n[scaling]\nmin_instances = 1\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Value = host.get("/v1/functions/hasty/status").json().expect("JSON");
+        let tokenizer = &status["stages"][0];
+        if tokenizer["idle"].as_u64() >= Some(1) && tokenizer["snapshot"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revision 2 never got ready: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    set_traffic(
+        &host,
+        "hasty",
+        json!({"targets": [{"revision": 1, "percent": 100}]}),
+    );
+    for _ in 0..5 {
+        assert_eq!(call(&host, "hasty", text), (200, 1));
+    }
+    set_traffic(
+        &host,
+        "hasty",
+        json!({"targets": [{"revision": 1, "percent": 100}, {"revision": 2, "percent": 100, "shadow": true}]}),
+    );
+    let runs = || host.metric(r#"cascade_onnxruntime_runs_total{model="minilm-l3@1.0.0""#);
+    let stopped = || host.metric("cascade_onnxruntime_runs_stopped_total");
+    let (runs_before, stopped_before) = (runs(), stopped());
+    for _ in 0..20 {
+        assert_eq!(call(&host, "hasty", text), (200, 1));
+    }
+    let copies = r#"cascade_shadow_requests_total{function="hasty",revision="2""#;
+    assert_eq!(wait_for_metric(&host, copies, 20.0), 20.0);
+    let timed_out =
+        host.metric(r#"cascade_shadow_requests_total{function="hasty",revision="2",status="504"}"#);
+    assert!(timed_out > 0.0, "no copy ran at all");
+    assert_eq!(runs(), runs_before + 20.0, "only the callers' runs ran");
+    assert_eq!(
+        stopped(),
+        stopped_before,
+        "no copy's run was started to be stopped"
+    );
+}
+
 /// `orientation` as the examples publish it, with the classifier's labels
 /// swapped (`swap`) and feedback kept for 100 answers.
 fn orientation(swap: bool) -> String {

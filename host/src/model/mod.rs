@@ -13,6 +13,7 @@
 //! - [`memory`]: handing memory back after a burst of model work.
 
 pub mod choice;
+pub mod fastest_runs;
 pub mod memory;
 pub mod optimized;
 pub mod ort;

@@ -3,6 +3,7 @@
 //! shares plans across functions by model digest and output selection.
 
 use super::ModelError;
+use super::fastest_runs::FastestRuns;
 use super::optimized::OptimizedModels;
 use super::ort::{OrtModel, OrtSettings, RunCounts};
 use super::shape_plans::Specialisation;
@@ -15,8 +16,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// An optimised, runnable model.
-pub enum ModelPlan {
+/// An optimised, runnable model, and how fast its runs have been.
+pub struct ModelPlan {
+    engine: Engine,
+    fastest: FastestRuns,
+}
+
+/// The backend holding a plan.
+enum Engine {
     /// Run by tract.
     Tract(TractPlan),
     /// Run by ONNX Runtime.
@@ -25,9 +32,18 @@ pub enum ModelPlan {
 
 impl std::fmt::Debug for ModelPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModelPlan::Tract(plan) => write!(f, "ModelPlan::Tract({plan:?})"),
-            ModelPlan::OnnxRuntime(_) => f.write_str("ModelPlan::OnnxRuntime"),
+        match &self.engine {
+            Engine::Tract(plan) => write!(f, "ModelPlan::Tract({plan:?})"),
+            Engine::OnnxRuntime(_) => f.write_str("ModelPlan::OnnxRuntime"),
+        }
+    }
+}
+
+impl From<Engine> for ModelPlan {
+    fn from(engine: Engine) -> Self {
+        ModelPlan {
+            engine,
+            fastest: FastestRuns::default(),
         }
     }
 }
@@ -41,13 +57,13 @@ impl ModelPlan {
         outputs: &[String],
         specialisation: Option<Specialisation>,
     ) -> Result<Self, ModelError> {
-        TractPlan::load(path, shapes, outputs, specialisation).map(ModelPlan::Tract)
+        TractPlan::load(path, shapes, outputs, specialisation).map(|p| Engine::Tract(p).into())
     }
 
     /// Loads an ONNX model given as bytes (what `wasi:nn`'s `load` hands
     /// over) and optimises it with tract, computing every output.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
-        TractPlan::from_bytes(bytes).map(ModelPlan::Tract)
+        TractPlan::from_bytes(bytes).map(|p| Engine::Tract(p).into())
     }
 
     /// Runs the model on the tensors it needs, picked by name from `available`.
@@ -62,18 +78,23 @@ impl ModelPlan {
         available: &[Tensor],
         stop: &Stop,
     ) -> Result<Vec<Tensor>, StageError> {
-        match self {
-            ModelPlan::Tract(plan) => plan.run(available),
-            ModelPlan::OnnxRuntime(model) => model.run_stoppable(available, stop),
+        match &self.engine {
+            Engine::Tract(plan) => plan.run(available),
+            Engine::OnnxRuntime(model) => model.run_stoppable(available, stop),
         }
     }
 
     /// The names of the tensors the model takes.
     pub fn input_names(&self) -> Vec<String> {
-        match self {
-            ModelPlan::Tract(plan) => plan.input_names(),
-            ModelPlan::OnnxRuntime(model) => model.input_names(),
+        match &self.engine {
+            Engine::Tract(plan) => plan.input_names(),
+            Engine::OnnxRuntime(model) => model.input_names(),
         }
+    }
+
+    /// The fastest runs so far, shared by every queue in front of this plan.
+    pub fn fastest_runs(&self) -> &FastestRuns {
+        &self.fastest
     }
 }
 
@@ -185,13 +206,14 @@ impl PlanCache {
                     .optimized
                     .as_ref()
                     .map(|o| o.copy_of(digest, &settings.library));
-                ModelPlan::OnnxRuntime(Box::new(OrtModel::load(
+                Engine::OnnxRuntime(Box::new(OrtModel::load(
                     path,
                     copy.as_ref(),
                     outputs,
                     settings,
                     counts,
                 )?))
+                .into()
             }
         });
         self.plans

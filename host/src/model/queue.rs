@@ -13,6 +13,7 @@
 //! and under load one run serves several requests (ONNX Runtime runs
 //! MiniLM-L3 ~15 % cheaper per row at 2–4 rows than at 1).
 
+use super::fastest_runs::FastestRuns;
 use super::plan::ModelPlan;
 use super::stop::{Stop, StopOnDrop};
 use super::tensors::{check_fills_shape, element_bytes, input_position};
@@ -37,6 +38,10 @@ pub trait Model: Send + Sync + 'static {
     }
     /// The names of the tensors it takes.
     fn input_names(&self) -> Vec<String>;
+    /// Its fastest runs so far, if it keeps them.
+    fn fastest_runs(&self) -> Option<&FastestRuns> {
+        None
+    }
 }
 
 impl Model for ModelPlan {
@@ -50,6 +55,10 @@ impl Model for ModelPlan {
 
     fn input_names(&self) -> Vec<String> {
         ModelPlan::input_names(self)
+    }
+
+    fn fastest_runs(&self) -> Option<&FastestRuns> {
+        Some(ModelPlan::fastest_runs(self))
     }
 }
 
@@ -110,9 +119,13 @@ struct Request {
     /// Type and dimensions past the first of each input: what must match.
     key: Vec<(TensorType, Vec<u32>)>,
     rows: usize,
+    /// Elements of its inputs, all together (its size, for run times).
+    elements: usize,
     done: oneshot::Sender<Answer>,
     /// When it joined the queue.
     queued: Instant,
+    /// When its caller stops waiting, if ever.
+    deadline: Option<Instant>,
     /// Stopped when its caller stops waiting.
     stop: Arc<Stop>,
 }
@@ -156,14 +169,23 @@ impl<M: Model> ModelQueue<M> {
     /// Runs the model on the tensors it needs from `available`, alone or
     /// in a batch, when a runner is free; gives `available` back with the
     /// outputs. A caller that stops waiting leaves the queue: its request
-    /// is not run.
-    pub async fn run(self: &Arc<Self>, available: Vec<Tensor>) -> Result<Answer, StageError> {
+    /// is not run. Nor is one whose `deadline` is nearer than the fastest
+    /// run of its size so far: it fails at once (or when a runner would
+    /// take it), [`StageError::DeadlineExceeded`].
+    pub async fn run(
+        self: &Arc<Self>,
+        available: Vec<Tensor>,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, StageError> {
         let (done, answer) = oneshot::channel();
         let stop = Arc::new(Stop::default());
         // A caller that leaves (deadline, disconnect) stops its run; one
         // that got its answer stops nothing.
         let _leaving = StopOnDrop(stop.clone());
-        let request = self.request(available, done, stop)?;
+        let request = self.request(available, done, stop, deadline)?;
+        if self.hopeless(&request, Instant::now()) {
+            return Err(StageError::DeadlineExceeded);
+        }
         let start = {
             let mut queue = self.lock();
             queue.waiting.push_back(request);
@@ -206,6 +228,11 @@ impl<M: Model> ModelQueue<M> {
                     let failed = || Err(StageError::Internal("the model run panicked".into()));
                     group.iter().map(|_| failed()).collect()
                 });
+            if let ([only], [Ok(_)], Some(fastest)) =
+                (&group[..], &outcomes[..], self.model.fastest_runs())
+            {
+                fastest.record(only.elements, started.0.elapsed());
+            }
             let answers = Delivery {
                 answers: group.into_iter().zip(outcomes).collect(),
                 started,
@@ -237,7 +264,17 @@ impl<M: Model> ModelQueue<M> {
     /// req/s against 590 with no batching.) Requests whose callers stopped
     /// waiting are dropped.
     fn next_group(&self, queue: &mut Queue) -> Option<Vec<Request>> {
-        queue.waiting.retain(|r| !r.done.is_closed());
+        let now = Instant::now();
+        for request in std::mem::take(&mut queue.waiting) {
+            if request.done.is_closed() {
+                continue;
+            }
+            if self.hopeless(&request, now) {
+                request.fail(StageError::DeadlineExceeded);
+                continue;
+            }
+            queue.waiting.push_back(request);
+        }
         let head = queue.waiting.pop_front()?;
         if head.rows == 0 || head.rows >= self.max_rows {
             return Some(vec![head]);
@@ -270,15 +307,9 @@ impl<M: Model> ModelQueue<M> {
         queue.running -= 1;
         if queue.running == 0 {
             for request in queue.waiting.drain(..) {
-                let failed = Err(StageError::Internal(
+                request.fail(StageError::Internal(
                     "no thread could run the model (see the host log)".into(),
                 ));
-                let _ = request.done.send(Answer {
-                    available: request.available,
-                    outputs: failed,
-                    batched: 0,
-                    run: None,
-                });
             }
         }
     }
@@ -295,6 +326,7 @@ impl<M: Model> ModelQueue<M> {
         available: Vec<Tensor>,
         done: oneshot::Sender<Answer>,
         stop: Arc<Stop>,
+        deadline: Option<Instant>,
     ) -> Result<Request, StageError> {
         let picked = self
             .names
@@ -318,15 +350,31 @@ impl<M: Model> ModelQueue<M> {
         let key = inputs()
             .map(|t| (t.ty, t.dimensions.get(1..).unwrap_or_default().to_vec()))
             .collect();
+        let elements = inputs()
+            .map(|t| t.dimensions.iter().map(|&d| d as usize).product::<usize>())
+            .sum();
         Ok(Request {
             rows: rows.first().map_or(0, |&r| r as usize),
+            elements,
             key,
             picked,
             available,
             done,
             queued: Instant::now(),
+            deadline,
             stop,
         })
+    }
+
+    /// Whether `request` cannot be answered by its deadline, judging by
+    /// the model's fastest run of its size.
+    fn hopeless(&self, request: &Request, now: Instant) -> bool {
+        match (request.deadline, self.model.fastest_runs()) {
+            (Some(deadline), Some(fastest)) => {
+                fastest.cannot_end_within(request.elements, deadline.saturating_duration_since(now))
+            }
+            _ => false,
+        }
     }
 
     /// One model run for the whole group: inputs stacked along dimension 0,
@@ -375,6 +423,18 @@ impl<M: Model> ModelQueue<M> {
                 .map(|_| Err(StageError::Internal(message.clone())))
                 .collect(),
         }
+    }
+}
+
+impl Request {
+    /// Answers with `error`, unrun.
+    fn fail(self, error: StageError) {
+        let _ = self.done.send(Answer {
+            available: self.available,
+            outputs: Err(error),
+            batched: 0,
+            run: None,
+        });
     }
 }
 
@@ -455,6 +515,7 @@ mod tests {
         runs: Mutex<Vec<(ThreadId, Vec<u8>)>>,
         gate: Mutex<Option<mpsc::Receiver<()>>>,
         busy: Mutex<(usize, usize)>,
+        fastest: FastestRuns,
     }
 
     impl Model for Doubler {
@@ -484,6 +545,10 @@ mod tests {
 
         fn input_names(&self) -> Vec<String> {
             vec!["x".into()]
+        }
+
+        fn fastest_runs(&self) -> Option<&FastestRuns> {
+            Some(&self.fastest)
         }
     }
 
@@ -516,7 +581,7 @@ mod tests {
     /// Queues a run of one row holding `value`.
     fn submit(queue: &Arc<ModelQueue<Doubler>>, value: u8) -> Pending {
         let queue = queue.clone();
-        tokio::spawn(async move { queue.run(row(value)).await })
+        tokio::spawn(async move { queue.run(row(value), None).await })
     }
 
     /// Starts a run of `value` and waits until the model holds it.
@@ -571,6 +636,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deadline_nearer_than_the_fastest_run_fails_at_once_without_a_run() {
+        let model = Arc::new(Doubler::default());
+        let queue = queue(&model, 1, 1);
+        let soon = || Some(Instant::now() + Duration::from_micros(500));
+        let unmeasured = queue.run(row(1), soon()).await;
+        assert_eq!(
+            answer_of(unmeasured).expect("ran"),
+            vec![2],
+            "no run seen yet"
+        );
+        let refused = queue.run(row(2), soon()).await;
+        assert!(
+            matches!(refused, Err(StageError::DeadlineExceeded)),
+            "a run takes 2 ms: {:?}",
+            refused.map(|a| a.outputs)
+        );
+        let later = Some(Instant::now() + Duration::from_secs(10));
+        assert_eq!(
+            answer_of(queue.run(row(3), later).await).expect("ran"),
+            vec![6]
+        );
+        assert_eq!(runs(&model), vec![vec![1], vec![3]], "2 never ran");
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_whose_deadline_can_no_longer_be_met_is_not_run() {
+        let model = Arc::new(Doubler::default());
+        let queue = queue(&model, 1, 1);
+        assert_eq!(doubled(submit(&queue, 1)).await, vec![2]);
+        let (release, gate) = mpsc::channel();
+        *model.gate.lock().expect("lock") = Some(gate);
+        let held = start(&queue, &model, 2).await;
+        let deadline = Some(Instant::now() + Duration::from_millis(50));
+        let waiting = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.run(row(3), deadline).await })
+        };
+        until_waiting(&queue, 1).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        release.send(()).expect("released");
+        assert_eq!(doubled(held).await, vec![4]);
+        let answer = waiting.await.expect("joined");
+        assert!(
+            matches!(answer_of(answer), Err(StageError::DeadlineExceeded)),
+            "its deadline passed while it waited"
+        );
+        assert_eq!(runs(&model), vec![vec![1], vec![2]], "3 never ran");
+    }
+
+    #[tokio::test]
     async fn no_more_runs_go_at_once_than_runners() {
         let model = Arc::new(Doubler::default());
         let queue = queue(&model, 1, 2);
@@ -587,7 +702,7 @@ mod tests {
         let (model, release) = gated();
         let queue = queue(&model, 1, 1);
         let first = start(&queue, &model, 1).await;
-        let gave_up = tokio::time::timeout(Duration::from_millis(5), queue.run(row(2))).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), queue.run(row(2), None)).await;
         assert!(gave_up.is_err(), "the second request was still queued");
         let third = submit(&queue, 3);
         until_waiting(&queue, 2).await;
@@ -601,7 +716,7 @@ mod tests {
     async fn a_panicking_run_fails_its_request_and_the_queue_goes_on() {
         let model = Arc::new(Doubler::default());
         let queue = queue(&model, 1, 1);
-        let failed = answer_of(queue.run(row(13)).await).expect_err("the run failed");
+        let failed = answer_of(queue.run(row(13), None).await).expect_err("the run failed");
         assert!(failed.to_string().contains("panicked"), "{failed}");
         assert_eq!(doubled(submit(&queue, 4)).await, vec![8]);
     }
@@ -637,7 +752,7 @@ mod tests {
         };
         let refused = {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.run(vec![malformed]).await.map(drop) })
+            tokio::spawn(async move { queue.run(vec![malformed], None).await.map(drop) })
         };
         let after = submit(&queue, 4);
         until_waiting(&queue, 2).await;

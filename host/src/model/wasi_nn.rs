@@ -165,7 +165,9 @@ impl BackendExecutionContext for QueuedContext {
         // The guest's call runs on a blocking thread (see the pipeline), so
         // waiting here holds no reactor thread; a run still queued at the
         // deadline is given up and never starts.
-        let run = self.queue.run(std::mem::take(&mut self.inputs));
+        let run = self
+            .queue
+            .run(std::mem::take(&mut self.inputs), Some(self.deadline.get()));
         let until = tokio::time::Instant::from_std(self.deadline.get());
         let _span = tracing::info_span!("wasi-nn compute").entered();
         let answer = futures_executor::block_on(tokio::time::timeout_at(until, run));
