@@ -2,7 +2,7 @@
 //! long the next run of that size takes. A request whose deadline is
 //! nearer than that is answered 504 at once instead of taking a core for
 //! a run nobody will read. (A shadow copy with a 1 ms deadline in front of
-//! MiniLM's 2.6 ms ran 2–4 ms before its stop landed, beside every live
+//! MiniLM's 2.6 ms ran 1.3–4 ms before its stop landed, beside every live
 //! request: benches/optimisations.md entry 44.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
