@@ -16,7 +16,7 @@ use super::ModelError;
 use super::optimized::{OptimizedCopy, Saving};
 use super::shared_initializers::SharedInitializers;
 use super::stop::Stop;
-use super::tensors::{check_fills_shape, input_named};
+use super::tensors::{check_fills_shape, element_count, input_named};
 use super::wide_runs::{InFlight, Width, WidthChooser};
 use crate::bindings::{Tensor, TensorType};
 use crate::error::StageError;
@@ -279,11 +279,7 @@ impl OrtModel {
             .iter()
             .map(|(name, ty)| {
                 let tensor = input_named(available, name)?;
-                elements += tensor
-                    .dimensions
-                    .iter()
-                    .map(|&d| d as usize)
-                    .product::<usize>();
+                elements = elements.saturating_add(element_count(tensor));
                 Ok((name.as_str(), to_ort(tensor, *ty)?))
             })
             .collect::<Result<Vec<_>, StageError>>()?;

@@ -16,7 +16,7 @@
 use super::fastest_runs::FastestRuns;
 use super::plan::ModelPlan;
 use super::stop::{Stop, StopOnDrop};
-use super::tensors::{check_fills_shape, element_bytes, input_position};
+use super::tensors::{check_fills_shape, element_bytes, element_count, input_position};
 use super::threads::ModelThreads;
 use crate::bindings::{Tensor, TensorType};
 use crate::error::StageError;
@@ -264,16 +264,18 @@ impl<M: Model> ModelQueue<M> {
     /// req/s against 590 with no batching.) Requests whose callers stopped
     /// waiting are dropped.
     fn next_group(&self, queue: &mut Queue) -> Option<Vec<Request>> {
+        queue.waiting.retain(|r| !r.done.is_closed());
+        // In place: a request past hope is rare, and this holds the lock.
         let now = Instant::now();
-        for request in std::mem::take(&mut queue.waiting) {
-            if request.done.is_closed() {
-                continue;
+        let mut i = 0;
+        while i < queue.waiting.len() {
+            if self.hopeless(&queue.waiting[i], now) {
+                if let Some(request) = queue.waiting.remove(i) {
+                    request.fail(StageError::DeadlineExceeded);
+                }
+            } else {
+                i += 1;
             }
-            if self.hopeless(&request, now) {
-                request.fail(StageError::DeadlineExceeded);
-                continue;
-            }
-            queue.waiting.push_back(request);
         }
         let head = queue.waiting.pop_front()?;
         if head.rows == 0 || head.rows >= self.max_rows {
@@ -350,9 +352,7 @@ impl<M: Model> ModelQueue<M> {
         let key = inputs()
             .map(|t| (t.ty, t.dimensions.get(1..).unwrap_or_default().to_vec()))
             .collect();
-        let elements = inputs()
-            .map(|t| t.dimensions.iter().map(|&d| d as usize).product::<usize>())
-            .sum();
+        let elements = inputs().map(element_count).fold(0, usize::saturating_add);
         Ok(Request {
             rows: rows.first().map_or(0, |&r| r as usize),
             elements,

@@ -34,6 +34,15 @@ pub fn element_bytes(ty: TensorType) -> usize {
     }
 }
 
+/// How many elements `tensor`'s shape holds (saturating): its size, for
+/// the run times kept per input size.
+pub fn element_count(tensor: &Tensor) -> usize {
+    tensor
+        .dimensions
+        .iter()
+        .fold(1usize, |acc, &d| acc.saturating_mul(d as usize))
+}
+
 /// Checks that `tensor`'s bytes exactly fill its shape, for elements of
 /// `element_bytes` bytes.
 pub fn check_fills_shape(tensor: &Tensor, element_bytes: usize) -> Result<(), StageError> {
